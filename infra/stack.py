@@ -12,10 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from memstream.errors import ServiceError
-from memstream.infra import kafka, s3, tools
+from memstream.infra import kafka, runners, s3, tools
 from memstream.infra.process import ServiceProcess
 
 SERVICES = ("kafka", "s3")
+OPTIONAL = ("flink",)  # the embedded Flink job server: started only when asked for
 
 
 class Stack:
@@ -43,11 +44,12 @@ class Stack:
         """Start each named service that is not already running; return all running ones."""
         running = {n: s for n, s in self.services().items() if s.alive()}
         starters = {"kafka": lambda: kafka.start(self.root / "kafka"),
-                    "s3": lambda: s3.start(self.root / "s3")}
+                    "s3": lambda: s3.start(self.root / "s3"),
+                    "flink": lambda: runners.start_flink(self.root / "flink")}
         try:
             for name in which:
                 if name not in starters:
-                    raise ServiceError(f"unknown service {name!r}; choose from {', '.join(SERVICES)}")
+                    raise ServiceError(f"unknown service {name!r}; choose from {', '.join(SERVICES + OPTIONAL)}")
                 if name not in running:
                     running[name] = starters[name]()
                     self._save(running)
@@ -83,6 +85,12 @@ class Stack:
         if not svc or not svc.alive():
             raise ServiceError("S3 (SeaweedFS) is not running: start it with `memstream infra up`")
         return s3.S3Config.from_endpoints(svc.endpoints)
+
+    def flink_job_endpoint(self) -> str:
+        svc = self.services().get("flink")
+        if not svc or not svc.alive():
+            raise ServiceError("the Flink job server is not running: start it with `memstream infra up flink`")
+        return svc.endpoints["job_endpoint"]
 
     def restart(self, name: str) -> ServiceProcess:
         """Stop one service and start it again on the same data and ports (fault tests)."""

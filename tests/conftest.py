@@ -60,3 +60,10 @@ def s3_prefix(request) -> str:
 
 def pytest_report_header(config):
     return f"memstream cache: {os.environ.get('MEMSTREAM_CACHE', '~/.cache/memstream')}"
+
+
+@pytest.fixture(scope="session")
+def flink_job_endpoint(stack) -> str:
+    """The embedded Flink job server, started on first use and stopped with the stack."""
+    stack.up(("flink",))
+    return stack.flink_job_endpoint()

@@ -1,0 +1,1 @@
+"""Airflow DAGs that maintain the memory (decay, GC, demotion, purge, compaction, anchoring)."""

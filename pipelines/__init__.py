@@ -1,0 +1,1 @@
+"""Beam pipelines of memstream. They read like the dataflow: source, transforms, sinks."""
