@@ -1,0 +1,1 @@
+"""Versioned record schemas of memstream: the Python dataclasses are the source of truth."""
