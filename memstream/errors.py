@@ -44,6 +44,10 @@ class ChunkLimitError(ConfigError):
     """The chunk byte limit cannot hold one latent, or exceeds what the broker accepts."""
 
 
+class SessionInUseError(MemstreamError):
+    """A session id is already open in this publisher."""
+
+
 class PublishError(ServiceError):
     """Kafka did not acknowledge a message after its retries; the cause says why."""
 

@@ -27,8 +27,8 @@ import numpy as np
 from memstream import topics
 from memstream.codec import NUMPY_DTYPES, all_finite, encode_chunk, encode_event, float32_to_bf16_bits
 from memstream.errors import (BadKeyError, ChunkLimitError, ClosedSessionError, ConfigError, DimMismatchError,
-                              DTypeMismatchError, NonFiniteError, PublishError, ServiceError, ShapeError,
-                              TopicMissingError, UnsupportedDTypeError)
+                              DTypeMismatchError, NonFiniteError, PublishError, ServiceError, SessionInUseError,
+                              ShapeError, TopicMissingError, UnsupportedDTypeError)
 from memstream.infra.kafka import MAX_MESSAGE_BYTES
 from memstream.schemas.records import HEADER_SIZE, DType, SessionEvent
 
@@ -81,8 +81,10 @@ class Publisher:
                       enable_idempotence=True, acks="all", max_in_flight_requests_per_connection=5,
                       linger_ms=linger_ms, batch_size=max_chunk_bytes + _BATCH_OVERHEAD,
                       max_request_size=MAX_MESSAGE_BYTES, delivery_timeout_ms=delivery_timeout_ms,
-                      max_block_ms=metadata_timeout_ms, allow_auto_create_topics=False)
+                      max_block_ms=metadata_timeout_ms, bootstrap_timeout_ms=metadata_timeout_ms,
+                      allow_auto_create_topics=False)
         config.update(kafka_config or {})
+        self.kafka_config = dict(config)  # what the KafkaProducer got, for inspection and benchmarks
         try:
             self._producer = KafkaProducer(**config)
         except KafkaError as e:
@@ -104,9 +106,10 @@ class Publisher:
         dtype latents are converted to; by default each session keeps its first array's dtype."""
         self._check_open()
         if session_id in self._sessions:
-            state = "closed" if self._sessions[session_id].closed else "open"
-            raise ClosedSessionError(f"session {session_id!r} was already opened by this publisher and is "
-                                     f"{state}: use a new session id")
+            if self._sessions[session_id].closed:
+                raise ClosedSessionError(f"session {session_id!r} is closed: use a new session id")
+            raise SessionInUseError(f"session {session_id!r} is open already: publish through the Session "
+                                    "that Publisher.session returned")
         key = _session_key(session_id)
         wire = _dtype_arg(dtype)
         if dim is not None and dim < 1:

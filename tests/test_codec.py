@@ -42,7 +42,8 @@ def patched(value: bytes, offset: int, fmt: str, number: int) -> bytes:
 def test_chunk_round_trip(dtype):
     values = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
     got = decode(KEY, chunk(7, 3, 5, dtype, values))
-    assert isinstance(got, LatentChunk) and (got.session_id, got.first_seq, got.end_seq, got.dtype) == ("s1", 7, 10, dtype)
+    assert isinstance(got, LatentChunk)
+    assert (got.session_id, got.first_seq, got.end_seq, got.dtype) == ("s1", 7, 10, dtype)
     tol = {DType.fp32: 0, DType.fp16: 1e-3, DType.bf16: 1e-2}[dtype]
     np.testing.assert_allclose(got.to_float32(), values, rtol=tol, atol=tol)
 

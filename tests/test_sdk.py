@@ -65,21 +65,24 @@ def test_round_trip_every_dtype(kafka_bootstrap, topic):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 384)).astype(np.float32)
     bf = torch.from_numpy(x).to(torch.bfloat16)
+    # session: (what is published, session dtype, wire dtype expected, float32 values expected)
+    cases = {"fp32": (x, None, DType.fp32, x),
+             "fp16": (x.astype(np.float16), None, DType.fp16, x.astype(np.float16).astype(np.float32)),
+             "bf16": (bf, None, DType.bf16, bf.float().numpy()),
+             "fp32-as-bf16": (x, "bf16", DType.bf16, bf.float().numpy()),
+             "fp32-torch": (torch.from_numpy(x), None, DType.fp32, x)}
     with Publisher(kafka_bootstrap, topic=topic, max_chunk_bytes=64 << 10) as pub:
-        for name, data, dtype in [("fp32", x, None), ("fp16", x.astype(np.float16), None),
-                                  ("bf16", bf, None), ("fp32-as-bf16", x, "bf16"), ("fp32-torch", torch.from_numpy(x), None)]:
+        for name, (data, dtype, _, _) in cases.items():
             with pub.session(name, dtype=dtype) as s:
                 s.publish(data[:100])
                 s.publish(data[100:])
     sessions, dead = validated(kafka_bootstrap, topic)
     assert not dead
-    expect = {"fp32": x, "fp16": x.astype(np.float16).astype(np.float32), "bf16": bf.float().numpy(),
-              "fp32-as-bf16": bf.float().numpy(), "fp32-torch": x}
-    for name, want in expect.items():
+    for name, (_, _, wire, want) in cases.items():
         records = sessions[name]
         assert [r.kind for r in records if isinstance(r, SessionEvent)] == ["open", "close"]
         chunks = [r for r in records if isinstance(r, LatentChunk)]
-        assert chunks[0].dtype is DType[name.split("-")[-1] if "as" in name else name.split("-")[0]]
+        assert all(c.dtype is wire for c in chunks)
         assert all(len(c.payload) + 52 <= 64 << 10 for c in chunks) and len(chunks) > 2
         np.testing.assert_array_equal(latents_of(records), want)  # bit-exact, bf16 included
         assert records[-1].latents == 300
@@ -122,9 +125,12 @@ def test_session_lifecycle_and_user_errors(kafka_bootstrap, topic):
         with pytest.raises(errors.ClosedSessionError):
             pub.session("empty")
         s = pub.session("s", dim=16)
-        cases = [(x[0], errors.ShapeError), (x[:, :0], errors.ShapeError), (x.astype(np.float64), errors.UnsupportedDTypeError),
-                 (torch.ones(2, 16, dtype=torch.int32), errors.UnsupportedDTypeError), ([[1.0]], errors.UnsupportedDTypeError),
-                 (np.ones((2, 8), np.float32), errors.DimMismatchError)]
+        with pytest.raises(errors.SessionInUseError):
+            pub.session("s")
+        cases = [(x[0], errors.ShapeError), (x[:, :0], errors.ShapeError),
+                 (x.astype(np.float64), errors.UnsupportedDTypeError),
+                 (torch.ones(2, 16, dtype=torch.int32), errors.UnsupportedDTypeError),
+                 ([[1.0]], errors.UnsupportedDTypeError), (np.ones((2, 8), np.float32), errors.DimMismatchError)]
         for bad, error in cases:
             with pytest.raises(error):
                 s.publish(bad)
@@ -216,8 +222,8 @@ def test_every_bad_input_is_dead_lettered(kafka_bootstrap, topic, topic_name):
         for key, value in records:
             raw.send(topic, key=key, value=value)
     # A producer retry that reached the broker twice: dropped, never dead-lettered.
-    for key, value in [(b"ok", _event("ok")), (b"ok", _chunk(0)), (b"ok", _chunk(0)), (b"ok", _event("ok", "close", 2))]:
-        raw.send(topic, key=key, value=value)
+    for value in [_event("ok"), _chunk(0), _chunk(0), _event("ok", "close", 2)]:
+        raw.send(topic, key=b"ok", value=value)
     raw.flush()
     sv, dead, verdicts = StreamValidator(), [], defaultdict(list)
     for msg in read_all(kafka_bootstrap, topic):
