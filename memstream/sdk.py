@@ -69,7 +69,7 @@ class Publisher:
             raise ConfigError(f"max_in_flight_bytes={max_in_flight_bytes} must be at least "
                               f"max_chunk_bytes={max_chunk_bytes}")
         from kafka import KafkaProducer
-        from kafka.errors import KafkaError, KafkaTimeoutError
+        from kafka.errors import KafkaConfigurationError, KafkaError, KafkaTimeoutError
 
         self.topic = topic
         self.bootstrap_servers = bootstrap_servers
@@ -87,6 +87,8 @@ class Publisher:
         self.kafka_config = dict(config)  # what the KafkaProducer got, for inspection and benchmarks
         try:
             self._producer = KafkaProducer(**config)
+        except KafkaConfigurationError as e:
+            raise ConfigError(f"invalid Kafka producer settings: {e}") from e
         except KafkaError as e:
             raise ServiceError(f"no Kafka broker at {bootstrap_servers}: start one with `memstream infra up`") from e
         try:
@@ -167,12 +169,22 @@ class Publisher:
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every message sent so far is acknowledged; raise PublishError if one failed."""
-        self._producer.flush(timeout)
+        from kafka.errors import KafkaError, KafkaTimeoutError
+
+        try:
+            self._producer.flush(timeout)
+        except KafkaTimeoutError as e:
+            raise PublishError(f"Kafka did not acknowledge every message within {timeout} s: {e}") from e
+        except KafkaError:
+            pass  # a failed batch: its future, settled below, carries the cause
         while self._pending:
             self._settle(self._pending.popleft())
+        if self._failure:  # sticky: a session with a hole stays reported until the publisher closes
+            raise self._failure
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Close the sessions still open, flush, and close the Kafka producer."""
+        """Close the sessions still open, flush, and close the Kafka producer; raise PublishError
+        if a message was not acknowledged."""
         if self._closed:
             return
         try:
@@ -180,7 +192,7 @@ class Publisher:
                 for session in self._sessions.values():
                     if not session.closed:
                         session.close()
-                self.flush(timeout)
+            self.flush(timeout)
         finally:
             self._closed = True
             self._producer.close(timeout=timeout)

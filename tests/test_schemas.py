@@ -81,3 +81,12 @@ def test_each_dead_letter_reason_has_one_error_class():
     assert len(errors.INVALID_INPUT_ERRORS) == len(errors.InvalidInputError.__subclasses__())
     for reason, cls in errors.INVALID_INPUT_ERRORS.items():
         assert issubclass(cls, errors.MemstreamError) and cls.__doc__, reason
+
+
+def test_import_memstream_stays_light():
+    import subprocess
+    import sys
+
+    code = "import memstream, sys; print(sorted(m for m in ('kafka', 'numpy', 'torch', 'pyarrow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

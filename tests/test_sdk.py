@@ -153,6 +153,8 @@ def test_session_lifecycle_and_user_errors(kafka_bootstrap, topic):
         pub.session("after")
     with pytest.raises(errors.ChunkLimitError):
         Publisher(kafka_bootstrap, topic=topic, max_chunk_bytes=16 << 20)
+    with pytest.raises(errors.ConfigError, match="delivery_timeout_ms"):
+        Publisher(kafka_bootstrap, topic=topic, delivery_timeout_ms=10)
     with pytest.raises(errors.TopicMissingError, match="memstream topics create"):
         Publisher(kafka_bootstrap, topic=topic + "-missing", metadata_timeout_ms=1500)
     sessions, dead = validated(kafka_bootstrap, topic)
@@ -277,3 +279,16 @@ def test_cli_topics_create_and_publish(kafka_bootstrap, topic_name, tmp_path, ca
     finally:
         admin.close()
     assert (configs["retention.ms"]["value"], configs["max.message.bytes"]["value"]) == ("3600000", str(4 << 20))
+
+
+def test_rejected_delivery_raises_publish_error_and_stops_the_publisher(kafka_bootstrap, topic_name):
+    create_topics(kafka_bootstrap, [topic_name], partitions=1, max_message_bytes=20_000)
+    with pytest.raises(errors.PublishError, match="new session ids"):
+        with Publisher(kafka_bootstrap, topic=topic_name, max_chunk_bytes=64 << 10) as pub:
+            s = pub.session("big")
+            s.publish(np.ones((40, 384), np.float32))  # one 61 KB chunk: the topic takes 20 KB
+            with pytest.raises(errors.PublishError):
+                pub.flush()
+            with pytest.raises(errors.PublishError):  # later sends would leave a hole in the session
+                s.publish(np.ones((1, 384), np.float32))
+    assert pub.in_flight_bytes == 0  # leaving the `with` closed the publisher and reported the failure
