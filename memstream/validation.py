@@ -17,6 +17,7 @@ a plain consumer loop. Rules, per session, in partition order:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from memstream.infra.kafka import MAX_MESSAGE_BYTES
 from memstream.schemas.records import DeadLetterRecord, DType, SessionEvent
 
 MAX_HOLES = 256  # missing ranges remembered per session; older ones are forgotten
+# A dead-letter message stays this far below the broker's limit (room for the batch headers).
+MAX_DEAD_LETTER_BYTES = MAX_MESSAGE_BYTES - (64 << 10)
 
 
 class Verdict(enum.Enum):
@@ -131,7 +134,7 @@ def dead_letter(error: InvalidInputError, *, topic: str, partition: int, offset:
     return DeadLetterRecord(schema_version=DeadLetterRecord.SCHEMA_VERSION, reason=error.reason,
                             message=str(error), topic=topic, partition=partition, offset=offset,
                             key=None if key is None else bytes(key),
-                            value=None if value is None else bytes(value),
+                            value=None if value is None else bytes(value), value_size=len(value or b""),
                             timestamp_ms=timestamp_ms, detected_at_us=time.time_ns() // 1000)
 
 
@@ -162,15 +165,26 @@ class StreamValidator:
                 timestamp_ms=msg.timestamp))
 
 
+def fit_dead_letter(record: DeadLetterRecord, max_bytes: int = MAX_DEAD_LETTER_BYTES) -> bytes:
+    """The record's JSON, its value cut short when the whole would exceed ``max_bytes``
+    (base64 makes a value 4/3 as large, so a chunk near the broker's limit cannot travel whole)."""
+    data = record.to_json()
+    if len(data) <= max_bytes or not record.value:
+        return data
+    room = max_bytes - (len(data) - 4 * -(-len(record.value) // 3))  # bytes left for the base64 value
+    return dataclasses.replace(record, value=record.value[:max(room, 0) // 4 * 3]).to_json()
+
+
 def write_dead_letters(producer, records: Iterable[DeadLetterRecord], topic: str = topics.DEADLETTER,
                        timeout: float = 30.0) -> int:
     """Send each record as JSON to the dead-letter topic, keyed by the original key, and wait
-    for the broker's acknowledgements. ``producer`` is a kafka-python KafkaProducer."""
+    for the broker's acknowledgements. ``producer`` is a kafka-python KafkaProducer whose
+    ``max_request_size`` admits MAX_DEAD_LETTER_BYTES."""
     from kafka.errors import KafkaError
 
     from memstream.errors import PublishError
 
-    futures = [producer.send(topic, key=r.key, value=r.to_json()) for r in records]
+    futures = [producer.send(topic, key=r.key, value=fit_dead_letter(r)) for r in records]
     producer.flush(timeout)
     for f in futures:
         try:

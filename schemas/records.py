@@ -278,7 +278,9 @@ class DeadLetterRecord(JsonRecord):
     partition: int = _f("partition of the original record")
     offset: int = _f("offset of the original record")
     key: bytes | None = _f("original key bytes")
-    value: bytes | None = _f("original value bytes")
+    value: bytes | None = _f("original value bytes; only the first ones when the whole would not fit in a "
+                             "dead-letter message (then shorter than value_size)")
+    value_size: int = _f("length of the original value in bytes (0 for none)")
     timestamp_ms: int = _f("timestamp of the original record, milliseconds since the epoch")
     detected_at_us: int = _f("when the consumer rejected it, microseconds since the epoch")
 

@@ -196,3 +196,18 @@ def test_fuzz_decoder_raises_only_typed_errors():
         except errors.InvalidInputError as e:
             seen.add(type(e))
     assert 0 < ok < 20_000 and len(seen) >= 8, (ok, seen)  # the mutations reached most error paths
+
+
+def test_dead_letter_of_a_large_record_keeps_a_prefix_within_the_limit():
+    from memstream.schemas.records import DeadLetterRecord
+    from memstream.validation import fit_dead_letter
+
+    value = chunk(count=100, dim=10)  # 4052 bytes, 5404 in base64
+    sv = StreamValidator()
+    dl = sv.process(Msg(KEY, value)).dead_letter  # no open event: unknown session
+    assert dl.value == value and dl.value_size == len(value)
+    assert fit_dead_letter(dl) == dl.to_json()
+    data = fit_dead_letter(dl, max_bytes=3000)
+    cut = DeadLetterRecord.from_json(data)
+    assert len(data) <= 3000 and len(cut.value) > 1000 and value.startswith(cut.value)
+    assert cut.value_size == len(value) and cut.reason is DeadLetterReason.unknown_session

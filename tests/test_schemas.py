@@ -24,7 +24,7 @@ SAMPLES = [
     Attestation(1, 10, b"\x77" * 32, 1_700_000_000_000_000, b"\x88" * 64, "k1"),
     ForgetRequest(1, "alice", ["e-abc", "e-def"], 1_700_000_000_000_000, b"\x99" * 64, "k2"),
     DeadLetterRecord(1, DeadLetterReason.sequence_gap, "latents 3..5 are missing", "memstream.latents", 2, 17,
-                     b"s1", b"MSLT\x01", 1_700_000_000_000, 1_700_000_000_000_123),
+                     b"s1", b"MSLT\x01", 5, 1_700_000_000_000, 1_700_000_000_000_123),
 ]
 
 

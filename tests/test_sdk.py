@@ -240,7 +240,7 @@ def test_every_bad_input_is_dead_lettered(kafka_bootstrap, topic, topic_name):
     for msg, d in dead:
         assert (d.topic, d.partition, d.offset, d.key, d.value) == (msg.topic, msg.partition, msg.offset,
                                                                      msg.key, msg.value)
-        assert d.message and d.timestamp_ms == msg.timestamp
+        assert d.message and d.timestamp_ms == msg.timestamp and d.value_size == len(msg.value)
     assert write_dead_letters(raw, [d for _, d in dead], topic=dlq) == len(expected)
     raw.close()
     stored = [DeadLetterRecord.from_json(m.value) for m in read_all(kafka_bootstrap, dlq)]
