@@ -4,6 +4,8 @@ Every error a user can cause or fix derives from :class:`MemstreamError`, and it
 says what to do about it.
 """
 
+from memstream.schemas.records import DeadLetterReason as _R
+
 
 class MemstreamError(Exception):
     """Base class of every error memstream raises on purpose."""
@@ -27,3 +29,115 @@ class ToolMissingError(ServiceError):
 
 class ServiceNotReadyError(ServiceError):
     """A service did not become ready in time; its log file says why."""
+
+
+class TopicMissingError(ConfigError):
+    """A Kafka topic does not exist (the broker does not create topics on use)."""
+
+    def __init__(self, topic: str, bootstrap: str):
+        self.topic = topic
+        super().__init__(f"topic {topic!r} does not exist on {bootstrap}: create it with "
+                         f"`memstream topics create {topic} --bootstrap {bootstrap}`")
+
+
+class ChunkLimitError(ConfigError):
+    """The chunk byte limit cannot hold one latent, or exceeds what the broker accepts."""
+
+
+class PublishError(ServiceError):
+    """Kafka did not acknowledge a message after its retries; the cause says why."""
+
+
+# -- invalid latents and records -------------------------------------------------------------
+# One class per dead-letter reason (memstream.schemas.records.DeadLetterReason). The producer
+# raises the ones a caller can cause (shape, dtype, NaN, closed session) before sending; the
+# consumer's decoder and validator raise all of them, and each becomes a dead-letter record.
+
+class InvalidInputError(MemstreamError, ValueError):
+    """Latents or a record that memstream refuses; ``reason`` is the dead-letter reason code."""
+
+    reason: _R
+
+
+class BadKeyError(InvalidInputError):
+    """The Kafka key is missing or not UTF-8: keys are session ids."""
+    reason = _R.bad_key
+
+
+class TruncatedError(InvalidInputError):
+    """The record is shorter than its header says: publish it again, whole."""
+    reason = _R.truncated
+
+
+class OversizeError(InvalidInputError):
+    """The record is longer than its header says, or larger than the configured limit."""
+    reason = _R.oversize
+
+
+class BadMagicError(InvalidInputError):
+    """The value is not a memstream latent chunk or session event."""
+    reason = _R.bad_magic
+
+
+class UnknownVersionError(InvalidInputError):
+    """The record's schema version is newer than this memstream: upgrade the consumer."""
+    reason = _R.unknown_version
+
+
+class UnsupportedDTypeError(InvalidInputError):
+    """Latents must be float32, float16 or bfloat16."""
+    reason = _R.unsupported_dtype
+
+
+class ShapeError(InvalidInputError):
+    """Latents must be a 2-D array [n, d] with d >= 1 (and n >= 1 on the wire)."""
+    reason = _R.bad_shape
+
+
+class ChecksumError(InvalidInputError):
+    """The chunk's CRC-32C does not match its bytes: it was corrupted after publishing."""
+    reason = _R.checksum
+
+
+class BadEventError(InvalidInputError):
+    """A session event's JSON body does not match the session_event schema or its key."""
+    reason = _R.bad_event
+
+
+class NonFiniteError(InvalidInputError):
+    """Latents hold NaN or Inf: fix the model output (or mask it) before publishing."""
+    reason = _R.non_finite
+
+
+class DTypeMismatchError(InvalidInputError):
+    """The dtype differs from the one the session started with: one session, one dtype."""
+    reason = _R.dtype_mismatch
+
+
+class DimMismatchError(InvalidInputError):
+    """The latent width differs from the one the session started with: one session, one dim."""
+    reason = _R.dim_mismatch
+
+
+class SequenceGapError(InvalidInputError):
+    """Latents are missing before this chunk (or at the session's close)."""
+    reason = _R.sequence_gap
+
+
+class ReorderedError(InvalidInputError):
+    """The chunk arrived after later latents of its session; it is not a retry of a seen chunk."""
+    reason = _R.reordered
+
+
+class UnknownSessionError(InvalidInputError):
+    """A chunk or close arrived for a session that was never opened."""
+    reason = _R.unknown_session
+
+
+class ClosedSessionError(InvalidInputError):
+    """The session is closed: open a new session id to publish more latents."""
+    reason = _R.closed_session
+
+
+INVALID_INPUT_ERRORS: dict[_R, type[InvalidInputError]] = {
+    cls.reason: cls for cls in InvalidInputError.__subclasses__()}

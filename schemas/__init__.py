@@ -1,1 +1,1 @@
-"""Record and message schemas: the one source of truth for the wire and storage formats."""
+"""Versioned record schemas of memstream: the Python dataclasses are the source of truth."""
