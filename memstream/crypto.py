@@ -472,3 +472,32 @@ class SignedTreeHead:
     def from_json(cls, d: Mapping) -> "SignedTreeHead":
         return cls(d["log_id"], int(d["tree_size"]), bytes.fromhex(d["root_hash"]), int(d["timestamp_ns"]),
                    d["key_id"], bytes.fromhex(d["signature"]))
+
+
+class MerkleFrontier:
+    """The right edge of an RFC 6962 tree: the hashes of the perfect subtrees that make up
+    its size (largest first). Enough to append leaves and compute the new root without
+    reading the old leaves, so a log writer stores O(log n) hashes with each tree head."""
+
+    def __init__(self, size: int = 0, hashes: Sequence[bytes] = ()):
+        if bin(size).count("1") != len(hashes):
+            raise VerificationError(f"a frontier of size {size} has {bin(size).count('1')} hashes, got {len(hashes)}")
+        self.size = size
+        self.hashes = list(hashes)
+
+    def append_hash(self, lh: bytes) -> None:
+        self.hashes.append(lh)
+        s = self.size
+        while s & 1:  # each trailing 1 bit is a perfect subtree the new leaf completes
+            right = self.hashes.pop()
+            self.hashes[-1] = node_hash(self.hashes[-1], right)
+            s >>= 1
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self.hashes:
+            return EMPTY_ROOT
+        r = self.hashes[-1]
+        for h in reversed(self.hashes[:-1]):
+            r = node_hash(h, r)
+        return r
