@@ -193,3 +193,16 @@ def test_signed_tree_head_roundtrip_and_tamper():
     forged = SignedTreeHead(sth.log_id, 9, sth.root_hash, sth.timestamp_ns, sth.key_id, sth.signature)
     with pytest.raises(SignatureError):
         forged.verify(ring)
+
+
+def test_frontier_roots_match_the_full_tree():
+    hashes = [leaf_hash(i.to_bytes(2, "big")) for i in range(70)]
+    tree = MerkleTree(hashes)
+    f = crypto.MerkleFrontier()
+    for n, h in enumerate(hashes, start=1):
+        f.append_hash(h)
+        assert f.root() == tree.root(n)
+        # A frontier restored from its stored hashes continues identically.
+        f = crypto.MerkleFrontier(f.size, list(f.hashes))
+    with pytest.raises(VerificationError):
+        crypto.MerkleFrontier(3, [bytes(32)])
