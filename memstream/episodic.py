@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from datetime import timedelta
 
 import pyarrow as pa
 
@@ -52,7 +53,9 @@ class EpisodicStore:
         if window < 1:
             raise ConfigError(f"the sliding window must hold at least one summary, got {window}")
         self.uri, self.window = uri, window
-        self._db = lancedb.connect(uri, storage_options=storage_options)
+        # Every read sees the latest committed version: several workers write this table, and
+        # a chain continues from what is stored.
+        self._db = lancedb.connect(uri, storage_options=storage_options, read_consistency_interval=timedelta(0))
         self._table = None
 
     @property

@@ -20,6 +20,9 @@ def register(sub) -> None:
     run.add_argument("--store-window", type=int, default=1220, help="summaries kept per session in the store")
     run.add_argument("--runner", choices=["prism", "flink"], default="prism")
     run.add_argument("--job-endpoint", help="Flink job server (default: the local stack's)")
+    run.add_argument("--latents-topic", default=None, help="default: memstream.latents")
+    run.add_argument("--summaries-topic", default=None, help="default: memstream.summaries")
+    run.add_argument("--deadletter-topic", default=None, help="default: memstream.deadletter")
     run.add_argument("--until-idle", action="store_true",
                      help="bounded mode: stop once the topic is drained up to its end at start-up")
     run.set_defaults(func=_run)
@@ -50,7 +53,9 @@ def _run(args) -> int:
     config = EpisodicConfig(
         bootstrap=args.bootstrap or Stack().kafka_bootstrap(), store_uri=uri, storage_options=options,
         key_file=args.key_file, key_env=args.key_env, checkpoint=args.checkpoint, device=args.device,
-        batch_size=args.batch_size, store_window=args.store_window, until_idle=args.until_idle)
+        batch_size=args.batch_size, store_window=args.store_window, until_idle=args.until_idle,
+        **{f"{t}_topic": getattr(args, f"{t}_topic") for t in ("latents", "summaries", "deadletter")
+           if getattr(args, f"{t}_topic")})
     config.signing_key()  # fail now, not inside a worker, when the key is missing
     if args.runner == "flink":
         runner_args = runners.flink_options(args.job_endpoint or Stack().flink_job_endpoint(),
@@ -69,6 +74,7 @@ def register_verify(verbs) -> None:
     chain.add_argument("--at", help="reconstruct the chain head as of this time (ISO 8601 or epoch seconds)")
     chain.add_argument("--from", dest="source", choices=["kafka", "store"], default="kafka")
     chain.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack's broker)")
+    chain.add_argument("--topic", default=None, help="summaries topic (default: memstream.summaries)")
     add_store_args(chain)
     chain.add_argument("--public-key", action="append", default=[],
                        help="a validator public key file (repeat for rotated keys)")
@@ -102,7 +108,8 @@ def _verify_chain(args) -> int:
     if not len(ring):
         raise ConfigError("no public key to verify with: pass --public-key FILE (or --key-file)")
     if args.source == "kafka":
-        records = read_summaries(args.bootstrap or Stack().kafka_bootstrap(), args.session)
+        records = read_summaries(args.bootstrap or Stack().kafka_bootstrap(), args.session,
+                                 **({"topic": args.topic} if args.topic else {}))
     else:
         from memstream.episodic import EpisodicStore
 

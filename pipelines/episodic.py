@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import typing
 from dataclasses import dataclass, field
 
 import apache_beam as beam
@@ -31,6 +32,9 @@ from memstream.pipelines.kafka_io import KafkaRecord, ReadFromKafka, WriteToKafk
 log = logging.getLogger(__name__)
 
 WINDOW = 4096  # latents per summary window
+# Session ids as UTF-8 strings (a standard coder) key the stateful steps: the runner must read
+# the key to give each session its own state and to process one session in one bundle at a time.
+SessionKeyed = typing.Tuple[str, typing.Any]
 DEAD = "dead_letters"
 
 
@@ -332,11 +336,15 @@ def build(p: beam.Pipeline, config: EpisodicConfig):
     """Wire the pipeline onto ``p``; returns the dead-letter PCollection (for tests)."""
     records = p | "ReadLatents" >> ReadFromKafka(config.bootstrap, [config.latents_topic], start=config.start,
                                                  until_idle=config.until_idle)
-    keyed = records | "KeyBySession" >> beam.ParDo(KeyBySession()).with_outputs(DEAD, main="keyed")
+    keyed = (records | "KeyBySession" >> beam.ParDo(KeyBySession()).with_output_types(SessionKeyed)
+             .with_outputs(DEAD, main="keyed"))
     cut = keyed.keyed | "CutWindows" >> beam.ParDo(CutWindows(config)).with_outputs(DEAD, main="windows")
     summaries = cut.windows | "Compress" >> RunInference(CompressorHandler(config))
     (summaries
-     | "KeyBySessionAgain" >> beam.Map(lambda s: (s.window.session_id, s))
+     # BatchElements (inside RunInference) stamps its batches with the end of the window: put
+     # each summary back at its window's event time.
+     | "AtEventTime" >> beam.Map(lambda s: beam.window.TimestampedValue(s, s.window.event_time_us / 1e6))
+     | "KeyBySessionAgain" >> beam.Map(lambda s: (s.window.session_id, s)).with_output_types(SessionKeyed)
      | "ChainAndSign" >> beam.ParDo(ChainAndSign(config)))
     dead = (keyed[DEAD], cut[DEAD]) | "DeadLetters" >> beam.Flatten()
     (dead
