@@ -123,6 +123,12 @@ class EpisodicStore:
         rows.sort(key=lambda r: r["window_index"])
         return [SummaryRecord(**{k: r[k] for k in _FIELDS}) for r in rows]
 
+    def hashes(self, session_id: str, since_window: int = 0) -> dict[int, bytes]:
+        """window_index -> hash of the session's stored summaries (no tokens read)."""
+        rows = (self.table.search().where(f"session_id = {_quote(session_id)} AND window_index >= {since_window}")
+                .select(["window_index", "hash"]).limit(None).to_arrow().to_pylist())
+        return {r["window_index"]: r["hash"] for r in rows}
+
     def sessions(self) -> list[str]:
         rows = self.table.search().select(["session_id"]).limit(None).to_arrow()
         return sorted(set(rows["session_id"].to_pylist()))

@@ -1,10 +1,11 @@
 """The episodic pipeline, memstream's main job.
 
-    latents topic ──▶ key by session ──▶ decode, validate, cut windows of 4,096 ──▶ compress
-         (Kafka)          │                    │ (per-session state)                 (RunInference)
+    latents topic ──▶ key by session ──▶ per session: decode, validate, cut windows of 4,096
+         (Kafka)          │                    │   then, per bundle: compress (batched across
+                          │                    │   sessions), chain and sign in window order
                           └── bad key          └── bad input ──▶ dead-letter topic
-                                                                       │
-    summaries topic ◀── episodic store ◀── chain and sign (per-session, in window order) ◀──┘
+                                                   │
+                                 episodic store ◀──┴──▶ summaries topic
 
 Exactly-once effects on restart: the episodic store is the commit point. A window whose summary
 is already stored is neither recompressed nor re-chained (the cutter and the chainer both read
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 import numpy as np
 from apache_beam.coders import PickleCoder
-from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec
 
 from memstream import topics
@@ -92,8 +92,7 @@ class Window:
 
 @dataclass
 class Summary:
-    """A compressed window, before it is chained; ``processing_time_us`` is fixed here, so a
-    retried chaining bundle reproduces the very same record."""
+    """A compressed window, before it is chained."""
 
     window: Window
     tokens: bytes  # [256, d] little-endian fp16
@@ -123,10 +122,14 @@ class KeyBySession(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD, _dead_letter(e, rec))
 
 
-class CutWindows(beam.DoFn):
+class SummariseSessions(beam.DoFn):
     """Per session: decode and validate each record in partition order, buffer accepted
-    latents and emit exactly 4,096 of them per window (chunks may straddle windows); on
-    close, the rest becomes a partial window, so no latent is lost."""
+    latents and cut exactly 4,096 of them per window (chunks may straddle windows); on close,
+    the rest becomes a partial window, so no latent is lost. At the end of each bundle the
+    windows it completed, of every session, are compressed in batches and chained.
+
+    Cutting, compressing and chaining sit in one per-session stage on purpose: a session's
+    windows never cross a shuffle, so they reach the chain in the order they were cut."""
 
     VALIDATOR = ReadModifyWriteStateSpec("validator", PickleCoder())
     BUFFER = BagStateSpec("buffer", PickleCoder())  # (first_seq, float32 [n, d]) pieces
@@ -142,6 +145,20 @@ class CutWindows(beam.DoFn):
 
     def setup(self):
         self._store = self.config.store()
+        self._compress = WindowCompressor(self.config)
+        self._chain = ChainWriter(self.config, self._store)
+
+    def teardown(self):
+        self._chain.close()
+
+    def start_bundle(self):
+        self._ready: list[Window] = []
+
+    def finish_bundle(self):
+        size = self.config.batch_size
+        for i in range(0, len(self._ready), size):
+            self._chain.write(self._compress(self._ready[i:i + size]))
+        self._ready = []
 
     def process(self, element, validator_state=beam.DoFn.StateParam(VALIDATOR),
                 buffer=beam.DoFn.StateParam(BUFFER), fill_state=beam.DoFn.StateParam(FILL),
@@ -173,7 +190,7 @@ class CutWindows(beam.DoFn):
             if filled and first != seq_start + filled:
                 # After a sequence gap (its chunk went to the dead letters) the window so far is
                 # closed as partial, and the next one starts where the stream resumed.
-                yield from self._emit(session_id, index, seq_start, buffer, True, event_us)
+                self._emit(session_id, index, seq_start, buffer, True, event_us)
                 index, filled = index + 1, 0
             if filled == 0:
                 seq_start = first
@@ -184,55 +201,50 @@ class CutWindows(beam.DoFn):
                     buffer.add((first, latents[:take]))
                 first, latents, filled = first + take, latents[take:], filled + take
                 if filled == WINDOW:
-                    yield from self._emit(session_id, index, seq_start, buffer, False, event_us)
+                    self._emit(session_id, index, seq_start, buffer, False, event_us)
                     index, seq_start, filled = index + 1, seq_start + WINDOW, 0
             fill_state.write((seq_start, filled, event_us, index))
         elif record.kind == "close":
             if filled:
-                yield from self._emit(session_id, index, seq_start, buffer, True, record.event_time_us)
+                self._emit(session_id, index, seq_start, buffer, True, record.event_time_us)
             fill_state.write((seq_start + filled, 0, record.event_time_us, index + (1 if filled else 0)))
 
     def _emit(self, session_id, index, seq_start, buffer, partial, event_us):
         pieces = sorted(buffer.read(), key=lambda p: p[0])
         buffer.clear()
         if pieces:  # empty when the store already had this window
-            yield Window(session_id, index, seq_start, np.concatenate([p[1] for p in pieces]), partial, event_us)
+            self._ready.append(Window(session_id, index, seq_start, np.concatenate([p[1] for p in pieces]),
+                                      partial, event_us))
 
 
-class CompressorHandler(ModelHandler):
-    """RunInference model handler around the compression operator: ready windows of many
-    sessions are batched into one [B, 4096, d] call (zero padding plus lengths for partial
-    windows); on the GPU when one is present."""
+class WindowCompressor:
+    """The compression operator over windows of many sessions at once: one [B, 4096, d] call
+    (zero padding plus lengths for partial windows), on the GPU when one is present."""
 
     def __init__(self, config: EpisodicConfig):
-        super().__init__(min_batch_size=1, max_batch_size=config.batch_size)
-        self.config = config
-
-    def load_model(self):
         import torch
 
         from memstream.operators.checkpoint import load_compressor
 
-        device = self.config.device
+        device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_compressor(self.config.checkpoint, device=device).eval()
-        model.memstream_version = operator_version(self.config.checkpoint)
-        return model
+        self.model = load_compressor(config.checkpoint, device=device).eval()
+        self.device = device
+        self.version = operator_version(config.checkpoint)
 
-    def run_inference(self, batch, model, inference_args=None):
+    def __call__(self, windows: list[Window]) -> list[Summary]:
         import torch
 
-        device = next(model.parameters()).device
-        d = model.config.dim
-        lengths = torch.tensor([len(w.latents) for w in batch])
-        x = torch.zeros((len(batch), WINDOW, d), dtype=torch.float32)
-        for i, w in enumerate(batch):
+        d = self.model.config.dim
+        lengths = torch.tensor([len(w.latents) for w in windows])
+        x = torch.zeros((len(windows), WINDOW, d), dtype=torch.float32)
+        for i, w in enumerate(windows):
             x[i, :len(w.latents)] = torch.from_numpy(w.latents)
         with torch.inference_mode():
-            tokens = model.encode(x.to(device), lengths.to(device)).to(torch.float16).cpu().numpy()
-        return [Summary(w, tokens[i].astype("<f2").tobytes(), tokens.shape[1], d, model.memstream_version)
-                for i, w in enumerate(batch)]
+            tokens = self.model.encode(x.to(self.device), lengths.to(self.device)).to(torch.float16).cpu().numpy()
+        return [Summary(w, tokens[i].astype("<f2").tobytes(), tokens.shape[1], d, self.version)
+                for i, w in enumerate(windows)]
 
 
 def operator_version(checkpoint: str | None) -> str:
@@ -245,55 +257,65 @@ def operator_version(checkpoint: str | None) -> str:
     return f"compressor-{hashlib.sha256(open(path, 'rb').read()).hexdigest()[:16]}"
 
 
-class ChainAndSign(beam.DoFn):
-    """Per session, in window order: chain each summary to the head, sign it, and at the end
-    of the bundle write the batch to the store (the commit point), then to Kafka.
+class ChainWriter:
+    """Chains summaries to each session's stored head, signs them, and writes them to the
+    store (the commit point) and then to Kafka.
 
-    The head lives in per-session state (a runner processes one key in one bundle at a time);
-    when the state is empty (first sight of the session, or after a restart) it is read from
-    the store, and stored summaries that Kafka never acknowledged are published again."""
+    The store decides: a summary is inserted only if its (session, window) is absent, and is
+    published only if the stored record is this writer's. A writer that lost a race (a
+    runner retrying or overlapping bundles) raises, its bundle is retried, and the retry
+    continues from the stored head, so neither the store nor the topic ever forks."""
 
-    HEAD = ReadModifyWriteStateSpec("head", PickleCoder())  # (window_index, hash) of the newest summary
-    PENDING = BagStateSpec("pending", PickleCoder())  # summaries that arrived ahead of their turn
-
-    def __init__(self, config: EpisodicConfig):
-        self.config = config
-
-    def setup(self):
+    def __init__(self, config: EpisodicConfig, store):
         from kafka import KafkaProducer
 
         from memstream.infra.kafka import MAX_MESSAGE_BYTES
 
-        self._key = self.config.signing_key()
-        self._store = self.config.store()
-        self._producer = KafkaProducer(bootstrap_servers=self.config.bootstrap, acks="all",
-                                       enable_idempotence=True, max_request_size=MAX_MESSAGE_BYTES, linger_ms=5)
+        self.config, self.store = config, store
+        self.key = config.signing_key()
+        self.producer = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all", enable_idempotence=True,
+                                      max_request_size=MAX_MESSAGE_BYTES, linger_ms=5)
+        self._seen: set[str] = set()  # sessions whose unacknowledged summaries were re-published
 
-    def teardown(self):
-        self._producer.close()
+    def close(self):
+        self.producer.close()
 
-    def start_bundle(self):
-        self._sealed: list = []
+    def write(self, summaries: list[Summary]) -> None:
+        from memstream.errors import ServiceError
 
-    def process(self, element, head_state=beam.DoFn.StateParam(HEAD), pending=beam.DoFn.StateParam(PENDING)):
-        session_id, summary = element
-        head = head_state.read()
-        if head is None:
-            stored = self._store.heads([session_id]).get(session_id)
-            head = (stored.window_index, stored.hash) if stored else (-1, b"")
-            self._republish_unacknowledged(session_id)
-        index, prev_hash = head
-        waiting = {s.window.window_index: s for s in pending.read()}
-        waiting[summary.window.window_index] = summary
-        waiting = {i: s for i, s in waiting.items() if i > index}  # stored already: a replay
-        while index + 1 in waiting:
-            record = self._seal(waiting.pop(index + 1), prev_hash)
-            self._sealed.append(record)
-            index, prev_hash = record.window_index, record.hash
-        head_state.write((index, prev_hash))
-        pending.clear()
-        for s in waiting.values():
-            pending.add(s)
+        sessions = sorted({s.window.session_id for s in summaries})
+        for session_id in sessions:
+            if session_id not in self._seen:
+                self._republish_unacknowledged(session_id)
+                self._seen.add(session_id)
+        heads = {sid: (h.window_index, h.hash) for sid, h in self.store.heads(sessions).items()}
+        sealed = []
+        for s in sorted(summaries, key=lambda s: (s.window.session_id, s.window.window_index)):
+            index, prev_hash = heads.get(s.window.session_id, (-1, b""))
+            if s.window.window_index <= index:
+                continue  # stored already: a replay
+            if s.window.window_index != index + 1:
+                raise ServiceError(f"session {s.window.session_id!r}: window {s.window.window_index} is not "
+                                   f"next after the stored head {index}; the bundle will be retried")
+            record = self._seal(s, prev_hash)
+            sealed.append(record)
+            heads[s.window.session_id] = (record.window_index, record.hash)
+        if not sealed:
+            return
+        self.store.append(sealed)
+        by_session: dict[str, list] = {}
+        for r in sealed:
+            by_session.setdefault(r.session_id, []).append(r)
+        lost = []
+        for session_id, records in by_session.items():
+            stored = self.store.hashes(session_id, since_window=records[0].window_index)
+            lost += [r for r in records if stored.get(r.window_index) != r.hash]
+        if lost:
+            raise ServiceError(f"another writer stored {len(lost)} of these summaries first (session "
+                               f"{lost[0].session_id!r}, window {lost[0].window_index}); retrying from the stored head")
+        self._publish(sealed)
+        for session_id in {r.session_id for r in sealed}:
+            self.store.evict(session_id)
 
     def _seal(self, s: Summary, prev_hash: bytes):
         from memstream.chain import seal
@@ -305,28 +327,20 @@ class ChainAndSign(beam.DoFn):
             seq_start=w.seq_start, seq_end=w.seq_end, partial=w.partial, token_count=s.token_count, dim=s.dim,
             tokens_dtype="fp16", tokens=s.tokens, operator_version=s.operator_version,
             event_time_us=w.event_time_us, processing_time_us=s.processing_time_us, prev_hash=prev_hash,
-            hash=b"", signature=b"", key_id=""), self._key)
-
-    def finish_bundle(self):
-        if not self._sealed:
-            return
-        self._store.append(self._sealed)
-        self._publish(self._sealed)
-        for session_id in {r.session_id for r in self._sealed}:
-            self._store.evict(session_id)
+            hash=b"", signature=b"", key_id=""), self.key)
 
     def _publish(self, records) -> None:
-        futures = [self._producer.send(self.config.summaries_topic, key=r.session_id.encode(), value=r.to_json())
+        futures = [self.producer.send(self.config.summaries_topic, key=r.session_id.encode(), value=r.to_json())
                    for r in records]
-        self._producer.flush()
+        self.producer.flush()
         for f in futures:
             f.get(timeout=60)
-        self._store.mark_published(records)
+        self.store.mark_published(records)
 
     def _republish_unacknowledged(self, session_id: str) -> None:
         """Stored summaries whose Kafka write was never acknowledged (a crash between the two
         writes) go out again, byte for byte."""
-        records = self._store.unpublished(session_id)
+        records = self.store.unpublished(session_id)
         if records:
             log.info("re-publishing %d stored summaries of session %s", len(records), session_id)
             self._publish(records)
@@ -338,15 +352,9 @@ def build(p: beam.Pipeline, config: EpisodicConfig):
                                                  until_idle=config.until_idle)
     keyed = (records | "KeyBySession" >> beam.ParDo(KeyBySession()).with_output_types(SessionKeyed)
              .with_outputs(DEAD, main="keyed"))
-    cut = keyed.keyed | "CutWindows" >> beam.ParDo(CutWindows(config)).with_outputs(DEAD, main="windows")
-    summaries = cut.windows | "Compress" >> RunInference(CompressorHandler(config))
-    (summaries
-     # BatchElements (inside RunInference) stamps its batches with the end of the window: put
-     # each summary back at its window's event time.
-     | "AtEventTime" >> beam.Map(lambda s: beam.window.TimestampedValue(s, s.window.event_time_us / 1e6))
-     | "KeyBySessionAgain" >> beam.Map(lambda s: (s.window.session_id, s)).with_output_types(SessionKeyed)
-     | "ChainAndSign" >> beam.ParDo(ChainAndSign(config)))
-    dead = (keyed[DEAD], cut[DEAD]) | "DeadLetters" >> beam.Flatten()
+    summarised = (keyed.keyed
+                  | "Summarise" >> beam.ParDo(SummariseSessions(config)).with_outputs(DEAD, main="done"))
+    dead = (keyed[DEAD], summarised[DEAD]) | "DeadLetters" >> beam.Flatten()
     (dead
      | "DeadLetterJson" >> beam.Map(lambda d: (d.key, d.to_json()))
      | "ToDeadLetterTopic" >> beam.ParDo(WriteToKafkaFn(config.bootstrap, config.deadletter_topic)))
