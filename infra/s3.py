@@ -98,8 +98,10 @@ def _bucket_ready(cfg: S3Config) -> bool:
     return s3_request(cfg, "GET", f"/{cfg.bucket}?list-type=2&max-keys=1")[0] == 200
 
 
-def s3_request(cfg: S3Config, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-    """A minimal SigV4-signed S3 request (stdlib only), for readiness checks and tests."""
+def s3_request(cfg: S3Config, method: str, path: str, body: bytes = b"",
+               extra_headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """A minimal SigV4-signed S3 request (stdlib only), for readiness checks, tests and
+    conditional puts (``extra_headers={"if-none-match": "*"}``: lower-case names, signed)."""
     import datetime
     import hashlib
     import hmac
@@ -112,7 +114,8 @@ def s3_request(cfg: S3Config, method: str, path: str, body: bytes = b"") -> tupl
     payload_hash = hashlib.sha256(body).hexdigest()
     query = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
                      for k, v in sorted(parse_qsl(parts.query, keep_blank_values=True)))
-    headers = {"host": parts.netloc, "x-amz-content-sha256": payload_hash, "x-amz-date": amz_date}
+    headers = {"host": parts.netloc, "x-amz-content-sha256": payload_hash, "x-amz-date": amz_date,
+               **(extra_headers or {})}
     signed = ";".join(sorted(headers))
     canonical = "\n".join([method, quote(parts.path or "/", safe="/-_.~"), query,
                            "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)), signed, payload_hash])

@@ -16,6 +16,7 @@ from memstream.errors import MemstreamError
 COMMAND_MODULES = [
     "memstream.infra.commands",
     "memstream.demo",
+    "memstream.pipelines.commands",
     "memstream.commands_stream",
 ]
 

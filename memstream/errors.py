@@ -145,3 +145,30 @@ class ClosedSessionError(InvalidInputError):
 
 INVALID_INPUT_ERRORS: dict[_R, type[InvalidInputError]] = {
     cls.reason: cls for cls in InvalidInputError.__subclasses__()}
+
+class IntegrityError(MemstreamError):
+    """Stored or received data failed a cryptographic check: treat it as tampered with."""
+
+
+class SignatureError(IntegrityError):
+    """A signature does not verify, or its key id is not in the key ring."""
+
+
+class VerificationError(IntegrityError):
+    """A Merkle proof, tree head or stored row does not check out."""
+
+
+class ReplayError(IntegrityError):
+    """A signed write or request was already applied: sign a fresh one instead of resending."""
+
+
+class AppendOnlyViolation(MemstreamError):
+    """An update or delete was attempted on append-only storage."""
+
+
+class GovernanceError(MemstreamError):
+    """A governance action lacks the approvals its policy requires."""
+
+
+class LeaseError(ServiceError):
+    """A storage lease (the lock that keeps cleanup and writers apart) could not be taken."""

@@ -38,7 +38,7 @@ class KafkaRecord:
     offset: int
     key: bytes | None
     value: bytes
-    timestamp_ms: int
+    timestamp: int  # milliseconds since the epoch, as kafka-python names it
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,137 @@
+"""The episodic store: each session's sliding window of signed summary records, in LanceDB.
+
+One table, ``summaries``, whose Arrow schema is generated from
+:class:`memstream.schemas.records.SummaryRecord` (one source of truth). Writes are
+insert-if-absent on (session_id, window_index), so a replay after a crash never duplicates a
+record, and the newest stored record of a session is its chain head: the pipeline continues
+every chain from what the store holds, which is why the head survives restarts.
+
+The store keeps the latest ``window`` summaries per session (1,220 by default: 1,220 x 4,096
+latents, about 5M tokens of effective context); older ones are evicted from the store, while
+the summaries topic keeps the whole chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pyarrow as pa
+
+from memstream.errors import ConfigError
+from memstream.schemas.generate import arrow_schema
+from memstream.schemas.records import SummaryRecord
+
+TABLE = "summaries"
+PUBLISHED = "published"  # (session_id, window_index) of summaries Kafka acknowledged
+DEFAULT_WINDOW = 1220
+SCHEMA = arrow_schema(SummaryRecord)
+_FIELDS = [f.name for f in dataclasses.fields(SummaryRecord)]
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    window_index: int
+    hash: bytes
+    seq_end: int
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class EpisodicStore:
+    """``EpisodicStore(uri, storage_options)``: a local folder or ``s3://bucket/prefix``."""
+
+    def __init__(self, uri: str, storage_options: dict[str, str] | None = None, window: int = DEFAULT_WINDOW):
+        import lancedb
+
+        if uri.startswith("s3://") and not storage_options:
+            raise ConfigError("an s3:// episodic store needs explicit storage options (endpoint and "
+                              "credentials): memstream never falls back to the cloud metadata service")
+        if window < 1:
+            raise ConfigError(f"the sliding window must hold at least one summary, got {window}")
+        self.uri, self.window = uri, window
+        # Every read sees the latest committed version: several workers write this table, and
+        # a chain continues from what is stored.
+        self._db = lancedb.connect(uri, storage_options=storage_options, read_consistency_interval=timedelta(0))
+        self._table = None
+
+    @property
+    def table(self):
+        if self._table is None:
+            self._table = self._db.create_table(TABLE, schema=SCHEMA, exist_ok=True)
+        return self._table
+
+    # -- writes --------------------------------------------------------------------------
+    def append(self, records: list[SummaryRecord]) -> int:
+        """Insert the records not stored yet (by session and window index); returns how many were new."""
+        if not records:
+            return 0
+        data = pa.Table.from_pylist([{k: getattr(r, k) for k in _FIELDS} for r in records], schema=SCHEMA)
+        result = (self.table.merge_insert(["session_id", "window_index"])
+                  .when_not_matched_insert_all().execute(data))
+        return int(getattr(result, "num_inserted_rows", len(records)))
+
+    def evict(self, session_id: str) -> None:
+        """Drop the session's summaries that fell out of its sliding window."""
+        head = self.heads([session_id]).get(session_id)
+        if head is not None and head.window_index >= self.window:
+            self.table.delete(f"session_id = {_quote(session_id)} AND window_index <= "
+                              f"{head.window_index - self.window}")
+
+    @property
+    def published_table(self):
+        if getattr(self, "_published", None) is None:
+            self._published = self._db.create_table(PUBLISHED, schema=pa.schema(
+                [("session_id", pa.string()), ("window_index", pa.int64())]), exist_ok=True)
+        return self._published
+
+    def mark_published(self, records: list[SummaryRecord]) -> None:
+        """Remember that Kafka acknowledged these summaries (idempotent)."""
+        data = pa.table({"session_id": [r.session_id for r in records],
+                         "window_index": pa.array([r.window_index for r in records], pa.int64())})
+        (self.published_table.merge_insert(["session_id", "window_index"])
+         .when_not_matched_insert_all().execute(data))
+
+    def unpublished(self, session_id: str) -> list[SummaryRecord]:
+        """Stored summaries of the session newer than the newest one Kafka acknowledged."""
+        rows = (self.published_table.search().where(f"session_id = {_quote(session_id)}")
+                .select(["window_index"]).limit(None).to_arrow()["window_index"].to_pylist())
+        return self.records(session_id, since_window=max(rows, default=-1) + 1)
+
+    # -- reads ---------------------------------------------------------------------------
+    def heads(self, session_ids: list[str]) -> dict[str, ChainHead]:
+        """The newest stored summary of each session that has one."""
+        if not session_ids:
+            return {}
+        where = f"session_id IN ({', '.join(_quote(s) for s in session_ids)})"
+        rows = (self.table.search().where(where).select(["session_id", "window_index", "hash", "seq_end"])
+                .limit(None).to_arrow().to_pylist())
+        heads: dict[str, ChainHead] = {}
+        for row in rows:
+            cur = heads.get(row["session_id"])
+            if cur is None or row["window_index"] > cur.window_index:
+                heads[row["session_id"]] = ChainHead(row["window_index"], row["hash"], row["seq_end"])
+        return heads
+
+    def records(self, session_id: str, since_window: int = 0) -> list[SummaryRecord]:
+        """The session's stored summaries in window order."""
+        rows = (self.table.search().where(f"session_id = {_quote(session_id)} AND window_index >= {since_window}")
+                .limit(None).to_arrow().to_pylist())
+        rows.sort(key=lambda r: r["window_index"])
+        return [SummaryRecord(**{k: r[k] for k in _FIELDS}) for r in rows]
+
+    def hashes(self, session_id: str, since_window: int = 0) -> dict[int, bytes]:
+        """window_index -> hash of the session's stored summaries (no tokens read)."""
+        rows = (self.table.search().where(f"session_id = {_quote(session_id)} AND window_index >= {since_window}")
+                .select(["window_index", "hash"]).limit(None).to_arrow().to_pylist())
+        return {r["window_index"]: r["hash"] for r in rows}
+
+    def sessions(self) -> list[str]:
+        rows = self.table.search().select(["session_id"]).limit(None).to_arrow()
+        return sorted(set(rows["session_id"].to_pylist()))
+
+    def count(self) -> int:
+        return self.table.count_rows()

@@ -1,0 +1,218 @@
+"""Signed long-term memory entries, governance removal requests and forget requests.
+
+An entry's **message** is the canonical encoding (``memstream.crypto.canonical_encode``,
+domain ``memstream.longterm.entry.v1``) of every content field plus the id of the store it
+is written to; its **id** is a domain-separated SHA-256 of that message, so the same
+content signed for another store (or resent to this one) is recognised; its **signature**
+is Ed25519 over the message by the validator whose key hash is in the provenance. The
+**Merkle leaf** is the canonical encoding of (message, key id, signature), so changing any
+stored byte of a row, the signature included, changes its leaf.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from memstream.crypto import KeyRing, SigningKey, canonical_encode, domain_hash, leaf_hash
+from memstream.errors import ConfigError, GovernanceError, SignatureError, VerificationError
+
+ENTRY_DOMAIN = "memstream.longterm.entry.v1"
+PAYLOAD_KINDS = ("summary_tokens", "episodic_ref")
+
+
+def query_hash(query: str | bytes) -> str:
+    """Provenance hash of the query that triggered a write (the query itself is not stored)."""
+    q = query.encode() if isinstance(query, str) else bytes(query)
+    return domain_hash("memstream.longterm.query.v1", q).hex()
+
+
+def subject_hash(subject: str) -> str:
+    """What an entry stores for the subject its forget tag is bound to."""
+    return domain_hash("memstream.longterm.subject.v1", subject.encode()).hex()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One signed, immutable long-term memory entry."""
+
+    entry_id: str
+    vector: np.ndarray
+    payload: bytes
+    payload_kind: str
+    validator_key_hash: str
+    query_hash: str
+    timestamp_ns: int
+    key_id: str
+    signature: bytes
+    forget_tag: str | None = None
+    forget_subject: str | None = None
+    supersedes: str | None = None
+
+    CONTENT = ("vector", "payload", "payload_kind", "validator_key_hash", "query_hash", "timestamp_ns",
+               "forget_tag", "forget_subject", "supersedes")
+
+    @staticmethod
+    def message(store_id: str, fields: Mapping[str, object]) -> bytes:
+        return canonical_encode(ENTRY_DOMAIN, {**{k: fields[k] for k in Entry.CONTENT}, "store_id": store_id})
+
+    @staticmethod
+    def id_of(message: bytes) -> str:
+        return domain_hash("memstream.longterm.entry-id.v1", message).hex()
+
+    @classmethod
+    def create(cls, key: SigningKey, store_id: str, vector, payload: bytes, *, query: str | bytes,
+               payload_kind: str = "summary_tokens", forget_tag: str | None = None,
+               forget_subject: str | None = None, supersedes: str | None = None,
+               timestamp_ns: int | None = None) -> "Entry":
+        """Sign a new entry for the store ``store_id``. ``forget_subject`` is the raw subject
+        (a user id); only its hash is kept. A forget tag on a user-bound write needs a subject."""
+        if payload_kind not in PAYLOAD_KINDS:
+            raise ConfigError(f"payload_kind must be one of {PAYLOAD_KINDS}, got {payload_kind!r}")
+        if forget_tag is not None and forget_subject is None:
+            raise ConfigError("a forget tag must be bound to a subject: pass forget_subject")
+        fields = {
+            "vector": np.ascontiguousarray(vector, dtype=np.float32).reshape(-1),
+            "payload": bytes(payload),
+            "payload_kind": payload_kind,
+            "validator_key_hash": domain_hash("memstream.key.v1", key.verify_key.raw).hex(),
+            "query_hash": query_hash(query),
+            "timestamp_ns": time.time_ns() if timestamp_ns is None else int(timestamp_ns),
+            "forget_tag": forget_tag,
+            "forget_subject": subject_hash(forget_subject) if forget_subject is not None else None,
+            "supersedes": supersedes,
+        }
+        msg = cls.message(store_id, fields)
+        return cls(entry_id=cls.id_of(msg), key_id=key.key_id, signature=key.sign(msg), **fields)
+
+    def fields(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in self.CONTENT}
+
+    def leaf(self, store_id: str) -> bytes:
+        """The Merkle leaf hash of this entry as stored."""
+        return entry_leaf_hash(self.message(store_id, self.fields()), self.key_id, self.signature)
+
+    def verify(self, store_id: str, keyring: KeyRing) -> bytes:
+        """Check the id, the key binding and the signature; return the leaf hash."""
+        msg = self.message(store_id, self.fields())
+        return check_row(msg, self.entry_id, self.key_id, self.validator_key_hash, self.signature, keyring)
+
+
+def entry_leaf_hash(message: bytes, key_id: str, signature: bytes) -> bytes:
+    return leaf_hash(canonical_encode("memstream.longterm.leaf.v1",
+                                      {"message": message, "key_id": key_id, "signature": signature}))
+
+
+def check_row(msg: bytes, entry_id: str, key_id: str, validator_key_hash: str, signature: bytes,
+              keyring: KeyRing) -> bytes:
+    if Entry.id_of(msg) != entry_id:
+        raise VerificationError("entry id does not match the entry's content")
+    vk = keyring.get(key_id)
+    if domain_hash("memstream.key.v1", vk.raw).hex() != validator_key_hash:
+        raise SignatureError(f"provenance names another validator than key {key_id}")
+    vk.verify(signature, msg)
+    return entry_leaf_hash(msg, key_id, signature)
+
+
+@dataclass(frozen=True)
+class Approval:
+    key_id: str
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class GovernancePolicy:
+    """M of N: ``threshold`` distinct keys of ``keys`` must approve a removal."""
+
+    keys: KeyRing
+    threshold: int
+
+    def __post_init__(self):
+        if not 1 <= self.threshold <= len(self.keys):
+            raise ConfigError(f"governance threshold {self.threshold} must be between 1 and {len(self.keys)} "
+                              f"(the number of governance keys)")
+
+    def check(self, message: bytes, approvals: Iterable[Approval]) -> list[str]:
+        """The key ids whose approvals are valid; GovernanceError if fewer than threshold."""
+        valid, problems = [], []
+        for a in approvals:
+            if a.key_id in valid:
+                continue  # one key counts once
+            if a.key_id not in self.keys:
+                problems.append(f"{a.key_id}: not a governance key")
+                continue
+            try:
+                self.keys.verify(a.key_id, a.signature, message)
+            except SignatureError:
+                problems.append(f"{a.key_id}: bad signature")
+                continue
+            valid.append(a.key_id)
+        if len(valid) < self.threshold:
+            detail = f" (rejected: {'; '.join(problems)})" if problems else ""
+            raise GovernanceError(f"{len(valid)} valid governance approval(s), {self.threshold} required{detail}: "
+                                  f"collect signatures from {self.threshold} distinct governance keys")
+        return valid
+
+
+@dataclass(frozen=True)
+class RemovalRequest:
+    """A governance-approved removal of specific entries. ``request_id`` makes each request
+    single-use, so a set of approvals cannot be replayed."""
+
+    store_id: str
+    entry_ids: tuple[str, ...]
+    reason: str
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    issued_at_ns: int = field(default_factory=time.time_ns)
+
+    def message(self) -> bytes:
+        return canonical_encode("memstream.longterm.removal.v1", {
+            "store_id": self.store_id, "entry_ids": "\n".join(sorted(self.entry_ids)), "reason": self.reason,
+            "request_id": self.request_id, "issued_at_ns": self.issued_at_ns})
+
+    def approve(self, key: SigningKey) -> Approval:
+        return Approval(key.key_id, key.sign(self.message()))
+
+    def to_json(self) -> dict:
+        return {"store_id": self.store_id, "entry_ids": list(self.entry_ids), "reason": self.reason,
+                "request_id": self.request_id, "issued_at_ns": self.issued_at_ns}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "RemovalRequest":
+        return cls(d["store_id"], tuple(d["entry_ids"]), d["reason"], d["request_id"], int(d["issued_at_ns"]))
+
+
+@dataclass(frozen=True)
+class ForgetRequest:
+    """A signed request to forget everything bound to a subject (optionally one tag)."""
+
+    store_id: str
+    subject_hash: str
+    tag: str | None
+    key_id: str
+    signature: bytes
+    request_id: str
+    issued_at_ns: int
+
+    @staticmethod
+    def message(store_id: str, subject_hash_: str, tag: str | None, request_id: str, issued_at_ns: int) -> bytes:
+        return canonical_encode("memstream.longterm.forget.v1", {
+            "store_id": store_id, "subject_hash": subject_hash_, "tag": tag, "request_id": request_id,
+            "issued_at_ns": issued_at_ns})
+
+    @classmethod
+    def create(cls, key: SigningKey, store_id: str, subject: str, tag: str | None = None) -> "ForgetRequest":
+        sh, rid, ts = subject_hash(subject), uuid.uuid4().hex, time.time_ns()
+        return cls(store_id, sh, tag, key.key_id, key.sign(cls.message(store_id, sh, tag, rid, ts)), rid, ts)
+
+    def verify(self, keyring: KeyRing) -> None:
+        keyring.verify(self.key_id, self.signature,
+                       self.message(self.store_id, self.subject_hash, self.tag, self.request_id, self.issued_at_ns))
+
+
+def as_list(ids: str | Sequence[str]) -> list[str]:
+    return [ids] if isinstance(ids, str) else list(ids)

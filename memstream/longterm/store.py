@@ -1,0 +1,709 @@
+"""The long-term memory store: signed, append-only entries in LanceDB, attested by an
+RFC 6962 Merkle log whose signed tree heads go to storage and to a Kafka topic.
+
+Layout under the store root (a local folder or ``s3://bucket/prefix``)::
+
+    _store.json                 store id, dimension, metric (created once, conditional put)
+    _leases/                    writer, maintenance and sequencer leases (see lease.py)
+    entries.lance               hot tier: signed entries, never rewritten
+    merkle_log.lance            leaf_index, entry_id, leaf_hash: the log's leaves in order
+    tree_heads.lance            every signed tree head, with the frontier that extends it
+    access_log.lance            one row per retrieval hit (appended on read)
+    access_stats.lance          access_log merged by maintenance (count, last retrieved)
+    removals.lance              governance-approved removals, with their approvals
+    forget_requests.lance       signed forget requests (purging their bytes is a later job)
+
+The cold tier is its own LanceDB folder (``cold_uri``, default ``<root>/cold``), which can
+live on cheaper storage. Entries move there only through :meth:`LongTermStore.demote`.
+
+The public API has no update and no delete. A change is a new entry that ``supersedes`` the
+old one; removal is :meth:`remove` with M-of-N governance approvals, or the forget protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from multiprocessing import get_context
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from memstream.crypto import KeyRing, MerkleFrontier, MerkleTree, SignedTreeHead, SigningKey, VerifyKey
+from memstream.crypto import verify_inclusion
+from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError, IntegrityError, ReplayError,
+                              ServiceError, SignatureError, VerificationError)
+from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, as_list,
+                                      check_row, subject_hash)
+from memstream.longterm.lease import Leases, object_store
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(r"[0-9a-f]{64}")
+ROW_COLUMNS = ["entry_id", "vector", "payload", "payload_kind", "validator_key_hash", "query_hash", "timestamp_ns",
+               "forget_tag", "forget_subject", "supersedes", "key_id", "signature"]
+
+
+def entries_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        ("entry_id", pa.string()), ("vector", pa.list_(pa.float32(), dim)), ("payload", pa.binary()),
+        ("payload_kind", pa.string()), ("validator_key_hash", pa.string()), ("query_hash", pa.string()),
+        ("timestamp_ns", pa.int64()), ("forget_tag", pa.string()), ("forget_subject", pa.string()),
+        ("supersedes", pa.string()), ("key_id", pa.string()), ("signature", pa.binary()),
+    ])
+
+
+SCHEMAS = {
+    "merkle_log": pa.schema([("leaf_index", pa.int64()), ("entry_id", pa.string()), ("leaf_hash", pa.binary())]),
+    "tree_heads": pa.schema([("tree_size", pa.int64()), ("root_hash", pa.binary()), ("timestamp_ns", pa.int64()),
+                             ("key_id", pa.string()), ("signature", pa.binary()),
+                             ("frontier", pa.list_(pa.binary()))]),
+    "access_log": pa.schema([("entry_id", pa.string()), ("ts_ns", pa.int64()), ("tier", pa.string())]),
+    "access_stats": pa.schema([("entry_id", pa.string()), ("count", pa.int64()), ("last_ns", pa.int64())]),
+    "removals": pa.schema([("request_id", pa.string()), ("request", pa.string()), ("approvals", pa.string()),
+                           ("applied_ns", pa.int64())]),
+    "forget_requests": pa.schema([("request_id", pa.string()), ("subject_hash", pa.string()), ("tag", pa.string()),
+                                  ("key_id", pa.string()), ("signature", pa.binary()), ("issued_at_ns", pa.int64()),
+                                  ("matched", pa.int64())]),
+}
+
+
+@dataclass(frozen=True)
+class Hit:
+    entry_id: str
+    distance: float
+    tier: str  # "hot" or "cold"
+    payload: bytes
+    payload_kind: str
+    supersedes: str | None
+    timestamp_ns: int
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    entry_ids: list[str]
+    first_index: int
+    tree_head: SignedTreeHead
+
+
+@dataclass(frozen=True)
+class RetrievalStats:
+    count: int
+    last_ns: int | None
+
+
+@dataclass(frozen=True)
+class RemovalReceipt:
+    request_id: str
+    removed: int
+    approved_by: list[str]
+
+
+@dataclass(frozen=True)
+class ForgetTicket:
+    request_id: str
+    matched: int
+
+
+@dataclass(frozen=True)
+class InclusionProof:
+    entry_id: str
+    leaf_index: int
+    leaf_hash: bytes
+    path: list[bytes]
+    tree_head: SignedTreeHead
+
+    def verify(self, keyring: KeyRing) -> None:
+        self.tree_head.verify(keyring)
+        verify_inclusion(self.leaf_hash, self.leaf_index, self.tree_head.tree_size, self.path,
+                         self.tree_head.root_hash)
+
+
+@dataclass(frozen=True)
+class RowFailure:
+    entry_id: str
+    tier: str  # hot, cold, or "missing" for a logged entry with no row and no approved removal
+    reason: str
+
+
+@dataclass
+class VerifyReport:
+    rows_checked: int = 0
+    tree_size: int = 0
+    tree_head: SignedTreeHead | None = None
+    failures: list[RowFailure] = field(default_factory=list)
+    log_failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.log_failures
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "rows_checked": self.rows_checked, "tree_size": self.tree_size,
+                "tree_head": self.tree_head.to_json() if self.tree_head else None,
+                "failures": [f.__dict__ for f in self.failures], "log_failures": self.log_failures,
+                "seconds": round(self.seconds, 3)}
+
+
+def _ids_predicate(ids: Iterable[str]) -> str:
+    ids = list(ids)
+    for i in ids:
+        if not isinstance(i, str) or not _ID.fullmatch(i):
+            raise ConfigError(f"not an entry id: {i!r} (64 lower-case hex digits)")
+    return "entry_id IN (" + ",".join(f"'{i}'" for i in ids) + ")"
+
+
+class LongTermStore:
+    """Open (creating if needed) a long-term store.
+
+    ``keyring`` holds the validator keys whose signatures the store accepts (old keys stay
+    after a rotation); ``signer`` is this process's validator key, needed to write.
+    ``governance`` enables :meth:`remove`. With ``kafka_bootstrap`` every new signed tree
+    head is also published to ``tree_head_topic``.
+    """
+
+    def __init__(self, uri: str, *, keyring: KeyRing, signer: SigningKey | None = None,
+                 storage_options: dict[str, str] | None = None, cold_uri: str | None = None,
+                 cold_storage_options: dict[str, str] | None = None, governance: GovernancePolicy | None = None,
+                 dim: int = 384, metric: str = "cosine", kafka_bootstrap: str | None = None,
+                 tree_head_topic: str = "memstream.longterm.tree-heads", lease_ttl_s: float = 600.0,
+                 access_flush_every: int = 256):
+        import lancedb
+
+        self.uri = uri.rstrip("/")
+        self.keyring = keyring
+        self.signer = signer
+        self.governance = governance
+        self.storage_options = dict(storage_options or {})
+        self.cold_uri = (cold_uri or f"{self.uri}/cold").rstrip("/")
+        self.cold_storage_options = dict(cold_storage_options if cold_storage_options is not None
+                                         else self.storage_options)
+        self.kafka_bootstrap = kafka_bootstrap
+        self.tree_head_topic = tree_head_topic
+        self.access_flush_every = access_flush_every
+        if signer is not None and signer.key_id not in keyring:
+            keyring.add(signer)
+        objects = object_store(self.uri, self.storage_options)
+        self.leases = Leases(objects, ttl_s=lease_ttl_s)
+        meta = {"store_id": os.urandom(16).hex(), "dim": dim, "metric": metric}
+        objects.put_if_absent("_store.json", json.dumps(meta).encode())  # first opener wins
+        stored = json.loads(objects.get("_store.json") or b"{}")
+        self.store_id, self.dim, self.metric = stored["store_id"], int(stored["dim"]), stored["metric"]
+        self._db = self._connect(self.uri, self.storage_options)
+        self._cold_db = self._connect(self.cold_uri, self.cold_storage_options)
+        self._tables = {name: self._ensure(self._db, name, schema) for name, schema in SCHEMAS.items()}
+        self._tables["entries"] = self._ensure(self._db, "entries", entries_schema(self.dim))
+        self._cold = self._ensure(self._cold_db, "entries", entries_schema(self.dim))
+        self._access: list[tuple[str, int, str]] = []
+        self._producer = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    @staticmethod
+    def _connect(uri: str, storage_options: dict[str, str]):
+        import lancedb
+
+        if uri.startswith("s3://") and not storage_options.get("aws_endpoint"):
+            raise ConfigError(f"{uri}: pass storage_options with explicit credentials and endpoint "
+                              "(S3Config.storage_options()); the AWS default chain is never used")
+        # read_consistency_interval=0: every read sees other processes' latest commits.
+        return lancedb.connect(uri, storage_options=storage_options or None,
+                               read_consistency_interval=timedelta(0))
+
+    @staticmethod
+    def _ensure(db, name: str, schema: pa.Schema):
+        for attempt in range(5):
+            try:
+                return db.open_table(name)
+            except (ValueError, FileNotFoundError, RuntimeError, OSError):
+                pass
+            try:
+                return db.create_table(name, schema=schema, exist_ok=True)
+            except (ValueError, RuntimeError, OSError) as e:  # another process created it first
+                if attempt == 4:
+                    raise ServiceError(f"cannot open or create table {name}: {e}") from e
+                time.sleep(0.1 * (attempt + 1))
+
+    def _read(self, table, columns: list[str] | None = None, where: str | None = None) -> pa.Table:
+        ds = table.to_lance()
+        return ds.to_table(columns=columns, filter=where)
+
+    def _tier_tables(self, include_cold: bool = True):
+        yield "hot", self._tables["entries"]
+        if include_cold:
+            yield "cold", self._cold
+
+    def close(self) -> None:
+        self.flush_access_log()
+        if self._producer is not None:
+            self._producer.close(timeout=5)
+            self._producer = None
+
+    def __enter__(self) -> "LongTermStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writes
+
+    def new_entry(self, vector, payload: bytes, *, query: str | bytes, **kw) -> Entry:
+        """Sign an entry with this store's validator key (see :meth:`Entry.create`)."""
+        if self.signer is None:
+            raise ConfigError("this store was opened without a signer: pass signer=SigningKey.from_file(...)")
+        return Entry.create(self.signer, self.store_id, vector, payload, query=query, **kw)
+
+    def append(self, entries: Sequence[Entry]) -> AppendResult:
+        """Append signed entries as one batch: verify each, reject replays, write the rows,
+        log one Merkle leaf per entry and publish a new signed tree head."""
+        entries = list(entries)
+        if not entries:
+            raise ConfigError("append() needs at least one entry")
+        if self.signer is None:
+            raise ConfigError("signing tree heads needs a signer: open the store with signer=...")
+        leaves = []
+        for e in entries:
+            if np.asarray(e.vector).shape != (self.dim,):
+                raise ConfigError(f"entry vector has shape {np.asarray(e.vector).shape}, the store holds ({self.dim},)")
+            leaves.append(e.verify(self.store_id, self.keyring))  # SignatureError on a forgery
+        ids = [e.entry_id for e in entries]
+        if len(set(ids)) != len(ids):
+            raise ReplayError("the batch holds the same entry twice: each entry is written once")
+        with self.leases.writer(), self.leases.sequencer():
+            # Under the sequencer no other batch can log these ids between check and append.
+            seen = self._read(self._tables["merkle_log"], ["entry_id"], _ids_predicate(ids))
+            if seen.num_rows:
+                raise ReplayError(f"{seen.num_rows} entr(y/ies) already written, e.g. {seen['entry_id'][0]}: "
+                                  "a replayed write is refused; sign a new entry to write again")
+            targets = {e.supersedes for e in entries if e.supersedes}
+            if targets:
+                known = set(self._read(self._tables["merkle_log"], ["entry_id"],
+                                       _ids_predicate(targets))["entry_id"].to_pylist()) | set(ids)
+                missing = targets - known
+                if missing:
+                    raise ConfigError(f"superseded entr(y/ies) not in this store: {sorted(missing)[:3]}")
+            self._tables["entries"].add(self._rows(entries))
+            head, frontier = self._latest_head()
+            first = frontier.size
+            for lh in leaves:
+                frontier.append_hash(lh)
+            self._tables["merkle_log"].add(pa.table({
+                "leaf_index": pa.array(range(first, first + len(leaves)), pa.int64()),
+                "entry_id": pa.array(ids, pa.string()), "leaf_hash": pa.array(leaves, pa.binary())},
+                schema=SCHEMAS["merkle_log"]))
+            sth = SignedTreeHead.create(self.signer, self.store_id, frontier.size, frontier.root(), time.time_ns())
+            self._tables["tree_heads"].add(pa.table({
+                "tree_size": [sth.tree_size], "root_hash": [sth.root_hash], "timestamp_ns": [sth.timestamp_ns],
+                "key_id": [sth.key_id], "signature": [sth.signature], "frontier": [frontier.hashes]},
+                schema=SCHEMAS["tree_heads"]))
+        self._publish(sth)
+        return AppendResult(ids, first, sth)
+
+    def supersede(self, original_id: str, vector, payload: bytes, *, query: str | bytes, **kw) -> AppendResult:
+        """Write a modification: a new entry linked to ``original_id``, which stays as it was."""
+        return self.append([self.new_entry(vector, payload, query=query, supersedes=original_id, **kw)])
+
+    def update(self, *args, **kwargs):
+        raise AppendOnlyViolation("long-term entries are never updated: write a new entry with "
+                                  "supersede(original_id, ...) instead")
+
+    def delete(self, *args, **kwargs):
+        raise AppendOnlyViolation("long-term entries are never deleted directly: use remove() with M-of-N "
+                                  "governance approvals, or request_forget() for a subject's entries")
+
+    def _rows(self, entries: Sequence[Entry]) -> pa.Table:
+        return pa.table({
+            "entry_id": [e.entry_id for e in entries],
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.stack([np.asarray(e.vector, np.float32) for e in entries]).ravel()), self.dim),
+            "payload": [e.payload for e in entries], "payload_kind": [e.payload_kind for e in entries],
+            "validator_key_hash": [e.validator_key_hash for e in entries],
+            "query_hash": [e.query_hash for e in entries], "timestamp_ns": [e.timestamp_ns for e in entries],
+            "forget_tag": [e.forget_tag for e in entries], "forget_subject": [e.forget_subject for e in entries],
+            "supersedes": [e.supersedes for e in entries], "key_id": [e.key_id for e in entries],
+            "signature": [e.signature for e in entries],
+        }, schema=entries_schema(self.dim))
+
+    def _tree_heads(self) -> list[tuple[SignedTreeHead, list[bytes]]]:
+        t = self._read(self._tables["tree_heads"]).to_pylist()
+        heads = [(SignedTreeHead(self.store_id, r["tree_size"], r["root_hash"], r["timestamp_ns"], r["key_id"],
+                                 r["signature"]), r["frontier"]) for r in t]
+        return sorted(heads, key=lambda h: (h[0].tree_size, h[0].timestamp_ns))
+
+    def _latest_head(self) -> tuple[SignedTreeHead | None, MerkleFrontier]:
+        heads = self._tree_heads()
+        if not heads:
+            return None, MerkleFrontier()
+        sth, hashes = heads[-1]
+        sth.verify(self.keyring)
+        frontier = MerkleFrontier(sth.tree_size, hashes)
+        if frontier.root() != sth.root_hash:
+            raise VerificationError(f"the stored frontier of tree head {sth.tree_size} does not match its "
+                                    "signed root: run `memstream verify longterm` and investigate")
+        return sth, frontier
+
+    def latest_tree_head(self) -> SignedTreeHead | None:
+        return self._latest_head()[0]
+
+    def _publish(self, sth: SignedTreeHead) -> None:
+        if not self.kafka_bootstrap:
+            return
+        from kafka import KafkaProducer
+        from kafka.errors import KafkaError
+
+        try:
+            if self._producer is None:
+                self._producer = KafkaProducer(bootstrap_servers=self.kafka_bootstrap, acks="all")
+            self._producer.send(self.tree_head_topic, key=self.store_id.encode(),
+                                value=json.dumps(sth.to_json()).encode()).get(timeout=30)
+        except KafkaError as e:
+            raise ServiceError(f"publishing tree head {sth.tree_size} to {self.tree_head_topic} at "
+                               f"{self.kafka_bootstrap} failed ({e}); it is kept in storage, publish it again "
+                               "with publish_tree_head()") from e
+
+    def publish_tree_head(self) -> SignedTreeHead | None:
+        sth = self.latest_tree_head()
+        if sth is not None:
+            self._publish(sth)
+        return sth
+
+    # ------------------------------------------------------------------ reads
+
+    def build_index(self, tier: str = "hot", num_partitions: int | None = None, replace: bool = True) -> None:
+        """IVF_FLAT over the vectors: quick to build on few cores, exact distances inside the
+        probed partitions, so recall depends only on ``nprobes``."""
+        from lancedb.index import IvfFlat
+
+        table = self._tables["entries"] if tier == "hot" else self._cold
+        n = table.count_rows()
+        parts = num_partitions or max(1, int(round(n ** 0.5)))
+        table.create_index("vector", config=IvfFlat(distance_type=self.metric, num_partitions=parts),
+                           replace=replace)
+
+    def search(self, vector, k: int = 10, *, include_cold: bool = False, nprobes: int = 20,
+               record_access: bool = True) -> list[Hit]:
+        """The ``k`` nearest entries; cold entries only with ``include_cold`` (slower: the
+        cold tier is usually unindexed). Each hit names its tier."""
+        q = np.asarray(vector, np.float32).reshape(-1)
+        hits: list[Hit] = []
+        cols = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns"]
+        for tier, table in self._tier_tables(include_cold):
+            res = (table.search(q, vector_column_name="vector").distance_type(self.metric).nprobes(nprobes)
+                   .limit(k).select(cols).to_arrow())
+            for r in res.to_pylist():
+                hits.append(Hit(r["entry_id"], float(r["_distance"]), tier, r["payload"], r["payload_kind"],
+                                r["supersedes"], r["timestamp_ns"]))
+        hits.sort(key=lambda h: h.distance)
+        hits = hits[:k]
+        if record_access and hits:
+            now = time.time_ns()
+            self._access.extend((h.entry_id, now, h.tier) for h in hits)
+            if len(self._access) >= self.access_flush_every:
+                self.flush_access_log()
+        return hits
+
+    def flush_access_log(self) -> None:
+        """Append buffered retrievals to the access log (the signed rows are never touched)."""
+        if not self._access:
+            return
+        ids, ts, tiers = zip(*self._access)
+        self._access = []
+        self._tables["access_log"].add(pa.table({"entry_id": list(ids), "ts_ns": list(ts), "tier": list(tiers)},
+                                                schema=SCHEMAS["access_log"]))
+
+    def retrieval_stats(self, entry_ids: Sequence[str]) -> dict[str, RetrievalStats]:
+        self.flush_access_log()
+        pred = _ids_predicate(entry_ids)
+        out = {i: [0, None] for i in entry_ids}
+        for r in self._read(self._tables["access_stats"], None, pred).to_pylist():
+            out[r["entry_id"]] = [r["count"], r["last_ns"]]
+        for r in self._read(self._tables["access_log"], None, pred).to_pylist():
+            s = out[r["entry_id"]]
+            s[0] += 1
+            s[1] = max(s[1] or 0, r["ts_ns"])
+        return {i: RetrievalStats(c, last) for i, (c, last) in out.items()}
+
+    def merge_access_log(self) -> int:
+        """Maintenance: fold the access log into access_stats and empty it. Returns the
+        number of log rows merged."""
+        self.flush_access_log()
+        with self.leases.maintenance():
+            logged = self._read(self._tables["access_log"])
+            if not logged.num_rows:
+                return 0
+            stats = {r["entry_id"]: [r["count"], r["last_ns"]] for r in self._read(self._tables["access_stats"]).to_pylist()}
+            for r in logged.to_pylist():
+                s = stats.setdefault(r["entry_id"], [0, 0])
+                s[0] += 1
+                s[1] = max(s[1], r["ts_ns"])
+            self._tables["access_stats"].add(pa.table({
+                "entry_id": list(stats), "count": [s[0] for s in stats.values()],
+                "last_ns": [s[1] for s in stats.values()]}, schema=SCHEMAS["access_stats"]), mode="overwrite")
+            self._tables["access_log"].delete("true")
+            return logged.num_rows
+
+    def get(self, entry_ids: Sequence[str], include_cold: bool = True) -> dict[str, tuple[str, Entry]]:
+        """Entries by id, as (tier, Entry)."""
+        pred = _ids_predicate(entry_ids)
+        out = {}
+        for tier, table in self._tier_tables(include_cold):
+            for r in self._read(table, ROW_COLUMNS, pred).to_pylist():
+                r["vector"] = np.asarray(r["vector"], np.float32)
+                out[r["entry_id"]] = (tier, Entry(**r))
+        return out
+
+    def count(self, tier: str = "hot") -> int:
+        return (self._tables["entries"] if tier == "hot" else self._cold).count_rows()
+
+    # ------------------------------------------------------------------ maintenance
+
+    def demote(self, entry_ids: Sequence[str]) -> list[str]:
+        """Move entries to the cold tier: copy, verify the signatures of the cold copy,
+        then remove them from the hot tier. Excludes writers while it runs."""
+        pred = _ids_predicate(entry_ids)
+        with self.leases.maintenance():
+            rows = self._read(self._tables["entries"], None, pred)
+            if not rows.num_rows:
+                return []
+            bad = [f.entry_id for f in self._check_rows(rows, "hot")[1]]
+            if bad:
+                raise VerificationError(f"refusing to demote rows that fail verification: {bad[:5]}")
+            ids = rows["entry_id"].to_pylist()
+            already = set(self._read(self._cold, ["entry_id"], _ids_predicate(ids))["entry_id"].to_pylist())
+            fresh = rows.filter(pa.array([i not in already for i in ids]))
+            if fresh.num_rows:
+                self._cold.add(fresh)
+            copied = self._read(self._cold, None, _ids_predicate(ids))
+            ok, failed = self._check_rows(copied, "cold")
+            if failed or set(copied["entry_id"].to_pylist()) != set(ids):
+                raise VerificationError("the cold copy does not verify; the hot rows were kept: "
+                                        f"{[f.entry_id for f in failed][:5]}")
+            self._tables["entries"].delete(_ids_predicate(ids))
+            return ids
+
+    def compact(self, cleanup_older_than: timedelta = timedelta(days=7)) -> None:
+        """Compact files and drop old versions of every table. It deletes storage objects,
+        so it holds the maintenance lease: no writer runs meanwhile."""
+        with self.leases.maintenance():
+            for table in [*self._tables.values(), self._cold]:
+                table.optimize(cleanup_older_than=cleanup_older_than, delete_unverified=True)
+
+    def remove(self, request: RemovalRequest, approvals: Sequence[Approval]) -> RemovalReceipt:
+        """Remove entries under an M-of-N governance-approved request."""
+        if self.governance is None:
+            raise GovernanceError("this store has no governance policy: open it with governance="
+                                  "GovernancePolicy(KeyRing(keys), threshold)")
+        if request.store_id != self.store_id:
+            raise GovernanceError(f"the removal request is for store {request.store_id}, not {self.store_id}")
+        approved_by = self.governance.check(request.message(), approvals)
+        pred = _ids_predicate(request.entry_ids)
+        with self.leases.maintenance():
+            done = self._read(self._tables["removals"], ["request_id"], f"request_id = '{request.request_id}'"
+                              if re.fullmatch(r"[0-9a-zA-Z_-]+", request.request_id) else "false")
+            if done.num_rows or not re.fullmatch(r"[0-9a-zA-Z_-]+", request.request_id):
+                raise ReplayError(f"removal request {request.request_id!r} was already applied (or has an "
+                                  "invalid id): issue a new request")
+            removed = 0
+            for _, table in self._tier_tables(True):
+                n = self._read(table, ["entry_id"], pred).num_rows
+                if n:
+                    table.delete(pred)
+                removed += n
+            self._tables["removals"].add(pa.table({
+                "request_id": [request.request_id], "request": [json.dumps(request.to_json())],
+                "approvals": [json.dumps([{"key_id": a.key_id, "signature": a.signature.hex()} for a in approvals])],
+                "applied_ns": [time.time_ns()]}, schema=SCHEMAS["removals"]))
+        return RemovalReceipt(request.request_id, removed, approved_by)
+
+    def request_forget(self, subject: str, signed: ForgetRequest) -> ForgetTicket:
+        """Record a signed request to forget ``subject``'s entries. The signer must be a
+        validator key or a governance key. Purging the bytes is the forget job's work."""
+        if signed.subject_hash != subject_hash(subject) or signed.store_id != self.store_id:
+            raise SignatureError("the forget request was signed for another subject or store")
+        ring = KeyRing([*self.keyring, *(self.governance.keys if self.governance else ())])
+        signed.verify(ring)
+        if not re.fullmatch(r"[0-9a-f]{32}", signed.request_id):
+            raise ConfigError("forget request ids are 32 hex digits: use ForgetRequest.create()")
+        seen = self._read(self._tables["forget_requests"], ["request_id"], f"request_id = '{signed.request_id}'")
+        if seen.num_rows:
+            raise ReplayError(f"forget request {signed.request_id} was already recorded")
+        matched = 0
+        for _, table in self._tier_tables(True):
+            rows = self._read(table, ["forget_subject", "forget_tag"], "forget_subject IS NOT NULL")
+            matched += sum(1 for r in rows.to_pylist() if r["forget_subject"] == signed.subject_hash
+                           and (signed.tag is None or r["forget_tag"] == signed.tag))
+        self._tables["forget_requests"].add(pa.table({
+            "request_id": [signed.request_id], "subject_hash": [signed.subject_hash], "tag": [signed.tag],
+            "key_id": [signed.key_id], "signature": [signed.signature], "issued_at_ns": [signed.issued_at_ns],
+            "matched": [matched]}, schema=SCHEMAS["forget_requests"]))
+        return ForgetTicket(signed.request_id, matched)
+
+    # ------------------------------------------------------------------ attestations
+
+    def _log(self) -> pa.Table:
+        return self._read(self._tables["merkle_log"]).sort_by("leaf_index")
+
+    def inclusion_proof(self, entry_id: str) -> InclusionProof:
+        """The audit path of an entry under the latest signed tree head."""
+        sth = self.latest_tree_head()
+        logt = self._log()
+        tree = MerkleTree(logt["leaf_hash"].to_pylist())
+        idx = logt["entry_id"].to_pylist().index(entry_id) if entry_id in set(logt["entry_id"].to_pylist()) else -1
+        if sth is None or idx < 0 or idx >= sth.tree_size:
+            raise VerificationError(f"entry {entry_id} is not in the log under the latest tree head")
+        return InclusionProof(entry_id, idx, tree.leaf(idx), tree.inclusion_proof(idx, sth.tree_size), sth)
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
+        tree = MerkleTree(self._log()["leaf_hash"].to_pylist())
+        return tree.consistency_proof(old_size, new_size)
+
+    def tree_heads(self) -> list[SignedTreeHead]:
+        return [h for h, _ in self._tree_heads()]
+
+    def _check_rows(self, rows: pa.Table, tier: str) -> tuple[list[tuple[str, bytes]], list[RowFailure]]:
+        return check_table(rows, tier, self.store_id, self.keyring, self.dim)
+
+    def verify(self, workers: int | None = None, trusted_head: SignedTreeHead | None = None) -> VerifyReport:
+        """Check every row's id and signature, and its inclusion under the latest signed tree
+        head (or ``trusted_head``, e.g. one read from the Kafka topic); report each failing
+        row. Logged entries with no row and no approved removal are failures too."""
+        started = time.monotonic()
+        report = VerifyReport()
+        heads = self._tree_heads()
+        logt = self._log()
+        leaf_hashes = logt["leaf_hash"].to_pylist()
+        log_ids = logt["entry_id"].to_pylist()
+        if logt["leaf_index"].to_pylist() != list(range(len(leaf_hashes))):
+            report.log_failures.append("merkle_log indices are not 0..n-1 in order: leaves were removed or added")
+        tree = MerkleTree(leaf_hashes)
+        for sth, _ in heads:
+            try:
+                sth.verify(self.keyring)
+                if sth.tree_size > tree.size or tree.root(sth.tree_size) != sth.root_hash:
+                    raise VerificationError("its root does not match the log's leaves")
+            except IntegrityError as e:
+                report.log_failures.append(f"tree head of size {sth.tree_size}: {e}")
+        latest = heads[-1][0] if heads else None
+        if trusted_head is not None:
+            trusted_head.verify(self.keyring)
+            if trusted_head.tree_size > tree.size or tree.root(trusted_head.tree_size) != trusted_head.root_hash:
+                report.log_failures.append(f"the trusted tree head of size {trusted_head.tree_size} does not match "
+                                           "the stored log")
+            latest = trusted_head
+        report.tree_head = latest
+        size = latest.tree_size if latest else 0
+        report.tree_size = size
+        index_of = {eid: i for i, eid in enumerate(log_ids)}
+        if len(index_of) != len(log_ids):
+            report.log_failures.append("an entry id appears twice in the merkle_log")
+        seen: set[str] = set()
+        for tier, table in self._tier_tables(True):
+            checked, failed = self._verify_table(table, tier, workers)
+            report.failures.extend(failed)
+            report.rows_checked += len(checked) + len(failed)
+            seen.update(f.entry_id for f in failed)
+            for eid, lh in checked:
+                if eid in seen and tier == "cold":
+                    continue  # mid-demotion: the same verified entry in both tiers
+                if eid in seen:
+                    report.failures.append(RowFailure(eid, tier, "entry id appears twice in the table"))
+                    continue
+                seen.add(eid)
+                i = index_of.get(eid)
+                if i is None:
+                    report.failures.append(RowFailure(eid, tier, "not in the Merkle log"))
+                elif i >= size:
+                    report.failures.append(RowFailure(eid, tier, f"leaf {i} is not covered by the latest signed "
+                                                                 f"tree head (size {size})"))
+                elif lh != leaf_hashes[i]:
+                    report.failures.append(RowFailure(eid, tier, f"row does not match Merkle leaf {i}: its bytes "
+                                                                 "were changed after it was signed and logged"))
+        removed = self._approved_removals(report)
+        for eid in log_ids[:size]:
+            if eid not in seen and eid not in removed:
+                report.failures.append(RowFailure(eid, "missing", "logged entry has no row and no approved removal"))
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _approved_removals(self, report: VerifyReport) -> set[str]:
+        removed: set[str] = set()
+        for r in self._read(self._tables["removals"]).to_pylist():
+            req = RemovalRequest.from_json(json.loads(r["request"]))
+            approvals = [Approval(a["key_id"], bytes.fromhex(a["signature"])) for a in json.loads(r["approvals"])]
+            try:
+                if self.governance is None:
+                    raise GovernanceError("no governance policy configured to check it")
+                self.governance.check(req.message(), approvals)
+            except GovernanceError as e:
+                report.log_failures.append(f"removal {r['request_id']} is not validly approved: {e}")
+                continue
+            removed.update(req.entry_ids)
+        return removed
+
+    def _verify_table(self, table, tier: str, workers: int | None):
+        ds = table.to_lance()
+        frags = [f.fragment_id for f in ds.get_fragments()]
+        n = ds.count_rows()
+        workers = workers if workers is not None else (min(os.cpu_count() or 1, 8) if n > 50_000 else 1)
+        if workers <= 1 or len(frags) < 2:
+            return _verify_fragments(ds.uri, self._opts_for(tier), frags, tier, self.store_id,
+                                     [k.raw for k in self.keyring], self.dim)
+        chunks = [frags[i::workers] for i in range(workers)]
+        checked, failed = [], []
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for c, f in pool.map(_verify_fragments, [ds.uri] * workers, [self._opts_for(tier)] * workers, chunks,
+                                 [tier] * workers, [self.store_id] * workers,
+                                 [[k.raw for k in self.keyring]] * workers, [self.dim] * workers):
+                checked += c
+                failed += f
+        return checked, failed
+
+    def _opts_for(self, tier: str) -> dict[str, str]:
+        return self.cold_storage_options if tier == "cold" else self.storage_options
+
+
+def check_table(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing,
+                dim: int) -> tuple[list[tuple[str, bytes]], list[RowFailure]]:
+    """Verify rows of an entries table: (entry id, leaf hash) of the good ones, and failures."""
+    checked, failed = [], []
+    cols = {c: rows[c].to_pylist() for c in ROW_COLUMNS if c != "vector"}
+    vec = rows["vector"].combine_chunks()
+    flat = vec.values.to_numpy(zero_copy_only=False).reshape(-1, dim) if len(vec) else np.zeros((0, dim), np.float32)
+    for i in range(rows.num_rows):
+        eid = cols["entry_id"][i]
+        try:
+            if vec.is_null(i) if vec.null_count else False:
+                raise VerificationError("vector is missing")
+            fields = {c: cols[c][i] for c in Entry.CONTENT if c != "vector"}
+            fields["vector"] = flat[i]
+            msg = Entry.message(store_id, fields)
+            lh = check_row(msg, eid, cols["key_id"][i], cols["validator_key_hash"][i], cols["signature"][i], keyring)
+            checked.append((eid, lh))
+        except (IntegrityError, TypeError, ValueError) as e:
+            failed.append(RowFailure(str(eid), tier, f"{type(e).__name__}: {e}"))
+    return checked, failed
+
+
+def _verify_fragments(uri: str, storage_options: dict[str, str], fragment_ids: list[int], tier: str,
+                      store_id: str, raw_keys: list[bytes], dim: int):
+    """Runs in a worker process too: opens the dataset itself and checks its fragments."""
+    import lance
+
+    ds = lance.dataset(uri, storage_options=storage_options or None)
+    keyring = KeyRing([VerifyKey(k) for k in raw_keys])
+    checked, failed = [], []
+    for fid in fragment_ids:
+        frag = ds.get_fragment(fid)
+        for batch in frag.to_batches(columns=ROW_COLUMNS, batch_size=8192):
+            c, f = check_table(pa.Table.from_batches([batch]), tier, store_id, keyring, dim)
+            checked += c
+            failed += f
+    return checked, failed
