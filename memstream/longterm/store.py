@@ -307,6 +307,17 @@ class LongTermStore:
         self._publish(sth)
         return AppendResult(ids, first, sth)
 
+    def consider(self, vector, payload: bytes, *, query: str | bytes, policy=None, **kw):
+        """Ask the learned write policy whether ``vector`` is worth keeping beyond the
+        session; write it if so. Returns (WriteDecision, AppendResult or None)."""
+        from memstream.longterm.policy import WritePolicy
+
+        policy = policy or WritePolicy.load()
+        decision = policy.decide_for_store(np.asarray(vector, np.float32), self)
+        if not decision.keep:
+            return decision, None
+        return decision, self.append([self.new_entry(vector, payload, query=query, **kw)])
+
     def supersede(self, original_id: str, vector, payload: bytes, *, query: str | bytes, **kw) -> AppendResult:
         """Write a modification: a new entry linked to ``original_id``, which stays as it was."""
         return self.append([self.new_entry(vector, payload, query=query, supersedes=original_id, **kw)])
