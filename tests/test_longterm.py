@@ -365,3 +365,16 @@ def test_cli_verify_longterm_lists_failing_rows(tmp_path, keys, capsys):
     assert cli.main(["verify", "longterm", backend[0], "--key", keys["validator"].verify_key.hex()]) == 1
     out = json.loads(capsys.readouterr().out)
     assert [f["entry_id"] for f in out["failures"]] == [ids[2]]
+
+
+def test_lease_objects_use_conditional_put(backend):
+    from memstream.longterm.lease import object_store
+
+    uri, opts = backend
+    objects = object_store(uri, opts)
+    assert objects.put_if_absent("_leases/probe", b"first")
+    assert not objects.put_if_absent("_leases/probe", b"second")  # If-None-Match / O_EXCL
+    assert objects.get("_leases/probe") == b"first"
+    assert objects.list("_leases") == ["_leases/probe"]
+    objects.delete("_leases/probe")
+    assert objects.get("_leases/probe") is None and objects.put_if_absent("_leases/probe", b"third")
