@@ -40,8 +40,8 @@ from memstream.crypto import KeyRing, MerkleFrontier, MerkleTree, SignedTreeHead
 from memstream.crypto import verify_inclusion
 from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError, IntegrityError, ReplayError,
                               ServiceError, SignatureError, VerificationError)
-from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, as_list,
-                                      check_row, subject_hash)
+from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, check_row,
+                                      subject_hash)
 from memstream.longterm.lease import Leases, object_store
 
 log = logging.getLogger(__name__)
