@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "memstream.demo",
     "memstream.pipelines.commands",
     "memstream.commands_stream",
+    "memstream.verify_cli",
 ]
 
 

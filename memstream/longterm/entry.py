@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -212,7 +212,3 @@ class ForgetRequest:
     def verify(self, keyring: KeyRing) -> None:
         keyring.verify(self.key_id, self.signature,
                        self.message(self.store_id, self.subject_hash, self.tag, self.request_id, self.issued_at_ns))
-
-
-def as_list(ids: str | Sequence[str]) -> list[str]:
-    return [ids] if isinstance(ids, str) else list(ids)

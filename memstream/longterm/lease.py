@@ -220,6 +220,3 @@ class Leases:
             yield
         finally:
             self.objects.delete(key)
-
-    def holders(self) -> list[str]:
-        return sorted(self.objects.list("_leases/writers") + self.objects.list("_leases"))

@@ -40,8 +40,8 @@ from memstream.crypto import KeyRing, MerkleFrontier, MerkleTree, SignedTreeHead
 from memstream.crypto import verify_inclusion
 from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError, IntegrityError, ReplayError,
                               ServiceError, SignatureError, VerificationError)
-from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, as_list,
-                                      check_row, subject_hash)
+from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, check_row,
+                                      subject_hash)
 from memstream.longterm.lease import Leases, object_store
 
 log = logging.getLogger(__name__)
@@ -307,6 +307,17 @@ class LongTermStore:
         self._publish(sth)
         return AppendResult(ids, first, sth)
 
+    def consider(self, vector, payload: bytes, *, query: str | bytes, policy=None, **kw):
+        """Ask the learned write policy whether ``vector`` is worth keeping beyond the
+        session; write it if so. Returns (WriteDecision, AppendResult or None)."""
+        from memstream.longterm.policy import WritePolicy
+
+        policy = policy or WritePolicy.load()
+        decision = policy.decide_for_store(np.asarray(vector, np.float32), self)
+        if not decision.keep:
+            return decision, None
+        return decision, self.append([self.new_entry(vector, payload, query=query, **kw)])
+
     def supersede(self, original_id: str, vector, payload: bytes, *, query: str | bytes, **kw) -> AppendResult:
         """Write a modification: a new entry linked to ``original_id``, which stays as it was."""
         return self.append([self.new_entry(vector, payload, query=query, supersedes=original_id, **kw)])
@@ -503,14 +514,14 @@ class LongTermStore:
                                   "GovernancePolicy(KeyRing(keys), threshold)")
         if request.store_id != self.store_id:
             raise GovernanceError(f"the removal request is for store {request.store_id}, not {self.store_id}")
+        if not re.fullmatch(r"[0-9a-f]{32}", request.request_id):
+            raise ConfigError("removal request ids are 32 hex digits: let RemovalRequest generate it")
         approved_by = self.governance.check(request.message(), approvals)
         pred = _ids_predicate(request.entry_ids)
         with self.leases.maintenance():
-            done = self._read(self._tables["removals"], ["request_id"], f"request_id = '{request.request_id}'"
-                              if re.fullmatch(r"[0-9a-zA-Z_-]+", request.request_id) else "false")
-            if done.num_rows or not re.fullmatch(r"[0-9a-zA-Z_-]+", request.request_id):
-                raise ReplayError(f"removal request {request.request_id!r} was already applied (or has an "
-                                  "invalid id): issue a new request")
+            done = self._read(self._tables["removals"], ["request_id"], f"request_id = '{request.request_id}'")
+            if done.num_rows:
+                raise ReplayError(f"removal request {request.request_id} was already applied: issue a new request")
             removed = 0
             for _, table in self._tier_tables(True):
                 n = self._read(table, ["entry_id"], pred).num_rows
