@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+import common
 from memstream.crypto import KeyRing, SigningKey
 
 
@@ -216,24 +214,7 @@ def sweep(store, queries, ids, exact, nprobes_list, include_cold: bool, note: st
 
 
 def machine_info() -> dict:
-    import lance
-    import lancedb
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "lancedb": lancedb.__version__, "pylance": lance.__version__,
-            "load_average_at_start": os.getloadavg(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        cpu = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
-        info["cpu_model"] = cpu[0].split(":", 1)[1].strip() if cpu else "unknown"
-        info["mem_total_gib"] = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        pass
-    return info
+    return common.machine_info("lancedb", "pylance")
 
 
 def write_results(res: dict, out: Path) -> None:

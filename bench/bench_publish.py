@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+import common
 from memstream.codec import encode_chunk
 from memstream.infra.kafka import KAFKA_VERSION
 from memstream.infra.stack import Stack
@@ -77,11 +75,7 @@ def run_sdk(bootstrap: str, topic: str, sessions: dict[str, np.ndarray], chunk_b
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": sys.version.split()[0], "kafka_broker": KAFKA_VERSION,
-            "kafka_python": metadata.version("kafka-python"), "numpy": np.__version__}
+    return {**common.machine_info("kafka-python", "numpy"), "kafka_broker": KAFKA_VERSION}
 
 
 def main() -> None:
@@ -157,7 +151,7 @@ def main() -> None:
         f"sdk {statistics.median(sdk_cpu):.2f} s; the rest of the wall time is spent waiting for the broker. "
         f"1-minute load average at the end: {result['load_average_1m']:.1f} on {os.cpu_count()} CPUs "
         "(the machine is shared), so single runs vary widely.\n\n"
-        f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}, "
+        f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, "
         f"kafka-python {m['kafka_python']}, numpy {m['numpy']}.\n")
     print(json.dumps({k: result[k] for k in ("raw", "sdk", "sdk_over_raw")}, indent=2))
 

@@ -15,7 +15,6 @@ Kafka is published again, byte for byte, so the summaries topic never forks eith
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import typing

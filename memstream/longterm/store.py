@@ -36,6 +36,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from memstream import topics
 from memstream.crypto import KeyRing, MerkleFrontier, MerkleTree, SignedTreeHead, SigningKey, VerifyKey
 from memstream.crypto import verify_inclusion
 from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError, IntegrityError, ReplayError,
@@ -174,7 +175,7 @@ class LongTermStore:
                  storage_options: dict[str, str] | None = None, cold_uri: str | None = None,
                  cold_storage_options: dict[str, str] | None = None, governance: GovernancePolicy | None = None,
                  dim: int = 384, metric: str = "cosine", kafka_bootstrap: str | None = None,
-                 tree_head_topic: str = "memstream.longterm.tree-heads", lease_ttl_s: float = 600.0,
+                 tree_head_topic: str = topics.ATTESTATIONS, lease_ttl_s: float = 600.0,
                  access_flush_every: int = 256):
         import lancedb
 

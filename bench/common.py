@@ -1,0 +1,37 @@
+"""What every benchmark records beside its figures: the machine and the code it ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_info(*packages: str) -> dict:
+    """Platform, CPU, memory, load, Python, git commit and the versions of ``packages``."""
+    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
+            "load_average_at_start": os.getloadavg(),
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        info["cpu_model"] = cpu[0].split(":", 1)[1].strip() if cpu else platform.processor()
+        info["mem_total_gib"] = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                            cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        pass
+    for name in packages:
+        try:
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            info[name] = None
+    return info
