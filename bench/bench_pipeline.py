@@ -1,0 +1,140 @@
+"""End-to-end throughput of the episodic pipeline, against its two natural ceilings.
+
+In one run, on one topic of real-sized latents (384-d fp16, sessions of several windows):
+
+- raw: kafka-python consuming the whole latents topic (bytes off the broker, nothing else);
+- operator: the compression operator alone on the same windows, in batches as the pipeline
+  makes them (the default checkpoint, on the CPU here, on the GPU where one is present);
+- pipeline: ``memstream run --until-idle`` on Prism over the same topic (decode, validate,
+  cut, compress, chain, sign, store, publish), timed whole and with the runner's fixed
+  start-up (an empty topic) taken off.
+
+The ratio reported is pipeline / min(raw, operator); the target is at least 0.8.
+Results and the machine go to bench/results/pipeline-<time>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import common
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=4, help="full windows per session")
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+
+    import torch
+
+    from memstream import topics
+    from memstream.crypto import SigningKey
+    from memstream.infra import runners
+    from memstream.infra.stack import Stack
+    from memstream.pipelines.episodic import WINDOW, EpisodicConfig, Window, WindowCompressor, run
+    from memstream.sdk import Publisher
+
+    root = Path(tempfile.mkdtemp(prefix="memstream-bench-"))
+    stack = Stack(root)
+    stack.up(("kafka",))
+    try:
+        bootstrap = stack.kafka_bootstrap()
+        names = {t: f"bench.{t}" for t in ("latents", "summaries", "deadletter", "empty")}
+        topics.create_topics(bootstrap, list(names.values()))
+        key_file = root / "validator.pem"
+        key_file.write_bytes(SigningKey.generate().private_pem())
+        n = args.windows * WINDOW
+        rng = np.random.default_rng(0)
+        data = {f"b{i}": rng.standard_normal((n, 384)).astype(np.float16) for i in range(args.sessions)}
+        with Publisher(bootstrap, topic=names["latents"]) as pub:
+            for sid, x in data.items():
+                with pub.session(sid) as s:
+                    s.publish(x)
+        latents = args.sessions * n
+
+        # raw: consume every byte of the topic once
+        from kafka import KafkaConsumer
+
+        from memstream.infra.kafka import MAX_MESSAGE_BYTES
+
+        consumer = KafkaConsumer(names["latents"], bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                 enable_auto_commit=False, consumer_timeout_ms=3000,
+                                 max_partition_fetch_bytes=MAX_MESSAGE_BYTES, fetch_max_bytes=4 * MAX_MESSAGE_BYTES)
+        t0 = last = time.perf_counter()
+        raw_bytes = 0
+        for message in consumer:  # the loop ends consumer_timeout_ms after the last message: not timed
+            raw_bytes += len(message.value)
+            last = time.perf_counter()
+        raw_s = last - t0
+        consumer.close()
+
+        # operator alone on the same windows
+        config = EpisodicConfig(bootstrap=bootstrap, store_uri=str(root / "episodic"), key_file=str(key_file),
+                                batch_size=args.batch_size, until_idle=True,
+                                **{f"{t}_topic": names[t] for t in ("latents", "summaries", "deadletter")})
+        compress = WindowCompressor(config)
+        windows = [Window(sid, i, i * WINDOW, x[i * WINDOW:(i + 1) * WINDOW].astype(np.float32), False, 0)
+                   for sid, x in data.items() for i in range(args.windows)]
+        compress(windows[:1])  # warm-up: first-call allocations
+        t0 = time.perf_counter()
+        for i in range(0, len(windows), args.batch_size):
+            compress(windows[i:i + args.batch_size])
+        operator_s = time.perf_counter() - t0
+
+        # the runner's fixed cost: the same pipeline over an empty topic
+        empty = EpisodicConfig(**{**config.__dict__, "latents_topic": names["empty"],
+                                  "store_uri": str(root / "empty")})
+        t0 = time.perf_counter()
+        run(empty, runners.prism_options(streaming=False))
+        startup_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        run(config, runners.prism_options(streaming=False))
+        pipeline_s = time.perf_counter() - t0
+        stored = config.store().count()
+        assert stored == args.sessions * args.windows, f"{stored} summaries stored"
+    finally:
+        stack.down()
+
+    rates = {"raw_kafka": latents / raw_s, "operator": latents / operator_s,
+             "pipeline_whole": latents / pipeline_s, "pipeline_steady": latents / max(pipeline_s - startup_s, 1e-9)}
+    ceiling = min(rates["raw_kafka"], rates["operator"])
+    result = {
+        "benchmark": "pipeline", "latents": latents, "windows": len(windows), "sessions": args.sessions,
+        "payload_bytes": raw_bytes, "device": compress.device, "batch_size": args.batch_size,
+        "seconds": {"raw_kafka": raw_s, "operator": operator_s, "pipeline_whole": pipeline_s,
+                    "runner_startup": startup_s},
+        "latents_per_s": rates,
+        "ratio_whole_to_min": rates["pipeline_whole"] / ceiling,
+        "ratio_steady_to_min": rates["pipeline_steady"] / ceiling,
+        "machine": common.machine_info("apache-beam", "torch", "lancedb", "kafka-python"),
+    }
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    common.RESULTS.mkdir(exist_ok=True)
+    (common.RESULTS / f"pipeline-{stamp}.json").write_text(json.dumps(result, indent=2))
+    m = result["machine"]
+    (common.RESULTS / f"pipeline-{stamp}.md").write_text(
+        f"# Episodic pipeline throughput ({stamp})\n\n"
+        f"{latents} latents (384-d fp16) in {len(windows)} windows of {args.sessions} sessions; operator on "
+        f"{compress.device}, batch {args.batch_size}; Prism {m.get('apache-beam')}.\n\n"
+        "| path | seconds | latents/s |\n|---|---:|---:|\n"
+        + "".join(f"| {k} | {result['seconds'].get(k, pipeline_s - startup_s):.2f} | {v:,.0f} |\n"
+                  for k, v in rates.items())
+        + f"\nRunner start-up (empty topic): {startup_s:.2f} s.\n\n"
+        f"Pipeline / min(raw, operator): **{result['ratio_whole_to_min']:.2f}** whole, "
+        f"**{result['ratio_steady_to_min']:.2f}** without the runner's start-up (target 0.8).\n\n"
+        f"Machine: {m.get('cpu_model')}, {m['cpus']} CPUs, load {m['load_average_at_start'][0]:.1f} at start, "
+        f"{m['platform']}, commit {m.get('git_commit', '')[:10]}.\n")
+    print(json.dumps({k: result[k] for k in ("latents_per_s", "ratio_whole_to_min", "ratio_steady_to_min")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
