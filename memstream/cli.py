@@ -15,6 +15,7 @@ from memstream.errors import MemstreamError
 
 COMMAND_MODULES = [
     "memstream.infra.commands",
+    "memstream.operators.commands",
 ]
 
 
