@@ -28,15 +28,15 @@ except ImportError:  # pragma: no cover - depends on the machine
 def attention_torch(x: torch.Tensor, queries: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: scores in fp32, masked softmax over the keys, readout of the raw latents."""
     xf = x.float()
-    scores = torch.matmul(xf, queries.float().t())  # [B, N, M]: keys on rows, so one pass over x
+    scores = torch.matmul(queries.float(), xf.transpose(1, 2))  # [B, M, N]: softmax over the last, contiguous axis
     if lengths is not None:
         valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
-        scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
-        probs = torch.softmax(scores, dim=1)
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
         probs = torch.where(valid.any(1)[:, None, None], probs, 0.0)  # a window of length 0 reads as zeros
     else:
-        probs = torch.softmax(scores, dim=1)
-    return torch.matmul(probs.transpose(1, 2), xf)  # [B, M, d]
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, xf)  # [B, M, d]
 
 
 if triton is not None:

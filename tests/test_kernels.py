@@ -11,16 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memstream.kernels import attention_torch, fixed_query_attention, triton_available
+from memstream.kernels import attention_torch, check, fixed_query_attention, triton_available
+from memstream.kernels.check import random_inputs as _inputs
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def _inputs(B, N, M, D, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, N, D, generator=g)
-    q = torch.randn(M, D, generator=g) * (3.0 / D ** 0.5)  # scores of std about 3: a peaked softmax
-    return x.to(device, dtype), q.to(device, dtype)
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs CUDA and triton")
 
 
 def test_reference_is_softmax_attention():
@@ -67,33 +61,20 @@ def test_triton_kernel_in_interpreter_matches_reference():
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
 
 
-# Tolerances on the GPU: the kernel rounds attention weights to the input type before the
-# readout matmul (as flash attention does); the reference keeps them in fp32. Outputs are
-# averages of O(1) latents, so the error is about the type's epsilon.
-GPU_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", list(check.TOLERANCE))
+@pytest.mark.parametrize("batch", check.BATCHES)
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_triton_matches_reference_on_gpu(dtype, batch, with_lengths):
+    check.check_matches_reference(dtype, batch, with_lengths)
 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 3, 16, 64])
-def test_triton_matches_reference_on_gpu(dtype, batch):
-    x, q = _inputs(batch, 4096, 256, 384, dtype, "cuda", seed=batch)
-    out = fixed_query_attention(x, q)  # auto: the Triton kernel
-    ref = attention_torch(x, q)  # fp32 math on the same rounded inputs
-    torch.testing.assert_close(out, ref, atol=GPU_TOL[dtype], rtol=0)
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_lengths_and_determinism_on_gpu(dtype):
-    x, q = _inputs(4, 4096, 256, 384, dtype, "cuda")
-    lengths = torch.tensor([4096, 4000, 1, 0], device="cuda")
-    out = fixed_query_attention(x, q, lengths)
-    torch.testing.assert_close(out, attention_torch(x, q, lengths), atol=GPU_TOL[dtype], rtol=0)
-    for _ in range(3):
-        assert torch.equal(fixed_query_attention(x, q, lengths), out)  # no atomics: bitwise repeatable
+@pytest.mark.parametrize("dtype", list(check.TOLERANCE))
+def test_triton_is_bitwise_deterministic_on_gpu(dtype):
+    check.check_deterministic(dtype)  # no atomics: the same reduction order every run
 
 
 @pytest.mark.gpu
