@@ -52,7 +52,7 @@ def test_triton_kernel_in_interpreter_matches_reference():
                 q = (torch.randn(M, D, generator=g) * 3 / D ** 0.5).to(dtype)
                 lengths = torch.tensor([N, 37][:B])
                 for L in (None, lengths):
-                    torch.testing.assert_close(attention_triton(x, q, L, block_m=32, block_n=32, num_warps=4),
+                    torch.testing.assert_close(attention_triton(x, q, L, config=(32, 32, 4, 1)),
                                                attention_torch(x, q, L), atol=atol, rtol=0)
         print("ok")
     """)
