@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memstream.operators.checkpoint import save_compressor
+from memstream.operators.checkpoint import load_compressor, save_compressor
 from memstream.operators.evaluate import evaluate, make_cues
 from memstream.operators.model import Compressor, CompressorConfig
 
@@ -160,7 +160,10 @@ def train(model_cfg: CompressorConfig, cfg: TrainConfig, out: Path, command: str
     train_s = time.time() - t_train
 
     model.load_state_dict(best[1])
-    model.to("cpu").eval()
+    out.mkdir(parents=True, exist_ok=True)
+    path = save_compressor(model, out / "compressor.safetensors", dtype=torch.float16,
+                           extra={"command": command, "train": asdict(cfg)})
+    model = load_compressor(path)  # the metrics describe the stored (fp16) weights
     heldout = _windows(torch.from_numpy(data.cached_text_latents(data.heldout_text())), model_cfg.window)
     metrics = {
         "train_wall_s": round(train_s, 1),
@@ -175,9 +178,6 @@ def train(model_cfg: CompressorConfig, cfg: TrainConfig, out: Path, command: str
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    path = save_compressor(model, out / "compressor.safetensors", dtype=torch.float16,
-                           extra={"command": command, "train": asdict(cfg)})
     (out / "compressor.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("wrote %s", path)
     return metrics
