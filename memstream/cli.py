@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "memstream.pipelines.commands",
     "memstream.commands_stream",
     "memstream.verify_cli",
+    "memstream.operators.commands",
 ]
 
 

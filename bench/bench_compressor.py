@@ -1,0 +1,192 @@
+"""Throughput of the compressor's cross-attention: the fast path against the plain one.
+
+CPU mode (default): windows/s and latents/s of the fast path (fixed queries folded into the
+key projection, value projection after the readout: one pass over the raw latents) and of the
+reference path (key and value projections of all 4,096 latents, then attention), timed in the
+same run, and their ratio. Whole-encoder figures (cross-attention plus the layers over the 256
+tokens) come along.
+
+GPU mode (--device cuda): the Triton kernel on fp16/bf16 latents at batch sizes 1..256:
+bytes of latents read per second as a fraction of the device-to-device copy bandwidth
+(bytes read plus written per second) measured in the same run, and TFLOP/s (4 * N * M * d flops a window: scores and readout).
+
+    python bench/bench_compressor.py                   # CPU, writes bench/results/cpu-*.{json,md}
+    python bench/bench_compressor.py --device cuda     # GPU, writes bench/results/cuda-*.{json,md}
+
+Needs only torch and numpy (and triton for the GPU mode), with memstream installed
+(pip install --no-deps --no-build-isolation -e .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from memstream.kernels import attention_torch, fixed_query_attention, triton_available
+from memstream.operators import Compressor, CompressorConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _time_interleaved(fns: list, repeats: int) -> list[float]:
+    """Median seconds of each of ``fns`` after a warm-up call, calling them in turn in every
+    round, so a change in the machine's load (other jobs share its cores) hits them alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
+
+
+def machine_info(device: str) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), cuda=torch.version.cuda)
+        if triton_available():
+            import triton
+            info["triton"] = triton.__version__
+    return info
+
+
+@torch.no_grad()
+def bench_cpu(batches: list[int], repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = Compressor(CompressorConfig()).eval()
+    c = model.config
+    rows = []
+    for B in batches:
+        x = torch.randn(B, c.window, c.dim)
+        fast, ref, enc_fast, enc_ref = _time_interleaved([
+            lambda: model.cross_attention(x, impl="torch"), lambda: model.cross_attention_reference(x),
+            lambda: model.encode(x), lambda: model.encode(x, impl="reference")], repeats)
+        rows.append({"batch": B, "fast_s": fast, "reference_s": ref,
+                     "fast_windows_per_s": B / fast, "reference_windows_per_s": B / ref,
+                     "fast_latents_per_s": B * c.window / fast, "reference_latents_per_s": B * c.window / ref,
+                     "speedup": ref / fast, "encoder_fast_windows_per_s": B / enc_fast,
+                     "encoder_reference_windows_per_s": B / enc_ref, "encoder_speedup": enc_ref / enc_fast})
+        print(f"batch {B:3d}: fast {B / fast:8.1f} windows/s ({B * c.window / fast:12,.0f} latents/s), "
+              f"reference {B / ref:8.1f} windows/s, speedup {ref / fast:.2f}x (whole encoder {enc_ref / enc_fast:.2f}x)")
+    return rows
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy: bytes moved (n read plus n written) per second, what the memory
+    system sustains; the kernel only reads, so its bytes read per second compare to this."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _cuda_time(lambda: dst.copy_(src), repeats)
+
+
+def _cuda_time(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def bench_cuda(batches: list[int], repeats: int, dtypes: list[str]) -> tuple[list[dict], float]:
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    if not triton_available():
+        raise SystemExit("--device cuda: triton is not installed")
+    torch.manual_seed(0)
+    c = CompressorConfig()
+    model = Compressor(c).cuda().eval()
+    queries = model.effective_queries()
+    bw = copy_bandwidth()
+    print(f"device-to-device copy: {bw / 1e9:,.0f} GB/s moved (read + written)")
+    rows = []
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        for B in batches:
+            x = torch.randn(B, c.window, c.dim, device="cuda", dtype=dtype)
+            kernel = _cuda_time(lambda: fixed_query_attention(x, queries), repeats)
+            torch_path = _cuda_time(lambda: attention_torch(x, queries), repeats)
+            reference = _cuda_time(lambda: model.cross_attention_reference(x), repeats)
+            nbytes = x.numel() * x.element_size()
+            flops = 4 * B * c.window * queries.shape[0] * c.dim
+            rows.append({"dtype": name, "batch": B, "kernel_s": kernel, "windows_per_s": B / kernel,
+                         "latents_per_s": B * c.window / kernel, "bytes_per_s": nbytes / kernel,
+                         "fraction_of_copy_bandwidth": nbytes / kernel / bw, "tflops": flops / kernel / 1e12,
+                         "torch_fast_path_s": torch_path, "reference_path_s": reference,
+                         "speedup_vs_reference": reference / kernel})
+            print(f"{name} batch {B:3d}: {B / kernel:9.0f} windows/s, {nbytes / kernel / 1e9:7.0f} GB/s "
+                  f"({nbytes / kernel / bw:5.1%} of copy), {flops / kernel / 1e12:6.1f} TFLOP/s, "
+                  f"{reference / kernel:.1f}x the reference path")
+    return rows, bw
+
+
+def _markdown(result: dict) -> str:
+    lines = [f"# Compressor cross-attention benchmark ({result['device']})", "",
+             f"{result['timestamp']}; " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()), ""]
+    rows = result["rows"]
+    if result["device"] == "cpu":
+        lines += ["| batch | fast windows/s | fast latents/s | reference windows/s | speedup | whole encoder speedup |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['batch']} | {r['fast_windows_per_s']:.1f} | {r['fast_latents_per_s']:,.0f} | "
+                  f"{r['reference_windows_per_s']:.1f} | {r['speedup']:.2f}x | {r['encoder_speedup']:.2f}x |" for r in rows]
+    else:
+        lines += [f"Device-to-device copy: {result['copy_bytes_per_s'] / 1e9:,.0f} GB/s moved (read + written).", "",
+                  "| dtype | batch | windows/s | latents GB/s | of copy bw | TFLOP/s | vs reference |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['dtype']} | {r['batch']} | {r['windows_per_s']:,.0f} | {r['bytes_per_s'] / 1e9:,.0f} | "
+                  f"{r['fraction_of_copy_bandwidth']:.1%} | {r['tflops']:.1f} | {r['speedup_vs_reference']:.1f}x |"
+                  for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default: cpu 1,4,16; cuda 1..256)")
+    p.add_argument("--dtypes", default="bfloat16,float16", help="GPU input types")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per point (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    default_batches = "1,4,16" if args.device == "cpu" else "1,2,4,8,16,32,64,128,256"
+    batches = [int(b) for b in (args.batches or default_batches).split(",")]
+    result = {"device": args.device, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine_info(args.device), "window": CompressorConfig().window,
+              "summary_tokens": CompressorConfig().n_summary, "dim": CompressorConfig().dim}
+    if args.device == "cpu":
+        result["rows"] = bench_cpu(batches, args.repeats or 5)
+    else:
+        result["rows"], result["copy_bytes_per_s"] = bench_cuda(batches, args.repeats or 20, args.dtypes.split(","))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{args.device}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(_markdown(result))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Training of the compressor for recall fidelity, on MiniLM latents of real text.
+
+The training stream is all training texts in name order, cut into whole windows. Each step
+takes ``batch_windows`` consecutive windows, so the other windows of a batch are the hard
+negatives that a session's own history presents. From each window, ``cues_per_window`` random
+latents get noisy cues; the loss is
+
+    (1 - cos(decode(cue, own summary), latent))                        recall fidelity
+  + contrastive_weight * CE over the batch's windows of cos(decode(cue, summary_w), cue) / T
+
+the second term being the score that ``evaluate`` uses to find a cue's window. The state with
+the lowest validation loss is kept.
+
+CPU budget: a pass of 256 queries over a window of 4,096 latents is most of a step's cost.
+By default (``train_cross`` off) the cross-attention's scores stay at their data-fitted start
+(queries are standardized training latents, W_q = W_k = I: each query soft-selects the latents
+near it) and its readouts are computed once per window; everything after them (value and
+output projections, the token layers, the decoder) trains by gradient. ``--train-cross``
+trains the queries and W_q, W_k too, end to end through the fast path (for a GPU). Seeded: the same command on the same machine (and thread
+count) reproduces the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memstream.operators.checkpoint import load_compressor, save_compressor
+from memstream.operators.evaluate import evaluate, make_cues
+from memstream.operators.model import Compressor, CompressorConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_windows: int = 4
+    cues_per_window: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 20
+    noise_min: float = 0.5  # cue noise is drawn per cue from [noise_min, noise_max]; eval uses 1.0
+    noise_max: float = 1.5
+    temperature: float = 0.1
+    contrastive_weight: float = 1.0
+    train_cross: bool = False
+    eval_every: int = 50
+    seed: int = 0
+    device: str = "cpu"
+
+
+def recall_loss(model: Compressor, windows: torch.Tensor, cfg: TrainConfig, g: torch.Generator,
+                readouts: torch.Tensor | None = None):
+    """The training loss on windows [B, N, d] (whose cross-attention ``readouts`` may be given),
+    with its two parts for logging."""
+    B, N, d = windows.shape
+    P = cfg.cues_per_window
+    pos = torch.randint(0, N, (B, P), generator=g).to(windows.device)
+    x = windows.gather(1, pos[..., None].expand(-1, -1, d)).reshape(B * P, d)
+    noise = cfg.noise_min + (cfg.noise_max - cfg.noise_min) * torch.rand((B * P, 1), generator=g)
+    cues = make_cues(x, noise.to(x.device), g)
+    summaries = model.encode(windows) if readouts is None else model.summarize(model.values_of_readout(readouts))
+    out = model.decode(cues, summaries)  # [B (memory window), B*P, d]: every cue against every window
+    owner = torch.arange(B, device=x.device).repeat_interleave(P)
+    recon = F.cosine_similarity(out[owner, torch.arange(B * P, device=x.device)], x, dim=-1).mean()
+    logits = F.cosine_similarity(out, cues[None], dim=-1).T / cfg.temperature  # [B*P, B]
+    ce = F.cross_entropy(logits, owner)
+    return (1 - recon) + cfg.contrastive_weight * ce, recon.detach(), ce.detach()
+
+
+def _stream(latents: dict[str, np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([latents[k] for k in sorted(latents)]))
+
+
+def _windows(stream: torch.Tensor, window: int) -> torch.Tensor:
+    w = len(stream) // window
+    return stream[: w * window].reshape(w, window, -1).float()
+
+
+def train(model_cfg: CompressorConfig, cfg: TrainConfig, out: Path, command: str) -> dict:
+    from memstream.operators import data
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_stream = _stream(data.split_latents("train"))
+    train_windows = _windows(train_stream, model_cfg.window)
+    val_windows = _windows(_stream(data.split_latents("validation")), model_cfg.window)
+    log.info("train windows %d, validation windows %d (%.0fs)", len(train_windows), len(val_windows), time.time() - t0)
+
+    device = torch.device(cfg.device)
+    model = Compressor(model_cfg)
+    model.fit_to_data(train_stream, g)
+    model.to(device)
+    B = cfg.batch_windows
+    cross = [model.queries, *model.ln_q.parameters(), *model.wq.parameters(), *model.wk.parameters()]
+    if cfg.train_cross:
+        train_read = val_read = None
+    else:
+        for p in cross:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            train_read = torch.cat([model.read(train_windows[i:i + B].to(device)) for i in range(0, len(train_windows), B)])
+            val_read = model.read(val_windows.to(device))
+        log.info("cross-attention readouts cached (%.0fs)", time.time() - t0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+
+    def lr_at(step):  # linear warmup, cosine decay to a tenth
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.1 + 0.45 * (1 + np.cos(np.pi * t)))
+
+    def batch(windows, readouts, i):
+        r = None if readouts is None else readouts[i:i + B]
+        return windows[i:i + B].to(device), r
+
+    @torch.no_grad()
+    def val_loss():
+        model.eval()
+        vg = torch.Generator().manual_seed(cfg.seed + 1)  # the same cues at every evaluation
+        parts = []
+        for i in range(0, len(val_windows) - B + 1, B):
+            windows, readouts = batch(val_windows, val_read, i)
+            parts.append(recall_loss(model, windows, cfg, vg, readouts)[0].item())
+        model.train()
+        return float(np.mean(parts))
+
+    history, best = [], (float("inf"), None, -1)
+    t_train = time.time()
+    for step in range(cfg.steps + 1):
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            v = val_loss()
+            if v < best[0]:
+                best = (v, {k: t.detach().clone() for k, t in model.state_dict().items()}, step)
+            history.append({"step": step, "val_loss": round(v, 5), "elapsed_s": round(time.time() - t_train, 1)})
+            log.info("step %d val_loss %.4f (%.0fs)", step, v, time.time() - t_train)
+            if step == cfg.steps:
+                break
+        i = int(torch.randint(0, len(train_windows) - B + 1, (1,), generator=g))
+        windows, readouts = batch(train_windows, train_read, i)
+        loss, recon, ce = recall_loss(model, windows, cfg, g, readouts)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 10 == 0:
+            log.info("step %d loss %.4f recon_cos %.4f ce %.4f", step, loss.item(), recon.item(), ce.item())
+    train_s = time.time() - t_train
+
+    model.load_state_dict(best[1])
+    out.mkdir(parents=True, exist_ok=True)
+    path = save_compressor(model, out / "compressor.safetensors", dtype=torch.float16,
+                           extra={"command": command, "train": asdict(cfg)})
+    model = load_compressor(path)  # the metrics describe the stored (fp16) weights
+    heldout = _windows(torch.from_numpy(data.cached_text_latents(data.heldout_text())), model_cfg.window)
+    metrics = {
+        "train_wall_s": round(train_s, 1),
+        "total_wall_s": round(time.time() - t0, 1),
+        "best_step": best[2],
+        "best_val_loss": round(best[0], 5),
+        "history": history,
+        "validation": evaluate(model, val_windows, cues_per_window=128),
+        "heldout": evaluate(model, heldout),
+        "heldout_texts": list(data.HELDOUT_TEXTS),
+        "validation_texts": list(data.VALIDATION_TEXTS),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    (out / "compressor.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("wrote %s", path)
+    return metrics
