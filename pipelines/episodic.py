@@ -131,7 +131,7 @@ class SummariseSessions(beam.DoFn):
     windows never cross a shuffle, so they reach the chain in the order they were cut."""
 
     VALIDATOR = ReadModifyWriteStateSpec("validator", PickleCoder())
-    BUFFER = BagStateSpec("buffer", PickleCoder())  # (first_seq, float32 [n, d]) pieces
+    BUFFER = BagStateSpec("buffer", PickleCoder())  # (first_seq, wire dtype, [n, d] in it) pieces
     # (first sequence number of the open window, latents in it, latest event time, its window index)
     FILL = ReadModifyWriteStateSpec("fill", PickleCoder())
 
@@ -185,7 +185,8 @@ class SummariseSessions(beam.DoFn):
             return  # a producer retry: dropped, idempotently
         seq_start, filled, event_us, index = fill_state.read() or (0, 0, 0, 0)
         if isinstance(record, LatentChunk):
-            latents, first = record.to_float32(), record.first_seq
+            # Buffered in the wire dtype (half the bytes of float32 for fp16/bf16); widened at the cut.
+            latents, first = record.array(), record.first_seq
             if filled and first != seq_start + filled:
                 # After a sequence gap (its chunk went to the dead letters) the window so far is
                 # closed as partial, and the next one starts where the stream resumed.
@@ -197,7 +198,7 @@ class SummariseSessions(beam.DoFn):
             while len(latents):
                 take = min(WINDOW - filled, len(latents))
                 if index > stored:  # a replay skips what the store holds
-                    buffer.add((first, latents[:take]))
+                    buffer.add((first, record.dtype, latents[:take]))
                 first, latents, filled = first + take, latents[take:], filled + take
                 if filled == WINDOW:
                     self._emit(session_id, index, seq_start, buffer, False, event_us)
@@ -212,8 +213,10 @@ class SummariseSessions(beam.DoFn):
         pieces = sorted(buffer.read(), key=lambda p: p[0])
         buffer.clear()
         if pieces:  # empty when the store already had this window
-            self._ready.append(Window(session_id, index, seq_start, np.concatenate([p[1] for p in pieces]),
-                                      partial, event_us))
+            from memstream.codec import to_float32
+
+            latents = np.concatenate([to_float32(p[2], p[1]) for p in pieces])
+            self._ready.append(Window(session_id, index, seq_start, latents, partial, event_us))
 
 
 class WindowCompressor:
