@@ -1,11 +1,11 @@
 """The episodic pipeline, memstream's main job.
 
-    latents topic ──▶ key by session ──▶ per session: decode, validate, cut windows of 4,096
-         (Kafka)          │                    │   then, per bundle: compress (batched across
-                          │                    │   sessions), chain and sign in window order
-                          └── bad key          └── bad input ──▶ dead-letter topic
-                                                   │
-                                 episodic store ◀──┴──▶ summaries topic
+    latents topic ──▶ one reader per partition ──▶ per session, in offset order: decode,
+        (Kafka)          (splittable DoFn)          validate, cut windows of 4,096 latents
+                                                        │                 │
+                                      bad input ──▶ dead-letter topic     │ per bundle: compress
+                                                                          ▼ (batched), chain, sign
+                                            episodic store (commit point) ──▶ summaries topic
 
 Exactly-once effects on restart: the episodic store is the commit point. A window whose summary
 is already stored is neither recompressed nor re-chained (the cutter and the chainer both read
@@ -16,25 +16,20 @@ Kafka is published again, byte for byte, so the summaries topic never forks eith
 from __future__ import annotations
 
 import logging
+import threading
 import time
-import typing
+import uuid
 from dataclasses import dataclass, field
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.coders import PickleCoder
-from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec
 
 from memstream import topics
-from memstream.pipelines.kafka_io import KafkaRecord, ReadFromKafka, WriteToKafkaFn
+from memstream.pipelines.kafka_io import KafkaRecord, ReadFromKafka
 
 log = logging.getLogger(__name__)
 
 WINDOW = 4096  # latents per summary window
-# Session ids as UTF-8 strings (a standard coder) key the stateful steps: the runner must read
-# the key to give each session its own state and to process one session in one bundle at a time.
-SessionKeyed = typing.Tuple[str, typing.Any]
-DEAD = "dead_letters"
 
 
 @dataclass(frozen=True)
@@ -56,6 +51,8 @@ class EpisodicConfig:
     deadletter_topic: str = topics.DEADLETTER
     until_idle: bool = False
     start: str = "earliest"
+    # Names this run's worker-side state, so two pipelines in one process never share it.
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def signing_key(self):
         from memstream.crypto import SigningKey
@@ -108,36 +105,55 @@ def _dead_letter(error, rec: KafkaRecord):
                        value=rec.value, timestamp_ms=rec.timestamp)
 
 
-class KeyBySession(beam.DoFn):
-    """(session_id, record); a record whose key is not a session id goes to the dead letters."""
+@dataclass
+class SessionState:
+    """One session's place in its stream: the validator, where the stored chain ended when the
+    session was first seen (-1: nothing stored; a replay skips windows up to it), and the
+    latents of the open window, kept in their wire dtype until the cut."""
 
-    def process(self, rec: KafkaRecord):
-        from memstream.codec import decode_key
-        from memstream.errors import InvalidInputError
+    validator: object
+    stored: int
+    seq_start: int = 0
+    filled: int = 0
+    event_us: int = 0
+    index: int = 0
+    pieces: list = field(default_factory=list)  # (first_seq, wire dtype, [n, d]) in sequence order
 
-        try:
-            yield decode_key(rec.key), rec
-        except InvalidInputError as e:
-            yield beam.pvalue.TaggedOutput(DEAD, _dead_letter(e, rec))
+
+@dataclass
+class PartitionState:
+    """Everything the pipeline holds for one partition of the latents topic, in offset order."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_offset: int = -1  # records at or below it were processed: a retried bundle skips them
+    sessions: dict = field(default_factory=dict)
+    ready: list = field(default_factory=list)  # windows cut but not yet durably written
+    dead: list = field(default_factory=list)  # dead letters not yet acknowledged by Kafka
 
 
-class SummariseSessions(beam.DoFn):
-    """Per session: decode and validate each record in partition order, buffer accepted
+# Per worker process, per pipeline run: the partitions this worker reads. A partition has one
+# reader (its restriction is never split), so its records arrive here in offset order.
+_PARTITIONS: dict[tuple[str, str, int], PartitionState] = {}
+_PARTITIONS_LOCK = threading.Lock()
+
+
+def _partition(run_id: str, topic: str, partition: int) -> PartitionState:
+    with _PARTITIONS_LOCK:
+        return _PARTITIONS.setdefault((run_id, topic, partition), PartitionState())
+
+
+class Summarise(beam.DoFn):
+    """Per session, in partition order: decode and validate each record, buffer accepted
     latents and cut exactly 4,096 of them per window (chunks may straddle windows); on close,
-    the rest becomes a partial window, so no latent is lost. At the end of each bundle the
-    windows it completed, of every session, are compressed in batches and chained.
+    the rest becomes a partial window, so no latent is lost; bad input becomes a dead letter.
+    At the end of each bundle the windows cut so far, of every session, are compressed in
+    batches, chained, signed and written, and the dead letters are sent.
 
-    Cutting, compressing and chaining sit in one per-session stage on purpose: a session's
-    windows never cross a shuffle, so they reach the chain in the order they were cut."""
-
-    VALIDATOR = ReadModifyWriteStateSpec("validator", PickleCoder())
-    BUFFER = BagStateSpec("buffer", PickleCoder())  # (first_seq, wire dtype, [n, d] in it) pieces
-    # (first sequence number of the open window, latents in it, latest event time, its window index)
-    FILL = ReadModifyWriteStateSpec("fill", PickleCoder())
-
-    # Newest window index the store held when this session was first seen (-1: none). On a
-    # replay the windows up to it are validated and counted, but not buffered or compressed.
-    STORED = ReadModifyWriteStateSpec("stored", PickleCoder())
+    Session state sits with the partition's reader rather than in the runner's keyed state:
+    each session lives in one partition, which one reader consumes in offset order, so no
+    shuffle can reorder a session, and Prism 2.77 was seen to lose keyed state between
+    bundles. A restarted pipeline re-reads the topic and rebuilds this state; windows the
+    store already holds are skipped without being compressed."""
 
     def __init__(self, config: EpisodicConfig):
         self.config = config
@@ -151,72 +167,79 @@ class SummariseSessions(beam.DoFn):
         self._chain.close()
 
     def start_bundle(self):
-        self._ready: list[Window] = []
+        self._touched: set = set()
 
-    def finish_bundle(self):
-        size = self.config.batch_size
-        for i in range(0, len(self._ready), size):
-            self._chain.write(self._compress(self._ready[i:i + size]))
-        self._ready = []
+    def process(self, rec: KafkaRecord):
+        part = _partition(self.config.run_id, rec.topic, rec.partition)
+        self._touched.add((rec.topic, rec.partition))
+        with part.lock:
+            if rec.offset <= part.last_offset:
+                return
+            part.last_offset = rec.offset
+            self._consume(part, rec)
 
-    def process(self, element, validator_state=beam.DoFn.StateParam(VALIDATOR),
-                buffer=beam.DoFn.StateParam(BUFFER), fill_state=beam.DoFn.StateParam(FILL),
-                stored_state=beam.DoFn.StateParam(STORED)):
+    def _consume(self, part: PartitionState, rec: KafkaRecord) -> None:
         from memstream.codec import LatentChunk, decode
         from memstream.errors import InvalidInputError
         from memstream.validation import SessionValidator, Verdict
 
-        session_id, rec = element
-        stored = stored_state.read()
-        if stored is None:
-            head = self._store.heads([session_id]).get(session_id)
-            stored = head.window_index if head else -1
-            stored_state.write(stored)
-        validator = validator_state.read() or SessionValidator(session_id)
         try:
             record = decode(rec.key, rec.value)
-            verdict = validator.check(record)
+            state = part.sessions.get(record.session_id)
+            if state is None:
+                head = self._store.heads([record.session_id]).get(record.session_id)
+                state = part.sessions[record.session_id] = SessionState(
+                    SessionValidator(record.session_id), head.window_index if head else -1)
+            verdict = state.validator.check(record)
         except InvalidInputError as e:
-            validator_state.write(validator)  # a gap still moves the session on
-            yield beam.pvalue.TaggedOutput(DEAD, _dead_letter(e, rec))
+            part.dead.append(_dead_letter(e, rec))  # a gap still moves the session on
             return
-        validator_state.write(validator)
         if verdict is not Verdict.ACCEPTED:
             return  # a producer retry: dropped, idempotently
-        seq_start, filled, event_us, index = fill_state.read() or (0, 0, 0, 0)
         if isinstance(record, LatentChunk):
-            # Buffered in the wire dtype (half the bytes of float32 for fp16/bf16); widened at the cut.
             latents, first = record.array(), record.first_seq
-            if filled and first != seq_start + filled:
+            if state.filled and first != state.seq_start + state.filled:
                 # After a sequence gap (its chunk went to the dead letters) the window so far is
                 # closed as partial, and the next one starts where the stream resumed.
-                self._emit(session_id, index, seq_start, buffer, True, event_us)
-                index, filled = index + 1, 0
-            if filled == 0:
-                seq_start = first
-            event_us = record.header.event_time_us
+                self._cut(part, record.session_id, state, partial=True)
+            if state.filled == 0:
+                state.seq_start = first
+            state.event_us = record.header.event_time_us
             while len(latents):
-                take = min(WINDOW - filled, len(latents))
-                if index > stored:  # a replay skips what the store holds
-                    buffer.add((first, record.dtype, latents[:take]))
-                first, latents, filled = first + take, latents[take:], filled + take
-                if filled == WINDOW:
-                    self._emit(session_id, index, seq_start, buffer, False, event_us)
-                    index, seq_start, filled = index + 1, seq_start + WINDOW, 0
-            fill_state.write((seq_start, filled, event_us, index))
+                take = min(WINDOW - state.filled, len(latents))
+                if state.index > state.stored:  # a replay skips what the store holds
+                    state.pieces.append((first, record.dtype, latents[:take]))
+                first, latents, state.filled = first + take, latents[take:], state.filled + take
+                if state.filled == WINDOW:
+                    self._cut(part, record.session_id, state, partial=False)
         elif record.kind == "close":
-            if filled:
-                self._emit(session_id, index, seq_start, buffer, True, record.event_time_us)
-            fill_state.write((seq_start + filled, 0, record.event_time_us, index + (1 if filled else 0)))
+            state.event_us = record.event_time_us
+            if state.filled:
+                self._cut(part, record.session_id, state, partial=True)
 
-    def _emit(self, session_id, index, seq_start, buffer, partial, event_us):
-        pieces = sorted(buffer.read(), key=lambda p: p[0])
-        buffer.clear()
-        if pieces:  # empty when the store already had this window
-            from memstream.codec import to_float32
+    @staticmethod
+    def _cut(part: PartitionState, session_id: str, state: SessionState, partial: bool) -> None:
+        from memstream.codec import to_float32
 
-            latents = np.concatenate([to_float32(p[2], p[1]) for p in pieces])
-            self._ready.append(Window(session_id, index, seq_start, latents, partial, event_us))
+        if state.pieces:  # empty when the store already had this window
+            latents = np.concatenate([to_float32(p[2], p[1]) for p in state.pieces])
+            part.ready.append(Window(session_id, state.index, state.seq_start, latents, partial, state.event_us))
+        state.seq_start += state.filled
+        state.index, state.filled, state.pieces = state.index + 1, 0, []
+
+    def finish_bundle(self):
+        for topic, partition in sorted(self._touched):
+            part = _partition(self.config.run_id, topic, partition)
+            with part.lock:
+                # Written in order and dropped only once durable: a failure leaves the rest for
+                # the retry of this bundle, which skips the records already consumed.
+                while part.ready:
+                    batch = part.ready[:self.config.batch_size]
+                    self._chain.write(self._compress(batch))
+                    del part.ready[:len(batch)]
+                if part.dead:
+                    self._chain.send_dead_letters(part.dead)
+                    part.dead.clear()
 
 
 class WindowCompressor:
@@ -339,6 +362,11 @@ class ChainWriter:
             f.get(timeout=60)
         self.store.mark_published(records)
 
+    def send_dead_letters(self, letters) -> None:
+        from memstream.validation import write_dead_letters
+
+        write_dead_letters(self.producer, letters, topic=self.config.deadletter_topic)
+
     def _republish_unacknowledged(self, session_id: str) -> None:
         """Stored summaries whose Kafka write was never acknowledged (a crash between the two
         writes) go out again, byte for byte."""
@@ -349,18 +377,11 @@ class ChainWriter:
 
 
 def build(p: beam.Pipeline, config: EpisodicConfig):
-    """Wire the pipeline onto ``p``; returns the dead-letter PCollection (for tests)."""
-    records = p | "ReadLatents" >> ReadFromKafka(config.bootstrap, [config.latents_topic], start=config.start,
-                                                 until_idle=config.until_idle)
-    keyed = (records | "KeyBySession" >> beam.ParDo(KeyBySession()).with_output_types(SessionKeyed)
-             .with_outputs(DEAD, main="keyed"))
-    summarised = (keyed.keyed
-                  | "Summarise" >> beam.ParDo(SummariseSessions(config)).with_outputs(DEAD, main="done"))
-    dead = (keyed[DEAD], summarised[DEAD]) | "DeadLetters" >> beam.Flatten()
-    (dead
-     | "DeadLetterJson" >> beam.Map(lambda d: (d.key, d.to_json()))
-     | "ToDeadLetterTopic" >> beam.ParDo(WriteToKafkaFn(config.bootstrap, config.deadletter_topic)))
-    return dead
+    """Wire the pipeline onto ``p``."""
+    return (p
+            | "ReadLatents" >> ReadFromKafka(config.bootstrap, [config.latents_topic], start=config.start,
+                                             until_idle=config.until_idle)
+            | "Summarise" >> beam.ParDo(Summarise(config)))
 
 
 def run(config: EpisodicConfig, runner_args: list[str]):

@@ -89,12 +89,20 @@ def list_partitions(bootstrap: str, topics: Iterable[str], start: str = "earlies
         consumer.close()
 
 
+class PartitionTracker(OffsetRestrictionTracker):
+    """Offsets of one partition; it yields checkpoints (``defer_remainder``) but refuses the
+    runner's dynamic splits, so a partition is only ever read by one reader, in offset order."""
+
+    def try_split(self, fraction_of_remainder):
+        return super().try_split(0) if fraction_of_remainder == 0 else None
+
+
 class _PartitionRestrictions(RestrictionProvider):
     def initial_restriction(self, spec: PartitionSpec) -> OffsetRange:
         return OffsetRange(spec.start, max(spec.start, spec.stop))
 
     def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
-        return OffsetRestrictionTracker(restriction)
+        return PartitionTracker(restriction)
 
     def restriction_size(self, spec, restriction: OffsetRange) -> int:
         # An unbounded restriction has no meaningful size; report a constant so runners do not
