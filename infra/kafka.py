@@ -94,7 +94,8 @@ def start(data: Path, port: int | None = None, controller_port: int | None = Non
     jvm = [java, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
            f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
     if not (data / "logs" / "meta.properties").exists():
-        fmt = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", _cluster_id(),
+        # "--cluster-id=" form: an id may start with "-", which a separate argument would not survive.
+        fmt = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", f"--cluster-id={_cluster_id()}",
                                     "-c", str(props), "--ignore-formatted"],
                              capture_output=True, text=True)
         if fmt.returncode != 0:
