@@ -152,7 +152,7 @@ def main() -> None:
         f"1-minute load average at the end: {result['load_average_1m']:.1f} on {os.cpu_count()} CPUs "
         "(the machine is shared), so single runs vary widely.\n\n"
         f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, "
-        f"kafka-python {m['kafka_python']}, numpy {m['numpy']}.\n")
+        f"kafka-python {m['kafka-python']}, numpy {m['numpy']}.\n")
     print(json.dumps({k: result[k] for k in ("raw", "sdk", "sdk_over_raw")}, indent=2))
 
 
