@@ -74,12 +74,11 @@ class EpisodicStore:
                   .when_not_matched_insert_all().execute(data))
         return int(getattr(result, "num_inserted_rows", len(records)))
 
-    def evict(self, session_id: str) -> None:
-        """Drop the session's summaries that fell out of its sliding window."""
-        head = self.heads([session_id]).get(session_id)
-        if head is not None and head.window_index >= self.window:
+    def evict(self, session_id: str, head_index: int) -> None:
+        """Drop the session's summaries that fell out of its sliding window, given its head."""
+        if head_index >= self.window:
             self.table.delete(f"session_id = {_quote(session_id)} AND window_index <= "
-                              f"{head.window_index - self.window}")
+                              f"{head_index - self.window}")
 
     @property
     def published_table(self):

@@ -339,8 +339,8 @@ class ChainWriter:
             raise ServiceError(f"another writer stored {len(lost)} of these summaries first (session "
                                f"{lost[0].session_id!r}, window {lost[0].window_index}); retrying from the stored head")
         self._publish(sealed)
-        for session_id in {r.session_id for r in sealed}:
-            self.store.evict(session_id)
+        for session_id, records in by_session.items():
+            self.store.evict(session_id, records[-1].window_index)
 
     def _seal(self, s: Summary, prev_hash: bytes):
         from memstream.chain import seal
