@@ -124,7 +124,8 @@ class SessionState:
 class PartitionState:
     """Everything the pipeline holds for one partition of the latents topic, in offset order."""
 
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards the fields below
+    write_lock: threading.Lock = field(default_factory=threading.Lock)  # one writer at a time
     last_offset: int = -1  # records at or below it were processed: a retried bundle skips them
     sessions: dict = field(default_factory=dict)
     ready: list = field(default_factory=list)  # windows cut but not yet durably written
@@ -230,16 +231,28 @@ class Summarise(beam.DoFn):
     def finish_bundle(self):
         for topic, partition in sorted(self._touched):
             part = _partition(self.config.run_id, topic, partition)
-            with part.lock:
-                # Written in order and dropped only once durable: a failure leaves the rest for
-                # the retry of this bundle, which skips the records already consumed.
-                while part.ready:
-                    batch = part.ready[:self.config.batch_size]
+            # One writer per partition at a time keeps windows in order; the state lock is held
+            # only to take and drop them, so records keep being consumed while a batch compresses.
+            # A window is dropped only once durable: a failure leaves it for the bundle's retry,
+            # which skips the records already consumed.
+            with part.write_lock:
+                while True:
+                    with part.lock:
+                        batch = part.ready[:self.config.batch_size]
+                    if not batch:
+                        break
                     self._chain.write(self._compress(batch))
-                    del part.ready[:len(batch)]
-                if part.dead:
-                    self._chain.send_dead_letters(part.dead)
-                    part.dead.clear()
+                    with part.lock:
+                        del part.ready[:len(batch)]
+                with part.lock:
+                    dead, part.dead = part.dead, []
+                try:
+                    if dead:
+                        self._chain.send_dead_letters(dead)
+                except BaseException:
+                    with part.lock:
+                        part.dead[:0] = dead
+                    raise
 
 
 class WindowCompressor:
