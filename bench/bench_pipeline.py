@@ -33,8 +33,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
 
-    import torch
-
     from memstream import topics
     from memstream.crypto import SigningKey
     from memstream.infra import runners

@@ -128,9 +128,5 @@ class EpisodicStore:
                 .select(["window_index", "hash"]).limit(None).to_arrow().to_pylist())
         return {r["window_index"]: r["hash"] for r in rows}
 
-    def sessions(self) -> list[str]:
-        rows = self.table.search().select(["session_id"]).limit(None).to_arrow()
-        return sorted(set(rows["session_id"].to_pylist()))
-
     def count(self) -> int:
         return self.table.count_rows()

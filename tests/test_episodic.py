@@ -194,7 +194,7 @@ def test_verify_chain_cli_reports_and_reconstructs_the_head_at_a_time(env, tmp_p
     at = (records[1].processing_time_us + 1) / 1e6
     then = subprocess.run(cli + ["--at", str(at)], capture_output=True, text=True)
     assert then.returncode == 0, then.stderr
-    assert f'"window": 1' in then.stdout and records[1].hash.hex() in then.stdout
+    assert '"window": 1' in then.stdout and records[1].hash.hex() in then.stdout
     # Rotation: a second key signs later summaries; both verify by key id.
     other = tmp_path / "new.pem"
     new_key = SigningKey.generate()

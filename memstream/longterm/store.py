@@ -177,8 +177,6 @@ class LongTermStore:
                  dim: int = 384, metric: str = "cosine", kafka_bootstrap: str | None = None,
                  tree_head_topic: str = topics.ATTESTATIONS, lease_ttl_s: float = 600.0,
                  access_flush_every: int = 256):
-        import lancedb
-
         self.uri = uri.rstrip("/")
         self.keyring = keyring
         self.signer = signer
