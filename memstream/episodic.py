@@ -80,6 +80,26 @@ class EpisodicStore:
             self.table.delete(f"session_id = {_quote(session_id)} AND window_index <= "
                               f"{head_index - self.window}")
 
+    def evict_windows(self, session_id: str, windows: list[int]) -> list[int]:
+        """Evict chosen summaries of a session from its window (decay). The newest stored
+        summary is the chain head the pipeline continues from, so it is never evicted here;
+        returns the windows actually evicted."""
+        head = self.heads([session_id]).get(session_id)
+        chosen = sorted({int(w) for w in windows if head is None or int(w) != head.window_index})
+        if chosen:
+            self.table.delete(f"session_id = {_quote(session_id)} AND window_index IN "
+                              f"({', '.join(str(w) for w in chosen)})")
+        return chosen
+
+    def drop_session(self, session_id: str) -> int:
+        """Session GC: remove the session's whole window, its head included, and its publish
+        marks. Returns the number of summaries removed."""
+        pred = f"session_id = {_quote(session_id)}"
+        n = self.table.count_rows(pred)
+        self.table.delete(pred)
+        self.published_table.delete(pred)
+        return n
+
     @property
     def published_table(self):
         if getattr(self, "_published", None) is None:
@@ -127,6 +147,17 @@ class EpisodicStore:
         rows = (self.table.search().where(f"session_id = {_quote(session_id)} AND window_index >= {since_window}")
                 .select(["window_index", "hash"]).limit(None).to_arrow().to_pylist())
         return {r["window_index"]: r["hash"] for r in rows}
+
+    def stored_at_ns(self, session_id: str) -> dict[int, int]:
+        """window_index -> when the summary was produced (ns), for read accounting."""
+        rows = (self.table.search().where(f"session_id = {_quote(session_id)}")
+                .select(["window_index", "processing_time_us"]).limit(None).to_arrow().to_pylist())
+        return {r["window_index"]: r["processing_time_us"] * 1000 for r in rows}
+
+    def sessions(self) -> list[str]:
+        """Sessions with at least one stored summary."""
+        col = self.table.search().select(["session_id"]).limit(None).to_arrow()["session_id"]
+        return sorted(set(col.to_pylist()))
 
     def count(self) -> int:
         return self.table.count_rows()
