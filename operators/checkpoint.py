@@ -70,13 +70,13 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
 
 def save_compressor(model: Compressor, path: str | Path, dtype: torch.dtype = torch.float32,
                     extra: dict | None = None) -> Path:
-    """Write ``path`` (weights in ``dtype``; the standardization buffers stay fp32) and
+    """Write ``path`` (weights in ``dtype``; the ``shift`` buffer stays fp32) and
     ``path`` with suffix .json (the config plus ``extra``, e.g. the command that made it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, t in model.state_dict().items():
-        keep32 = name in ("shift", "scale")
+        keep32 = name == "shift"
         tensors[name] = t.detach().cpu().to(torch.float32 if keep32 else dtype).numpy()
     config = model.config.to_dict()
     write_safetensors(path, tensors, {"config": json.dumps(config)})
@@ -91,7 +91,11 @@ def load_compressor(path: str | Path | None = None, device: str | torch.device =
     tensors, meta = read_safetensors(path)
     if "config" not in meta:
         raise CheckpointError(f"{path} has no config in its metadata: not a memstream compressor checkpoint")
-    model = Compressor(CompressorConfig.from_dict(json.loads(meta["config"])))
+    try:
+        config = CompressorConfig.from_dict(json.loads(meta["config"]))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    model = Compressor(config)
     state = {k: torch.from_numpy(v).float() for k, v in tensors.items()}
     try:
         model.load_state_dict(state)

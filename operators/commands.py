@@ -12,6 +12,9 @@ from dataclasses import fields
 from pathlib import Path
 
 
+_NOT_OPTIONS = ("version",)  # the config's format version is not a training choice
+
+
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
     for f in fields(cls):
         if f.name in skip:
@@ -41,10 +44,11 @@ def _train(args) -> int:
 
     logging.getLogger("memstream.operators").setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
-    model_cfg = CompressorConfig(**{f.name: getattr(args, f.name) for f in fields(CompressorConfig)})
+    model_fields = [f for f in fields(CompressorConfig) if f.name not in _NOT_OPTIONS]
+    model_cfg = CompressorConfig(**{f.name: getattr(args, f.name) for f in model_fields})
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     # Every option spelled out, so the recorded command reproduces the run whatever the defaults become.
-    opts = [_option(f.name, getattr(args, f.name)) for f in fields(CompressorConfig) + fields(TrainConfig)]
+    opts = [_option(f.name, getattr(args, f.name)) for f in model_fields + list(fields(TrainConfig))]
     command = shlex.join(["memstream", "train-compressor", *opts, f"--threads={args.threads}", f"--out={args.out}"])
     metrics = train(model_cfg, cfg, Path(args.out), command)
     print(json.dumps({"out": args.out, "command": command, "train_wall_s": metrics["train_wall_s"],
@@ -101,7 +105,7 @@ def register(sub) -> None:
     from memstream.operators.train import TrainConfig
 
     p = sub.add_parser("train-compressor", help="train the 4096->256 compressor on MiniLM latents of the corpus")
-    _add_dataclass_args(p, CompressorConfig)
+    _add_dataclass_args(p, CompressorConfig, skip=_NOT_OPTIONS)
     _add_dataclass_args(p, TrainConfig)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     p.add_argument("--out", default="runs/compressor", help="folder for the checkpoint, config and metrics")

@@ -19,6 +19,7 @@ import numpy as np
 HELDOUT_TEXTS = ("license:Apache-2.0", "pydoc:logging", "pydoc:pathlib", "pydoc:sqlite3", "pydoc:threading")
 # Validation (model selection and the logged validation loss); everything else trains.
 VALIDATION_TEXTS = ("pydoc:json", "pydoc:tarfile")
+_WEAKREFS = re.compile(r"\[<weakref; to '[^']*'>(?:, <weakref; to '[^']*'>)*\]")
 
 
 def cache_dir() -> Path:
@@ -47,9 +48,11 @@ def split_corpus() -> dict[str, dict[str, str]]:
     """The corpus texts by split: {"train": {...}, "validation": {...}, "heldout": {...}} (do not mutate)."""
     from memstream.text_latents import corpus_texts
 
-    # pydoc prints default values such as "<object object at 0x7f...>": drop the addresses,
-    # which change from process to process, so the texts (and their cache keys) are stable.
-    texts = {name: re.sub(r" at 0x[0-9a-f]+", "", text) for name, text in corpus_texts().items()}
+    # pydoc prints default values such as "<object object at 0x7f...>" and, for logging,
+    # ``handlerList=[<weakref; to 'StreamHandler'>, ...]`` (as many as the process has made
+    # handlers): drop the addresses and the weakref lists, which change from process to process,
+    # so the texts (and their cache keys) are stable.
+    texts = {name: _WEAKREFS.sub("[...]", re.sub(r" at 0x[0-9a-f]+", "", text)) for name, text in corpus_texts().items()}
     missing = [n for n in HELDOUT_TEXTS + VALIDATION_TEXTS if n not in texts]
     if missing:
         from memstream.errors import ConfigError

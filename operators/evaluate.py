@@ -8,8 +8,10 @@ normal; noise 1 gives cos(c, x) about 0.7). Then, per method:
   nearest to c by cosine.
 * cue_recall_at_1: for ``cues_per_window`` seeded positions per window, every window scores the
   cue, and a hit is when the best-scoring window is the cue's own. Learned: the score is
-  cos(decode(c, summary_w), c), how well that window's memory explains the cue. Baselines: the
-  highest cosine between c and the window's stored vectors.
+  ``model.score(c, summary_w)``, a function the model computes from the cue and that window's
+  summary alone (the default compressor: a soft maximum over the window's slots of the cosine
+  between the projected cue and the slot, see ``operators/model.py``). Baselines: the highest
+  cosine between c and the window's stored vectors.
 
 Only whole windows count: the latents after the last whole window are dropped (reported).
 """
@@ -58,7 +60,7 @@ def evaluate(model: Compressor, windows: torch.Tensor, cues_per_window: int = 25
 
     summaries = torch.cat([model.encode(windows[i:i + batch]) for i in range(0, W, batch)])
     recon = torch.cat([_cos(model.decode(cues[w], summaries[w]), windows[w]) for w in range(W)])
-    scores = torch.stack([_cos(model.decode(probe, summaries[w]), probe) for w in range(W)], 1)
+    scores = torch.stack([model.score(probe, summaries[w]) for w in range(W)], 1)
     result = {"learned": (recon.mean().item(), (scores.argmax(1) == owner).float().mean().item())}
 
     for name, fn in BASELINES.items():

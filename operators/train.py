@@ -8,15 +8,15 @@ latents get noisy cues; the loss is
     (1 - cos(decode(cue, own summary), latent))                        recall fidelity
   + contrastive_weight * CE over the batch's windows of cos(decode(cue, summary_w), cue) / T
 
-the second term being the score that ``evaluate`` uses to find a cue's window. The state with
-the lowest validation loss is kept.
+the second term being the score that ``evaluate`` uses to find a cue's window
+(``model.score``). The state with the lowest validation loss is kept.
 
-CPU budget: a pass of 256 queries over a window of 4,096 latents is most of a step's cost.
-By default (``train_cross`` off) the cross-attention's scores stay at their data-fitted start
-(queries are standardized training latents, W_q = W_k = I: each query soft-selects the latents
-near it) and its readouts are computed once per window; everything after them (value and
-output projections, the token layers, the decoder) trains by gradient. ``--train-cross``
-trains the queries and W_q, W_k too, end to end through the fast path (for a GPU). Seeded: the same command on the same machine (and thread
+CPU budget: the encoder (soft k-means over each window's 4,096 latents) is most of a step's
+cost. By default (``train_encoder`` off) the encoder stays at its data-fitted start (the
+projection is the top principal directions of the training latents, the assignment sharpness
+its initial value) and the summaries of all windows are computed once; the decoder and score
+parameters train by gradient. ``--train-encoder`` trains the projection and the sharpness too,
+end to end through the iterations. Seeded: the same command on the same machine (and thread
 count) reproduces the same checkpoint.
 """
 
@@ -51,27 +51,28 @@ class TrainConfig:
     noise_max: float = 1.5
     temperature: float = 0.1
     contrastive_weight: float = 1.0
-    train_cross: bool = False
+    train_encoder: bool = False
     eval_every: int = 50
     seed: int = 0
     device: str = "cpu"
 
 
 def recall_loss(model: Compressor, windows: torch.Tensor, cfg: TrainConfig, g: torch.Generator,
-                readouts: torch.Tensor | None = None):
-    """The training loss on windows [B, N, d] (whose cross-attention ``readouts`` may be given),
-    with its two parts for logging."""
+                summaries: torch.Tensor | None = None):
+    """The training loss on windows [B, N, d] (whose ``summaries`` may be given), with its two
+    parts for logging."""
     B, N, d = windows.shape
     P = cfg.cues_per_window
     pos = torch.randint(0, N, (B, P), generator=g).to(windows.device)
     x = windows.gather(1, pos[..., None].expand(-1, -1, d)).reshape(B * P, d)
     noise = cfg.noise_min + (cfg.noise_max - cfg.noise_min) * torch.rand((B * P, 1), generator=g)
     cues = make_cues(x, noise.to(x.device), g)
-    summaries = model.encode(windows) if readouts is None else model.summarize(model.values_of_readout(readouts))
-    out = model.decode(cues, summaries)  # [B (memory window), B*P, d]: every cue against every window
+    if summaries is None:
+        summaries = model.encode(windows)
     owner = torch.arange(B, device=x.device).repeat_interleave(P)
-    recon = F.cosine_similarity(out[owner, torch.arange(B * P, device=x.device)], x, dim=-1).mean()
-    logits = F.cosine_similarity(out, cues[None], dim=-1).T / cfg.temperature  # [B*P, B]
+    out = model.decode(cues.view(B, P, d), summaries)  # [B, P, d]: each cue from its own window
+    recon = F.cosine_similarity(out.reshape(B * P, d), x, dim=-1).mean()
+    logits = model.score(cues, summaries).T / cfg.temperature  # [B*P, B]: every cue against every window
     ce = F.cross_entropy(logits, owner)
     return (1 - recon) + cfg.contrastive_weight * ce, recon.detach(), ce.detach()
 
@@ -101,16 +102,15 @@ def train(model_cfg: CompressorConfig, cfg: TrainConfig, out: Path, command: str
     model.fit_to_data(train_stream, g)
     model.to(device)
     B = cfg.batch_windows
-    cross = [model.queries, *model.ln_q.parameters(), *model.wq.parameters(), *model.wk.parameters()]
-    if cfg.train_cross:
-        train_read = val_read = None
+    if cfg.train_encoder:
+        train_sum = val_sum = None
     else:
-        for p in cross:
+        for p in (model.proj, model.log_beta):
             p.requires_grad_(False)
         with torch.no_grad():
-            train_read = torch.cat([model.read(train_windows[i:i + B].to(device)) for i in range(0, len(train_windows), B)])
-            val_read = model.read(val_windows.to(device))
-        log.info("cross-attention readouts cached (%.0fs)", time.time() - t0)
+            train_sum = torch.cat([model.encode(train_windows[i:i + B].to(device)) for i in range(0, len(train_windows), B)])
+            val_sum = model.encode(val_windows.to(device))
+        log.info("summaries of the fixed encoder computed (%.0fs)", time.time() - t0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
@@ -120,9 +120,9 @@ def train(model_cfg: CompressorConfig, cfg: TrainConfig, out: Path, command: str
         t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return cfg.lr * (0.1 + 0.45 * (1 + np.cos(np.pi * t)))
 
-    def batch(windows, readouts, i):
-        r = None if readouts is None else readouts[i:i + B]
-        return windows[i:i + B].to(device), r
+    def batch(windows, summaries, i):
+        s = None if summaries is None else summaries[i:i + B]
+        return windows[i:i + B].to(device), s
 
     @torch.no_grad()
     def val_loss():
@@ -130,8 +130,8 @@ def train(model_cfg: CompressorConfig, cfg: TrainConfig, out: Path, command: str
         vg = torch.Generator().manual_seed(cfg.seed + 1)  # the same cues at every evaluation
         parts = []
         for i in range(0, len(val_windows) - B + 1, B):
-            windows, readouts = batch(val_windows, val_read, i)
-            parts.append(recall_loss(model, windows, cfg, vg, readouts)[0].item())
+            windows, summaries = batch(val_windows, val_sum, i)
+            parts.append(recall_loss(model, windows, cfg, vg, summaries)[0].item())
         model.train()
         return float(np.mean(parts))
 
@@ -147,8 +147,8 @@ def train(model_cfg: CompressorConfig, cfg: TrainConfig, out: Path, command: str
             if step == cfg.steps:
                 break
         i = int(torch.randint(0, len(train_windows) - B + 1, (1,), generator=g))
-        windows, readouts = batch(train_windows, train_read, i)
-        loss, recon, ce = recall_loss(model, windows, cfg, g, readouts)
+        windows, summaries = batch(train_windows, train_sum, i)
+        loss, recon, ce = recall_loss(model, windows, cfg, g, summaries)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -161,9 +161,8 @@ def train(model_cfg: CompressorConfig, cfg: TrainConfig, out: Path, command: str
 
     model.load_state_dict(best[1])
     out.mkdir(parents=True, exist_ok=True)
-    path = save_compressor(model, out / "compressor.safetensors", dtype=torch.float16,
-                           extra={"command": command, "train": asdict(cfg)})
-    model = load_compressor(path)  # the metrics describe the stored (fp16) weights
+    path = save_compressor(model, out / "compressor.safetensors", extra={"command": command, "train": asdict(cfg)})
+    model = load_compressor(path)  # the metrics describe the stored weights
     heldout = _windows(torch.from_numpy(data.cached_text_latents(data.heldout_text())), model_cfg.window)
     metrics = {
         "train_wall_s": round(train_s, 1),
