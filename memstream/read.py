@@ -363,7 +363,7 @@ class Memory:
                                     f"got shape {list(a.shape)}")
         if not np.isfinite(a).all():
             raise InvalidQueryError("the query latent holds NaN or Inf: pass finite values")
-        return torch.from_numpy(np.ascontiguousarray(a))
+        return torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
 
     # -- episodic ----------------------------------------------------------------------
     def _episodic(self, q: torch.Tensor, window: SessionWindow, k: int) -> tuple[list[Fragment], torch.Tensor]:

@@ -8,13 +8,11 @@ Inf, bad k or route), 422 ``malformed_request`` (not JSON, missing or mistyped f
 404 ``unknown_session``. The service binds 127.0.0.1 unless told otherwise.
 """
 
-from __future__ import annotations
-
 import base64
 import binascii
 import contextlib
 import logging
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 
@@ -23,6 +21,7 @@ from memstream.errors import ConfigError, IntegrityError, InvalidQueryError, Rea
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def create_app(memory):
@@ -31,6 +30,7 @@ def create_app(memory):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from pydantic import BaseModel, ConfigDict, Field
 
     from memstream.read import MAX_K, EpisodicProvenance, LongTermProvenance
@@ -40,10 +40,20 @@ def create_app(memory):
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
+    n_bytes = 4 * dim
+    pad = (3 - n_bytes % 3) % 3
+    b64_pattern = f"^[A-Za-z0-9+/]{{{4 * -(-n_bytes // 3) - pad}}}={{{pad}}}$"
+    finite32 = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+
     class ReadRequest(Strict):
-        query: list[float] | None = Field(None, min_length=dim, max_length=dim,
-                                          description=f"the query latent: {dim} finite numbers")
-        query_b64: str | None = Field(None, description=f"...or base64 of {dim} little-endian float32 values")
+        # Exactly one of the two query fields, neither of them null.
+        model_config = ConfigDict(extra="forbid", json_schema_extra={
+            "oneOf": [{"required": ["query"]}, {"required": ["query_b64"]}]})
+
+        query: list[finite32] = Field(None, min_length=dim, max_length=dim,
+                                      description=f"the query latent: {dim} finite numbers")
+        query_b64: str = Field(None, pattern=b64_pattern,
+                               description=f"...or base64 of {dim} little-endian float32 values")
         session_id: str = Field(min_length=1, max_length=512, description="session whose episodic window is read")
         k: int = Field(8, ge=1, le=MAX_K, description="fragments per store consulted")
         route: Literal["episodic", "longterm", "both"] | None = Field(
@@ -113,6 +123,11 @@ def create_app(memory):
             parts.append(f"{where}: {err.get('msg')}")
         return error(422, "malformed_request", "; ".join(parts) or "the request body is not valid JSON")
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):  # e.g. a body that is not UTF-8 JSON
+        code = "malformed_request" if e.status_code == 400 else "not_found" if e.status_code == 404 else "http_error"
+        return error(e.status_code, code, str(e.detail))
+
     @app.exception_handler(IntegrityError)
     async def _integrity(request: Request, e: IntegrityError):
         return error(500, "integrity", f"stored data failed verification: {e}")
@@ -121,7 +136,8 @@ def create_app(memory):
     async def _unavailable(request: Request, e: ServiceError):
         return error(503, "unavailable", str(e))
 
-    refusals = {404: {"model": ErrorBody, "description": "unknown session"},
+    refusals = {400: {"model": ErrorBody, "description": "the body could not be parsed at all"},
+                404: {"model": ErrorBody, "description": "unknown session"},
                 422: {"model": ErrorBody, "description": "invalid query or malformed request"},
                 500: {"model": ErrorBody, "description": "stored data failed verification"},
                 503: {"model": ErrorBody, "description": "a store or Kafka is unavailable"}}
@@ -161,6 +177,7 @@ def create_app(memory):
 
 
 def decode_b64(text: str, dim: int) -> np.ndarray:
+    """``dim`` little-endian float32 values from base64 (the request schema checked its length)."""
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
