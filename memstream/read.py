@@ -313,18 +313,27 @@ class Memory:
             raise InvalidQueryError("session_id must be a non-empty string")
         window = self.session_window(session_id)
         t_window = time.perf_counter()
-        if route is None:
-            probs = self.router.probabilities(q, window.centroids.numpy(), self.model)
+        timings = {"window_ms": (t_window - started) * 1e3}
+        probe = None
+        if route is None and self.longterm is None:
+            decision = RouteDecision("episodic", {}, "policy")  # nothing else to read
+        elif route is None:
+            # The policy reads the similarity of the nearest long-term entries: a probe search,
+            # accounted only if its hits are returned.
+            t0 = time.perf_counter()
+            with self._lt_lock:
+                probe = self.longterm.search(q.numpy(), int(k), include_cold=self.include_cold,
+                                             nprobes=self.nprobes, record_access=False)
+            sims = [1.0 - h.distance for h in probe[:2]] + [float("nan")] * (2 - len(probe[:2]))
+            probs = self.router.probabilities(q, window.centroids.numpy(), self.model, sims)
             decision = RouteDecision(max(probs, key=probs.get), probs, "policy")
+            timings["route_ms"] = (time.perf_counter() - t0) * 1e3
         else:
             decision = RouteDecision(route, {}, "caller")
-        if decision.route != "episodic" and self.longterm is None and route is None:
-            decision = RouteDecision("episodic", decision.probabilities, "policy")  # nothing else to read
         if decision.route in ("longterm", "both") and self.longterm is None:
             raise InvalidQueryError("this memory has no long-term store: route 'episodic' only")
         fragments: list[Fragment] = []
         reconstruction = None
-        timings = {"window_ms": (t_window - started) * 1e3}
         if decision.route in ("episodic", "both"):
             t0 = time.perf_counter()
             eps, reconstruction = self._episodic(q, window, int(k))
@@ -332,7 +341,7 @@ class Memory:
             timings["episodic_ms"] = (time.perf_counter() - t0) * 1e3
         if decision.route in ("longterm", "both"):
             t0 = time.perf_counter()
-            fragments += self._longterm(q, int(k), account)
+            fragments += self._longterm(q, int(k), account, probe)
             timings["longterm_ms"] = (time.perf_counter() - t0) * 1e3
         read_id = uuid.uuid4().hex
         if account:
@@ -442,10 +451,13 @@ class Memory:
         return SessionWindow(session_id, dict(current), windows, counts, tokens, provenance, centroids)
 
     # -- long-term ---------------------------------------------------------------------
-    def _longterm(self, q: torch.Tensor, k: int, account: bool) -> list[Fragment]:
+    def _longterm(self, q: torch.Tensor, k: int, account: bool, hits=None) -> list[Fragment]:
         with self._lt_lock:
-            hits = self.longterm.search(q.numpy(), k, include_cold=self.include_cold, nprobes=self.nprobes,
-                                        record_access=account)
+            if hits is None:
+                hits = self.longterm.search(q.numpy(), k, include_cold=self.include_cold, nprobes=self.nprobes,
+                                            record_access=account)
+            elif account:
+                self.longterm.record_access(hits)
             entries = self.longterm.get([h.entry_id for h in hits]) if hits else {}
         out = []
         for h in hits:

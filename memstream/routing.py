@@ -18,10 +18,11 @@ The label is the store whose score is higher by more than ``MARGIN`` (0.05), and
 when neither is. The label is only known after reading both; the policy must predict it
 before reading either.
 
-**Features at read time** (no store read needed): the log of the query's norm and
+**Features at read time**, before the (expensive) episodic read: the log of the query's norm,
 statistics of the cosines of the standardized query to the session's summary centroids (one
-mean token per summary, cached with the window); see :func:`features`. **Model**: a
-two-layer MLP (6 -> 16 -> 3, softmax) trained with cross-entropy in torch; weights ship as
+mean token per summary, cached with the window), and the cosines of its two nearest
+long-term entries from a probe search (whose hits are returned when the route includes the
+long-term store); see :func:`features`. **Model**: a two-layer MLP (8 -> 16 -> 3, softmax) trained with cross-entropy in torch; weights ship as
 ``route_policy.npz`` and inference is numpy. Scenarios on held-out documents measure it.
 Retrain with ``python -m memstream.routing``.
 """
@@ -47,18 +48,22 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def features(queries: np.ndarray, centroids: np.ndarray, shift: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """[n, 6] features of queries [n, d] against a session's summary centroids [m, d]: the log
-    of the query's norm and statistics of its cosines to the centroids (max, mean, mean of the
-    top 4, spread, max - mean). The query's own coordinates are left out on purpose: with them
-    the model learnt which training documents sat where, and fell below the majority label
-    on held-out documents."""
+def features(queries: np.ndarray, centroids: np.ndarray, shift: np.ndarray, scale: np.ndarray,
+             longterm_sims: np.ndarray) -> np.ndarray:
+    """[n, 8] features of queries [n, d]: the log of the query's norm; statistics of its
+    cosines to the session's summary centroids [m, d] (max, mean, mean of the top 4, spread,
+    max - mean); and the cosines of its two nearest long-term entries, ``longterm_sims``
+    [n, 2] (a cheap probe: the long-term search is ~50x cheaper than the episodic read).
+    The query's own coordinates are left out on purpose: with them the model learnt which
+    training documents sat where, and fell below the majority label on held-out documents."""
     queries = np.atleast_2d(np.asarray(queries, np.float32))
     sims = _unit((queries - shift) / scale) @ _unit(np.asarray(centroids, np.float32)).T
     top = -np.sort(-sims, axis=1)[:, :4]
     lognorm = np.log(np.linalg.norm(queries, axis=1) + 1e-6)
     mx, mean = sims.max(1), sims.mean(1)
-    return np.stack([lognorm, mx, mean, top.mean(1), sims.std(1), mx - mean], axis=1).astype(np.float32)
+    lt = np.nan_to_num(np.atleast_2d(np.asarray(longterm_sims, np.float32)), nan=-1.0)
+    return np.stack([lognorm, mx, mean, top.mean(1), sims.std(1), mx - mean, lt[:, 0], lt[:, 0] - lt[:, 1]],
+                    axis=1).astype(np.float32)
 
 
 class RoutePolicy:
@@ -80,17 +85,18 @@ class RoutePolicy:
         np.savez(path, info=json.dumps(self.info), **self.params)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        """Route probabilities [n, 3] (order of ROUTES) from features [n, 6]."""
+        """Route probabilities [n, 3] (order of ROUTES) from features [n, 8]."""
         p = self.params
         h = np.maximum(((x - p["mu"]) / p["sigma"]) @ p["w1"] + p["b1"], 0.0)
         z = h @ p["w2"] + p["b2"]
         e = np.exp(z - z.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)
 
-    def probabilities(self, query, centroids: np.ndarray, model) -> dict[str, float]:
-        """Of one query [d] in a session whose summary centroids are [m, d]."""
+    def probabilities(self, query, centroids: np.ndarray, model, longterm_sims) -> dict[str, float]:
+        """Of one query [d] in a session whose summary centroids are [m, d], whose two nearest
+        long-term entries have cosines ``longterm_sims`` (NaN where there is none)."""
         x = features(np.asarray(query, np.float32).reshape(1, -1), centroids, model.shift.numpy(),
-                     model.scale.numpy())
+                     model.scale.numpy(), np.asarray(longterm_sims, np.float32).reshape(1, 2))
         return {r: float(p) for r, p in zip(ROUTES, self.scores(x)[0])}
 
 
@@ -128,10 +134,12 @@ def scenario(model, docs: list[np.ndarray], rng: np.random.Generator, queries: i
     for s in range(0, len(cues), 64):
         out, _ = attend(model, torch.from_numpy(cues[s:s + 64]), memory)
         ep[s:s + 64] = (_unit(out.numpy()) * _unit(targets[s:s + 64])).sum(1)
-    nearest = longterm[(_unit(cues) @ _unit(longterm).T).argmax(1)]
-    lt = (_unit(nearest) * _unit(targets)).sum(1)
+    sims = _unit(cues) @ _unit(longterm).T
+    order = np.argsort(-sims, axis=1)[:, :2]
+    lt = (_unit(longterm[order[:, 0]]) * _unit(targets)).sum(1)
     labels = np.where(ep > lt + MARGIN, 0, np.where(lt > ep + MARGIN, 1, 2))
-    return features(cues, centroids, model.shift.numpy(), model.scale.numpy()), labels, ep, lt
+    probe = np.take_along_axis(sims, order, axis=1)
+    return features(cues, centroids, model.shift.numpy(), model.scale.numpy(), probe), labels, ep, lt
 
 
 def build(model, docs: list[np.ndarray], scenarios: int, seed: int):
