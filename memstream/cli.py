@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "memstream.commands_stream",
     "memstream.verify_cli",
     "memstream.operators.commands",
+    "memstream.serve",
 ]
 
 

@@ -172,3 +172,27 @@ class GovernanceError(MemstreamError):
 
 class LeaseError(ServiceError):
     """A storage lease (the lock that keeps cleanup and writers apart) could not be taken."""
+
+
+# -- reads -----------------------------------------------------------------------------------
+# The read API's refusals; ``status`` and ``code`` are what the HTTP service answers with.
+
+class ReadError(MemstreamError):
+    """A read that memstream refuses to answer."""
+
+    status = 400
+    code = "bad_read"
+
+
+class InvalidQueryError(ReadError, ValueError):
+    """The query latent, k or route is not acceptable: the message says which and what is expected."""
+
+    status = 422
+    code = "invalid_query"
+
+
+class SessionNotFoundError(ReadError, LookupError):
+    """The episodic store holds no summary of this session: publish its latents and run the pipeline first."""
+
+    status = 404
+    code = "unknown_session"

@@ -18,7 +18,8 @@ SUMMARIES = "memstream.summaries"
 DEADLETTER = "memstream.deadletter"
 ATTESTATIONS = "memstream.attestations"
 FORGET = "memstream.forget"
-DEFAULT_TOPICS = (LATENTS, SUMMARIES, DEADLETTER, ATTESTATIONS, FORGET)
+READ_DIVERGENCE = "memstream.read-divergence"  # sampled reads whose replica disagreed
+DEFAULT_TOPICS = (LATENTS, SUMMARIES, DEADLETTER, ATTESTATIONS, FORGET, READ_DIVERGENCE)
 
 DEFAULT_PARTITIONS = 4
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000

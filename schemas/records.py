@@ -285,5 +285,25 @@ class DeadLetterRecord(JsonRecord):
     detected_at_us: int = _f("when the consumer rejected it, microseconds since the epoch")
 
 
+@dataclass(frozen=True)
+class ReadDivergence(JsonRecord):
+    """A sampled read whose second execution (against a replica store or a second validator)
+    did not return what the first did; published to ``memstream.read-divergence``."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "read_divergence"
+
+    schema_version: int = _f("1")
+    read_id: str = _f("id of the read (32 hex digits), as returned to the caller")
+    session_id: str = _f("session the query was read against")
+    route: Literal["episodic", "longterm", "both"] = _f("stores consulted, the same for both executions")
+    primary: str = _f("what executed the read first: its episodic store URI")
+    replica: str = _f("what executed it again: its episodic store URI")
+    primary_fragments: list[str] = _f("fragments returned first: episodic:<window>:<hash hex> or longterm:<entry id>")
+    replica_fragments: list[str] = _f("fragments the replica returned, same notation")
+    max_score_delta: float = _f("largest score difference over fragments both returned (0 when none)")
+    reasons: list[str] = _f("each difference found, in words")
+    detected_at_us: int = _f("when the divergence was found, microseconds since the epoch")
+
+
 JSON_RECORDS: tuple[type[JsonRecord], ...] = (SessionEvent, SummaryRecord, LongTermEntry, Attestation,
-                                             ForgetRequest, DeadLetterRecord)
+                                             ForgetRequest, DeadLetterRecord, ReadDivergence)

@@ -12,8 +12,8 @@ import pytest
 from memstream import errors
 from memstream.schemas import generate
 from memstream.schemas.records import (HEADER, JSON_RECORDS, Attestation, DeadLetterReason, DeadLetterRecord,
-                                       ForgetRequest, LatentChunkHeader, LongTermEntry, Provenance, SessionEvent,
-                                       SummaryRecord)
+                                       ForgetRequest, LatentChunkHeader, LongTermEntry, Provenance, ReadDivergence,
+                                       SessionEvent, SummaryRecord)
 
 SAMPLES = [
     SessionEvent(1, "close", "s1", b"\x01" * 16, "bf16", 384, 42, 1_700_000_000_000_000),
@@ -25,6 +25,8 @@ SAMPLES = [
     ForgetRequest(1, "alice", ["e-abc", "e-def"], 1_700_000_000_000_000, b"\x99" * 64, "k2"),
     DeadLetterRecord(1, DeadLetterReason.sequence_gap, "latents 3..5 are missing", "memstream.latents", 2, 17,
                      b"s1", b"MSLT\x01", 5, 1_700_000_000_000, 1_700_000_000_000_123),
+    ReadDivergence(1, "ab" * 16, "s1", "both", "s3://b/primary", "s3://b/replica", ["episodic:3:" + "cd" * 32],
+                   ["episodic:4:" + "ef" * 32], 0.25, ["fragments differ"], 1_700_000_000_000_000),
 ]
 
 

@@ -413,12 +413,18 @@ class LongTermStore:
                                 r["supersedes"], r["timestamp_ns"]))
         hits.sort(key=lambda h: h.distance)
         hits = hits[:k]
-        if record_access and hits:
+        if record_access:
+            self.record_access(hits)
+        return hits
+
+    def record_access(self, hits: Sequence[Hit]) -> None:
+        """Account retrievals: what ``search(record_access=True)`` does, for hits of a search
+        made with ``record_access=False`` that were then returned after all."""
+        if hits:
             now = time.time_ns()
             self._access.extend((h.entry_id, now, h.tier) for h in hits)
             if len(self._access) >= self.access_flush_every:
                 self.flush_access_log()
-        return hits
 
     def flush_access_log(self) -> None:
         """Append buffered retrievals to the access log (the signed rows are never touched)."""

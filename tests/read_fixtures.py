@@ -1,0 +1,48 @@
+"""Real stores for the read tests: sessions of sealed summaries made by the committed
+compressor, written to an EpisodicStore, and long-term stores of signed entries."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from memstream.chain import seal
+from memstream.episodic import EpisodicStore
+from memstream.pipelines.episodic import WINDOW, operator_version
+from memstream.schemas.records import SummaryRecord
+
+
+def sealed_summaries(model, key, session_id: str, latents: np.ndarray, first_window: int = 0,
+                     prev_hash: bytes = b"") -> list[SummaryRecord]:
+    """The session's windows of ``latents`` compressed, chained and signed as the pipeline does."""
+    d = model.config.dim
+    starts = list(range(0, len(latents), WINDOW))
+    x = torch.zeros((len(starts), WINDOW, d))
+    lengths = torch.tensor([min(WINDOW, len(latents) - s) for s in starts])
+    for i, s in enumerate(starts):
+        x[i, :lengths[i]] = torch.from_numpy(latents[s:s + WINDOW])
+    with torch.inference_mode():
+        tokens = model.encode(x, lengths).to(torch.float16).numpy()
+    out, version = [], operator_version(None)
+    for i, s in enumerate(starts):
+        w = first_window + i
+        rec = seal(SummaryRecord(1, session_id, w, w * WINDOW, w * WINDOW + int(lengths[i]), bool(lengths[i] < WINDOW),
+                                 tokens.shape[1], d, "fp16", tokens[i].astype("<f2").tobytes(), version,
+                                 1_700_000_000_000_000 + w, time.time_ns() // 1000, prev_hash, b"", b"", ""), key)
+        out.append(rec)
+        prev_hash = rec.hash
+    return out
+
+
+def write_session(uri: str, options, model, key, session_id: str, latents: np.ndarray) -> list[SummaryRecord]:
+    records = sealed_summaries(model, key, session_id, latents)
+    EpisodicStore(uri, options).append(records)
+    return records
+
+
+def cue(latent: np.ndarray, noise: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (latent + noise * np.linalg.norm(latent) / np.sqrt(len(latent))
+            * rng.standard_normal(latent.shape)).astype(np.float32)

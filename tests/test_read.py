@@ -1,0 +1,284 @@
+"""The unified read API on real stores: LanceDB (local and S3 on SeaweedFS), Kafka for read
+sampling, the pipeline on Prism for the end-to-end read."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import threading
+from collections import Counter
+
+import lancedb
+import numpy as np
+import pytest
+import torch
+from kafka import KafkaConsumer
+
+from memstream import topics
+from memstream.crypto import KeyRing, SigningKey
+from memstream.episodic import EpisodicStore
+from memstream.errors import IntegrityError, InvalidQueryError, SessionNotFoundError
+from memstream.longterm import LongTermStore
+from memstream.operators.checkpoint import load_default
+from memstream.read import Memory, attend
+from memstream.reads import ReadLedger
+from memstream.routing import RoutePolicy
+from memstream.schemas.records import ReadDivergence
+from tests.read_fixtures import cue, sealed_summaries, write_session
+
+D = 384
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_default()
+
+
+@pytest.fixture(scope="module")
+def key():
+    return SigningKey.generate()
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "memory"), None
+    s3 = request.getfixturevalue("s3_config")
+    return s3.uri(request.getfixturevalue("s3_prefix")), s3.storage_options()
+
+
+def latents(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, D)).astype(np.float32)
+
+
+def test_attention_is_the_decoders_and_sums_to_one(model):
+    torch.manual_seed(0)
+    q, mem, bias = torch.randn(3, D), torch.randn(700, D), 3 * torch.randn(700)
+    out, weights = attend(model, q, mem, bias)
+    assert torch.allclose(out, model.decode(q, mem, bias), atol=1e-4)
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-5)
+    out0, _ = attend(model, q, mem)
+    assert torch.allclose(out0, model.decode(q, mem), atol=1e-4)
+
+
+def test_episodic_read_provenance_accounting_and_cache(backend, model, key):
+    uri, opts = backend
+    x = latents(3 * 4096 + 900, 1)
+    records = write_session(uri, opts, model, key, "s", x)
+    with Memory(uri, storage_options=opts, keyring=KeyRing([key]), model=model, flush_every=1000) as mem:
+        res = mem.read(cue(x[4096 + 17], 0.3, 0), "s", k=2, route="episodic")
+        assert res.route.route == "episodic" and res.route.chosen_by == "caller"
+        assert len(res.fragments) == 2 and res.reconstruction.shape == (D,)
+        by_window = {r.window_index: r for r in records}
+        for f in res.fragments:
+            p, r = f.provenance, by_window[f.provenance.window_index]
+            assert (f.source, f.tier, p.session_id, p.hash, p.prev_hash, p.key_id, p.seq_start, p.seq_end,
+                    p.partial, p.operator_version) == ("episodic", "hot", "s", r.hash.hex(), r.prev_hash.hex(),
+                                                       key.key_id, r.seq_start, r.seq_end, r.partial,
+                                                       r.operator_version)
+            assert p.verified and 0 < f.score <= 1 and f.latent.shape == (D,)
+        assert res.fragments[0].score >= res.fragments[1].score
+        returned = [f.provenance.window_index for f in res.fragments]
+        window = mem.session_window("s")
+        assert mem.session_window("s") is window  # cached while the store is unchanged
+        # A new summary is picked up (only it is loaded), an evicted one is dropped.
+        new = sealed_summaries(model, key, "s", latents(4096, 2), first_window=4, prev_hash=records[-1].hash)
+        EpisodicStore(uri, opts).append(new)
+        EpisodicStore(uri, opts).evict_windows("s", [0])
+        grown = mem.session_window("s")
+        assert grown.windows == [1, 2, 3, 4] and grown.tokens.shape == (4 * 256, D)
+        assert torch.equal(grown.tokens[:256], window.tokens[256:512])
+        with pytest.raises(SessionNotFoundError, match="memstream run"):
+            mem.read(np.ones(D), "nobody", route="episodic")
+    ledger = ReadLedger(uri, opts)
+    assert ledger.query_count("s") == 1  # close() flushed it
+    assert ledger.staleness("s", {w: 0 for w in range(4)}).by_window == {
+        w: (0 if w in returned else 1) for w in range(4)}
+
+
+def test_bad_queries_are_refused_with_what_to_do(tmp_path, model, key):
+    uri = str(tmp_path / "m")
+    write_session(uri, None, model, key, "s", latents(500, 3))
+    mem = Memory(uri, model=model)
+    for bad, match in [(np.ones(D - 1), "384 values"), (np.full(D, np.nan), "NaN"), ([[1.0] * D] * 2, "384 values"),
+                       ("text", "384 numbers")]:
+        with pytest.raises(InvalidQueryError, match=match):
+            mem.read(bad, "s")
+    for k in (0, 65, 2.5, True):
+        with pytest.raises(InvalidQueryError, match="k must be"):
+            mem.read(np.ones(D), "s", k=k)
+    with pytest.raises(InvalidQueryError, match="route"):
+        mem.read(np.ones(D), "s", route="everywhere")
+    with pytest.raises(InvalidQueryError, match="no long-term store"):
+        mem.read(np.ones(D), "s", route="longterm")
+    assert mem.stats.reads == 0
+
+
+def test_decay_bias_stops_a_summary_being_attended(tmp_path, model, key):
+    uri = str(tmp_path / "m")
+    x = latents(4 * 4096, 4)
+    write_session(uri, None, model, key, "s", x)
+    q = cue(x[2 * 4096 + 5], 0.3, 1)
+    with Memory(uri, model=model, flush_every=1) as mem:
+        first = mem.read(q, "s", k=2, route="episodic")
+        top = first.fragments[0].provenance.window_index
+        ReadLedger(uri).set_biases("s", {top: -40.0}, {top: 384}, queries=400)
+        second = mem.read(q, "s", k=2, route="episodic")
+        windows = [f.provenance.window_index for f in second.fragments]
+        assert top not in windows
+        # Its attention is gone: with k = all, it comes last with a share near zero and its bias shown.
+        everything = mem.read(q, "s", k=4, route="episodic")
+        last = everything.fragments[-1]
+        assert last.provenance.window_index == top and last.score < 1e-12 and last.bias == -40.0
+        assert sum(f.score for f in everything.fragments) == pytest.approx(1.0, abs=1e-4)
+
+
+def _reader(uri: str, lt_uri: str, n: int, seed: int, out) -> None:
+    torch.set_num_threads(1)
+    counts: Counter = Counter()
+    lt_hits: Counter = Counter()
+    with Memory(uri, lt_uri, flush_every=3) as mem:
+        rng = np.random.default_rng(seed)
+        for _ in range(n):
+            res = mem.read(rng.standard_normal(D).astype(np.float32), "s", k=2, route="both")
+            counts.update(f.provenance.window_index for f in res.fragments if f.source == "episodic")
+            lt_hits.update(f.provenance.entry_id for f in res.fragments if f.source == "longterm")
+    out.put((dict(counts), dict(lt_hits)))
+
+
+def test_accounting_is_exact_under_concurrent_threads_and_processes(tmp_path, model, key):
+    uri, lt_uri = str(tmp_path / "m"), str(tmp_path / "ltm")
+    write_session(uri, None, model, key, "s", latents(3 * 4096, 5))
+    lt = LongTermStore(lt_uri, keyring=KeyRing([key]), signer=key, dim=D)
+    lt.append([lt.new_entry(v, f"p{i}".encode(), query=f"q{i}") for i, v in enumerate(latents(50, 6))])
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_reader, args=(uri, lt_uri, 12, 100 + i, queue)) for i in range(2)]
+    for p in procs:
+        p.start()
+    counts: Counter = Counter()
+    lt_hits: Counter = Counter()
+    lock = threading.Lock()
+    mem = Memory(uri, lt_uri, model=model, flush_every=7)
+
+    def thread_reader(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(15):
+            res = mem.read(rng.standard_normal(D).astype(np.float32), "s", k=2, route="both")
+            with lock:
+                counts.update(f.provenance.window_index for f in res.fragments if f.source == "episodic")
+                lt_hits.update(f.provenance.entry_id for f in res.fragments if f.source == "longterm")
+
+    threads = [threading.Thread(target=thread_reader, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    mem.close()
+    for p in procs:
+        c, h = queue.get(timeout=300)
+        counts.update(c)
+        lt_hits.update(h)
+        p.join(60)
+        assert p.exitcode == 0
+    total = 3 * 15 + 2 * 12
+    assert ReadLedger(uri).query_count("s") == total
+    assert mem.stats.reads == 45 and mem.stats.by_route["both"] == 45
+    rows = lancedb.connect(uri).open_table("reads").to_arrow()["windows"].to_pylist()
+    assert Counter(w for r in rows for w in r) == counts and sum(counts.values()) == 2 * total
+    stats = LongTermStore(lt_uri, keyring=KeyRing([key]), dim=D).retrieval_stats(list(lt_hits))
+    assert {i: s.count for i, s in stats.items()} == dict(lt_hits) and sum(lt_hits.values()) == 2 * total
+
+
+def test_routing_policy_serves_queries_as_well_as_the_better_store(tmp_path, model, key):
+    """Queries about long-term content and about the session, on real stores. Each is read
+    through both stores (to measure what each would serve: the cosine of the episodic
+    reconstruction, and of the top long-term entry, to the latent the query is a cue of)
+    and then routed by the policy; the routed reads must serve at least as well as always
+    using the store that is better on average, and the long-term queries must find their entry."""
+    from memstream.operators.data import split_latents
+
+    info = RoutePolicy.load().info["heldout"]
+    assert info["accuracy"] > info["majority_accuracy"] and info["served_score"] > info["always_episodic_score"]
+    docs = list(split_latents("heldout").values())
+    session, stored = np.concatenate(docs[:2]), np.concatenate(docs[2:4])
+    uri, lt_uri = str(tmp_path / "m"), str(tmp_path / "ltm")
+    write_session(uri, None, model, key, "s", session)
+    lt = LongTermStore(lt_uri, keyring=KeyRing([key]), signer=key, dim=D)
+    ids = []
+    for i in range(0, len(stored), 2000):
+        ids += lt.append([lt.new_entry(v, f"lt{i + j}".encode(), query=f"q{i + j}")
+                          for j, v in enumerate(stored[i:i + 2000])]).entry_ids
+    row = {e: i for i, e in enumerate(ids)}
+    rng = np.random.default_rng(9)
+    targets = [stored[j] for j in rng.choice(len(stored), 30, replace=False)]
+    targets += [session[j] for j in rng.choice(len(session), 30, replace=False)]
+
+    def cos(a, b):
+        return float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
+
+    ep, lts, choice, found = [], [], [], 0
+    with Memory(uri, lt_uri, keyring=KeyRing([key]), model=model) as mem:
+        for n, target in enumerate(targets):
+            q = cue(target, 0.5, n)
+            both = mem.read(q, "s", k=3, route="both", account=False)
+            top = next(f for f in both.fragments if f.source == "longterm")
+            ep.append(cos(both.reconstruction, target))
+            lts.append(cos(stored[row[top.provenance.entry_id]], target))
+            routed = mem.read(q, "s", k=3)
+            probs = routed.route.probabilities
+            assert routed.route.chosen_by == "policy" and routed.route.route == max(probs, key=probs.get)
+            assert sum(probs.values()) == pytest.approx(1, abs=1e-5)
+            choice.append(routed.route.route)
+            if n < 30 and routed.route.route != "episodic":
+                hit = next(f for f in routed.fragments if f.source == "longterm")
+                if hit.provenance.entry_id == ids[int(np.flatnonzero((stored == target).all(1))[0])]:
+                    found += 1
+                    assert hit.payload.startswith(b"lt") and hit.provenance.key_id == key.key_id
+    ep, lts = np.array(ep), np.array(lts)
+    served = np.array([e if c == "episodic" else l if c == "longterm" else max(e, l)
+                       for c, e, l in zip(choice, ep, lts)])
+    assert served.mean() >= max(ep.mean(), lts.mean()) - 0.01, (served.mean(), ep.mean(), lts.mean(), choice)
+    assert found >= 25, (found, choice[:30])
+    assert ReadLedger(uri).query_count("s") == len(targets)  # routed reads only: account=False is not a query
+
+
+def test_sampled_reads_report_a_divergent_replica_on_kafka(tmp_path, model, key, kafka_bootstrap, topic_name):
+    topics.create_topics(kafka_bootstrap, [topic_name], partitions=1)
+    uri = str(tmp_path / "primary")
+    x = latents(3 * 4096, 7)
+    write_session(uri, None, model, key, "s", x)
+    same, biased, tampered = (str(tmp_path / n) for n in ("same", "biased", "tampered"))
+    for copy in (same, biased, tampered):
+        shutil.copytree(uri, copy)
+    q = cue(x[4096 + 3], 0.3, 2)
+    # Replica 1, an honest copy: no divergence. Replica 2: a decay bias that is not the primary's.
+    # Replica 3: one summary's stored tokens altered (its hash no longer matches).
+    with Memory(uri, model=model) as probe:
+        top = probe.read(q, "s", k=1, route="episodic", account=False).fragments[0].provenance.window_index
+    ReadLedger(biased).set_biases("s", {top: -30.0}, {top: 200}, queries=300)
+    lancedb.connect(tampered).open_table("summaries").update(where="window_index = 2",
+                                                             values={"tokens": bytes(256 * D * 2)})
+    seen = []
+    for replica_uri, divergent in [(same, False), (biased, True), (tampered, True)]:
+        replica = Memory(replica_uri, model=model)
+        mem = Memory(uri, model=model, replica=replica, sample_rate=1.0, kafka_bootstrap=kafka_bootstrap,
+                     divergence_topic=topic_name, seed=0)
+        res = mem.read(q, "s", k=2, route="episodic")
+        mem.close()
+        assert res.sampled and res.divergent is divergent
+        assert (mem.stats.sampled, mem.stats.divergent, mem.stats.published) == (1, int(divergent), int(divergent))
+        assert ReadLedger(replica_uri).query_count("s") == 0  # the replica's execution is not a query
+        if divergent:
+            seen.append((res.read_id, replica_uri))
+    consumer = KafkaConsumer(topic_name, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
+                             consumer_timeout_ms=5000)
+    records = [ReadDivergence.from_json(m.value) for m in consumer]
+    consumer.close()
+    assert [(r.read_id, r.replica) for r in records] == seen
+    biased_rec, tampered_rec = records
+    assert biased_rec.primary == uri and biased_rec.session_id == "s" and biased_rec.route == "episodic"
+    assert biased_rec.primary_fragments != biased_rec.replica_fragments and biased_rec.reasons
+    assert "IntegrityError" in tampered_rec.reasons[0] and tampered_rec.replica_fragments == []
+    with pytest.raises(IntegrityError, match="altered in storage"):
+        Memory(tampered, model=model).read(q, "s", route="episodic")
