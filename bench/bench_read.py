@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(1)
     centers = np.random.default_rng(seed).standard_normal((4096, D), dtype=np.float32)
     lt_queries = mixture(424242, args.queries, D, centers)
-    ep_queries = (window.centroids.numpy()[rng.integers(0, len(window.windows), args.queries)] * model.scale.numpy()
+    # episodic queries: a summary's mean slot mapped back to latent space
+    ep_queries = (window.centroids.numpy()[rng.integers(0, len(window.windows), args.queries)] @ model.unproj.detach().numpy().T
                   + model.shift.numpy()).astype(np.float32)
     mixed = np.concatenate([lt_queries[: args.queries // 2], ep_queries[: args.queries - args.queries // 2]])
     rng.shuffle(mixed)

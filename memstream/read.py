@@ -14,10 +14,9 @@ time against a replica (:class:`Memory` over replica stores); a disagreement is 
 ``memstream.read-divergence`` and counted.
 
 The episodic read computes the decoder exactly (a test checks it against
-``Compressor.decode``) but folds each head's key projection into the query and moves its
-value projection after the readout, as the encoder does: the session's tokens are then
-used raw, so they are decoded from storage once and cached (keyed by the stored chain head
-and window set), and a read costs two passes over them instead of projecting 300k tokens.
+``Compressor.decode``) over the session's raw tokens, which are decoded from storage once and
+cached (keyed by the stored chain head and window set); a read costs about three passes over
+them (slot norms, scores, readout) and makes no normalized copy.
 """
 
 from __future__ import annotations
@@ -34,8 +33,10 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from memstream import topics
+from memstream.routing import centroids_of
 from memstream.errors import ConfigError, IntegrityError, InvalidQueryError, ServiceError, SessionNotFoundError
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class SessionWindow:
     counts: torch.Tensor
     tokens: torch.Tensor
     provenance: dict[int, EpisodicProvenance]
-    centroids: torch.Tensor  # [n_summaries, d]
+    centroids: torch.Tensor  # [n_summaries, rank]: mean slot of each summary (routing features)
 
     @property
     def nbytes(self) -> int:
@@ -183,34 +184,24 @@ def _check_record(record, keyring) -> bool:
 @torch.no_grad()
 def attend(model, query: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``model.decode(query, memory, bias)`` for query [Q, d], memory [M, d], bias [M], computed
-    with the key projection folded into the query and the value projection after the readout.
+    """``model.decode(query, memory, bias)`` for query [Q, d], memory [M, d], bias [M], in one
+    pass over the raw tokens: the slots are used where they lie (no normalized copy of 300k
+    tokens), dividing the cue's dot products by the slot norms instead.
     Returns (reconstruction [Q, d], attention weight of each memory token [M], averaged over
-    queries, heads and decoder layers; it sums to 1)."""
-    x = (query.float() - model.shift) / model.scale
-    h = model.dec_in(x)
-    weights = torch.zeros(memory.shape[0])
-    Q, D = x.shape
-    for block in model.dec_blocks:
-        attn = block.attn
-        H = attn.heads
-        dh = D // H
-        wk, wv = attn.kv.weight[:D].view(H, dh, D), attn.kv.weight[D:].view(H, dh, D)
-        q = attn.q(block.ln1(h)).view(Q, H, dh)
-        folded = torch.einsum("qhe,hed->qhd", q, wk).reshape(Q * H, D) / math.sqrt(dh)
-        # [Q*H, M] (a tall matmul, then rows: the fastest layout on CPU); the key bias would add
-        # a constant per row, which the softmax ignores
-        scores = (memory @ folded.T).T.contiguous()
-        if bias is not None:
-            scores += bias
-        p = torch.softmax(scores, dim=1)
-        readout = (p @ memory).view(Q, H, D)
-        values = torch.einsum("qhd,hed->qhe", readout, wv) + attn.kv.bias[D:].view(H, dh)
-        h = h + attn.proj(values.reshape(Q, D))
-        h = h + block.mlp(block.ln2(h))
-        weights += p.mean(0)
-    out = (x + model.dec_out(model.dec_ln(h))) * model.scale + model.shift
-    return out, weights / len(model.dec_blocks)
+    queries; it sums to 1)."""
+    per = model.config.slots_per_token
+    slots = model.slots_of(memory)  # [M * per, r], a view
+    zq = model.project(query)  # [Q, r]
+    norms = slots.norm(dim=-1).clamp_min(1e-12)  # what F.normalize divides by
+    logits = (F.normalize(zq, dim=-1) @ slots.T) / norms * model.log_kappa.exp()  # [Q, M * per]
+    if bias is not None:
+        logits += bias.repeat_interleave(per)
+    p = torch.softmax(logits, dim=-1)
+    retrieved = p @ slots
+    q = query.float() - model.shift
+    z = model.gate_slot * retrieved + model.gate_cue * zq
+    out = z @ model.unproj.T + model.gate_rest * (q - zq @ model.unproj.T) + model.shift
+    return out, p.mean(0).view(-1, per).sum(1)
 
 
 # ------------------------------------------------------------------------------ the API
@@ -447,7 +438,7 @@ class Memory:
                 raise IntegrityError(f"session {session_id!r}: window {b} does not chain to window {a}")
         tokens = torch.cat([parts[w] for w in windows])
         counts = torch.tensor([len(parts[w]) for w in windows])
-        centroids = torch.stack([parts[w].mean(0) for w in windows])
+        centroids = torch.from_numpy(np.stack([centroids_of(self.model, parts[w]) for w in windows]))
         return SessionWindow(session_id, dict(current), windows, counts, tokens, provenance, centroids)
 
     # -- long-term ---------------------------------------------------------------------

@@ -19,8 +19,8 @@ when neither is. The label is only known after reading both; the policy must pre
 before reading either.
 
 **Features at read time**, before the (expensive) episodic read: the log of the query's norm,
-statistics of the cosines of the standardized query to the session's summary centroids (one
-mean token per summary, cached with the window), and the cosines of its two nearest
+statistics of the cosines of the projected query to the session's summary centroids (one
+mean slot per summary, cached with the window), and the cosines of its two nearest
 long-term entries from a probe search (whose hits are returned when the route includes the
 long-term store); see :func:`features`. **Model**: a two-layer MLP (8 -> 16 -> 3, softmax) trained with cross-entropy in torch; weights ship as
 ``route_policy.npz`` and inference is numpy. Scenarios on held-out documents measure it.
@@ -48,16 +48,31 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def features(queries: np.ndarray, centroids: np.ndarray, shift: np.ndarray, scale: np.ndarray,
+def centroids_of(model, tokens):
+    """Per summary, the mean of its slots in the compressor's projected space: tokens
+    [n, T, d] (torch) -> [n, rank] numpy."""
+    return model.slots_of(tokens.float()).mean(-2).numpy()
+
+
+def project(model, queries: np.ndarray) -> np.ndarray:
+    """Queries [n, d] in the compressor's projected space, where the slots live."""
+    import torch
+
+    with torch.no_grad():
+        return model.project(torch.from_numpy(np.ascontiguousarray(queries, np.float32))).numpy()
+
+
+def features(queries: np.ndarray, projected: np.ndarray, centroids: np.ndarray,
              longterm_sims: np.ndarray) -> np.ndarray:
-    """[n, 8] features of queries [n, d]: the log of the query's norm; statistics of its
-    cosines to the session's summary centroids [m, d] (max, mean, mean of the top 4, spread,
+    """[n, 8] features of queries [n, d] (``projected`` [n, rank] by :func:`project`): the log
+    of the query's norm; statistics of its projected cosines to the session's summary centroids
+    [m, rank] (:func:`centroids_of`; max, mean, mean of the top 4, spread,
     max - mean); and the cosines of its two nearest long-term entries, ``longterm_sims``
     [n, 2] (a cheap probe: the long-term search is ~50x cheaper than the episodic read).
     The query's own coordinates are left out on purpose: with them the model learnt which
     training documents sat where, and fell below the majority label on held-out documents."""
     queries = np.atleast_2d(np.asarray(queries, np.float32))
-    sims = _unit((queries - shift) / scale) @ _unit(np.asarray(centroids, np.float32)).T
+    sims = _unit(np.atleast_2d(projected)) @ _unit(np.asarray(centroids, np.float32)).T
     top = -np.sort(-sims, axis=1)[:, :4]
     lognorm = np.log(np.linalg.norm(queries, axis=1) + 1e-6)
     mx, mean = sims.max(1), sims.mean(1)
@@ -93,10 +108,10 @@ class RoutePolicy:
         return e / e.sum(1, keepdims=True)
 
     def probabilities(self, query, centroids: np.ndarray, model, longterm_sims) -> dict[str, float]:
-        """Of one query [d] in a session whose summary centroids are [m, d], whose two nearest
+        """Of one query [d] in a session whose summary centroids are [m, rank], whose two nearest
         long-term entries have cosines ``longterm_sims`` (NaN where there is none)."""
-        x = features(np.asarray(query, np.float32).reshape(1, -1), centroids, model.shift.numpy(),
-                     model.scale.numpy(), np.asarray(longterm_sims, np.float32).reshape(1, 2))
+        query = np.asarray(query, np.float32).reshape(1, -1)
+        x = features(query, project(model, query), centroids, np.asarray(longterm_sims, np.float32).reshape(1, 2))
         return {r: float(p) for r, p in zip(ROUTES, self.scores(x)[0])}
 
 
@@ -122,7 +137,7 @@ def scenario(model, docs: list[np.ndarray], rng: np.random.Generator, queries: i
     with torch.no_grad():
         tokens = model.encode(x, lengths).half().float()  # as stored: fp16
     memory = tokens.reshape(-1, tokens.shape[-1])
-    centroids = tokens.mean(1).numpy()
+    centroids = centroids_of(model, tokens)
     per = queries // 3
     targets = np.concatenate([session[rng.integers(0, len(session), per)],
                               longterm[rng.integers(0, len(longterm), per)],
@@ -139,7 +154,7 @@ def scenario(model, docs: list[np.ndarray], rng: np.random.Generator, queries: i
     lt = (_unit(longterm[order[:, 0]]) * _unit(targets)).sum(1)
     labels = np.where(ep > lt + MARGIN, 0, np.where(lt > ep + MARGIN, 1, 2))
     probe = np.take_along_axis(sims, order, axis=1)
-    return features(cues, centroids, model.shift.numpy(), model.scale.numpy(), probe), labels, ep, lt
+    return features(cues, project(model, cues), centroids, probe), labels, ep, lt
 
 
 def build(model, docs: list[np.ndarray], scenarios: int, seed: int):
