@@ -449,12 +449,10 @@ class Memory:
                                             record_access=account)
             elif account:
                 self.longterm.record_access(hits)
-            entries = self.longterm.get([h.entry_id for h in hits]) if hits else {}
         out = []
-        for h in hits:
-            tier, e = entries[h.entry_id]
-            prov = LongTermProvenance(e.entry_id, e.validator_key_hash, e.query_hash, e.timestamp_ns, e.supersedes,
-                                      e.key_id)
+        for h in hits:  # the search returns the provenance columns: no second lookup by id
+            prov = LongTermProvenance(h.entry_id, h.validator_key_hash, h.query_hash, h.timestamp_ns, h.supersedes,
+                                      h.key_id)
             out.append(Fragment("longterm", h.tier, 1.0 - h.distance, prov, payload=h.payload,
                                 payload_kind=h.payload_kind))
         return out

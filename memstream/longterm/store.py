@@ -85,6 +85,10 @@ class Hit:
     payload_kind: str
     supersedes: str | None
     timestamp_ns: int
+    # provenance, so a reader needs no second lookup by id
+    validator_key_hash: str = ""
+    query_hash: str = ""
+    key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -404,13 +408,15 @@ class LongTermStore:
         cold tier is usually unindexed). Each hit names its tier."""
         q = np.asarray(vector, np.float32).reshape(-1)
         hits: list[Hit] = []
-        cols = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns"]
+        cols = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
+                "query_hash", "key_id", "_distance"]
         for tier, table in self._tier_tables(include_cold):
             res = (table.search(q, vector_column_name="vector").distance_type(self.metric).nprobes(nprobes)
                    .limit(k).select(cols).to_arrow())
             for r in res.to_pylist():
                 hits.append(Hit(r["entry_id"], float(r["_distance"]), tier, r["payload"], r["payload_kind"],
-                                r["supersedes"], r["timestamp_ns"]))
+                                r["supersedes"], r["timestamp_ns"], r["validator_key_hash"], r["query_hash"],
+                                r["key_id"]))
         hits.sort(key=lambda h: h.distance)
         hits = hits[:k]
         if record_access:
