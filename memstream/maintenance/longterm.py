@@ -82,7 +82,13 @@ def compact_episodic(uri: str, storage_options: dict[str, str] | None = None, *,
     import lancedb
 
     db = lancedb.connect(uri, storage_options=storage_options, read_consistency_interval=timedelta(0))
-    names = list(db.table_names(limit=1000))
+    names, token = [], None
+    while True:
+        page = db.list_tables(page_token=token)
+        names += page.tables
+        token = page.page_token
+        if not token:
+            break
     for name in names:
         db.open_table(name).optimize(cleanup_older_than=timedelta(seconds=cleanup_older_than_s),
                                      delete_unverified=False)

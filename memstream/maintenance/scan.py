@@ -86,6 +86,15 @@ class Markers:
             int(n): {int(fp): {bytes.fromhex(x) for x in ds} for fp, ds in by_fp.items()}
             for n, by_fp in d["windows"].items()}, int(d["skipped"]))
 
+    def _powers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Powers of q and of its inverse mod 2**64, computed once per Markers object."""
+        cached = getattr(self, "_pow_cache", None)
+        if cached is None or len(cached[0]) < n:
+            size = max(n, 1 << 16)
+            cached = (_powers(self.q, size), _powers(pow(self.q, -1, 1 << 64), size))
+            self._pow_cache = cached
+        return cached[0][:n], cached[1][:n]
+
     def scan_buffer(self, buf: bytes | memoryview) -> list[int]:
         """Offsets in ``buf`` where a forgotten window starts."""
         hits = []
@@ -93,7 +102,6 @@ class Markers:
         longest = max(self.windows, default=0)
         if not longest or len(data) < min(self.windows):
             return hits
-        qinv = pow(self.q, -1, 1 << 64)
         # A first filter on the top bits (the best mixed of a polynomial hash), then exact.
         tables = {}
         for n, by_fp in self.windows.items():
@@ -101,8 +109,8 @@ class Markers:
             lut = np.zeros(1 << _LUT_BITS, dtype=bool)
             lut[fps >> np.uint64(64 - _LUT_BITS)] = True
             tables[n] = (fps, lut)
-        step = _CHUNK
-        qpow, ipow = _powers(self.q, step + longest), _powers(qinv, step + longest)
+        step = min(_CHUNK, len(data))
+        qpow, ipow = self._powers(step + longest)
         # Buffers reused across chunks: fresh arrays of this size cost more in page faults
         # than the arithmetic.
         c = np.zeros(step + longest, dtype=np.uint64)
