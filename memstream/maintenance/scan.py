@@ -95,6 +95,18 @@ class Markers:
             self._pow_cache = cached
         return cached[0][:n], cached[1][:n]
 
+    def _tables(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per window length: the sorted fingerprints, and a bitmap of their top bits (the
+        best mixed bits of a polynomial hash) as a first filter; built once."""
+        if getattr(self, "_table_cache", None) is None:
+            self._table_cache = {}
+            for n, by_fp in self.windows.items():
+                fps = np.array(sorted(by_fp), dtype=np.uint64)
+                lut = np.zeros(1 << _LUT_BITS, dtype=bool)
+                lut[fps >> np.uint64(64 - _LUT_BITS)] = True
+                self._table_cache[n] = (fps, lut)
+        return self._table_cache
+
     def scan_buffer(self, buf: bytes | memoryview) -> list[int]:
         """Offsets in ``buf`` where a forgotten window starts."""
         hits = []
@@ -102,13 +114,7 @@ class Markers:
         longest = max(self.windows, default=0)
         if not longest or len(data) < min(self.windows):
             return hits
-        # A first filter on the top bits (the best mixed of a polynomial hash), then exact.
-        tables = {}
-        for n, by_fp in self.windows.items():
-            fps = np.array(sorted(by_fp), dtype=np.uint64)
-            lut = np.zeros(1 << _LUT_BITS, dtype=bool)
-            lut[fps >> np.uint64(64 - _LUT_BITS)] = True
-            tables[n] = (fps, lut)
+        tables = self._tables()
         step = min(_CHUNK, len(data))
         qpow, ipow = self._powers(step + longest)
         # Buffers reused across chunks: fresh arrays of this size cost more in page faults
