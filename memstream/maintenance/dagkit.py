@@ -77,6 +77,10 @@ def longterm_params() -> dict[str, Param]:
         "validator_keys": Param([], type="array", items={"type": "string", "minLength": 1},
                                 description="validator public keys (files, or hex/base64) whose signatures "
                                             "the store accepts"),
+        "governance_keys": Param([], type="array", items={"type": "string", "minLength": 1},
+                                 description="governance public keys (approved removals, forget requests)"),
+        "governance_threshold": Param(None, type=["null", "integer"], minimum=1,
+                                      description="M of the M-of-N governance policy (default: all keys)"),
         "lease_timeout_s": Param(300, type="number", minimum=1, maximum=3600,
                                  description="how long to wait for writers to leave before maintenance gives up"),
     }
@@ -111,4 +115,6 @@ def longterm_store(p, *, with_signer: bool = False, kafka: bool = False):
     return open_store(p["longterm_uri"], so, keys=p.get("validator_keys") or (),
                       signer=signer(p) if with_signer else None, cold_uri=p.get("cold_uri"), cold_storage_options=so,
                       kafka_bootstrap=p.get("kafka_bootstrap") if kafka else None,
-                      lease_ttl_s=max(600.0, 2 * float(p.get("lease_timeout_s", 300))), **extra)
+                      lease_ttl_s=max(600.0, 2 * float(p.get("lease_timeout_s", 300))),
+                      governance_keys=p.get("governance_keys") or (), governance_threshold=p.get("governance_threshold"),
+                      **extra)

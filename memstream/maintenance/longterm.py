@@ -24,11 +24,17 @@ log = logging.getLogger(__name__)
 
 def open_store(uri: str, storage_options: dict[str, str] | None = None, *, keys=(), signer=None,
                cold_uri: str | None = None, cold_storage_options: dict[str, str] | None = None,
-               kafka_bootstrap: str | None = None, lease_ttl_s: float = 600.0, **kw):
-    """A :class:`LongTermStore` for maintenance: ``keys`` are the validator public keys."""
+               kafka_bootstrap: str | None = None, lease_ttl_s: float = 600.0, governance_keys=(),
+               governance_threshold: int | None = None, **kw):
+    """A :class:`LongTermStore` for maintenance: ``keys`` are the validator public keys,
+    ``governance_keys`` (with an M-of-N threshold, default N) those of the governance policy."""
+    from memstream.longterm.entry import GovernancePolicy
     from memstream.longterm.store import LongTermStore
     from memstream.maintenance import keyring
 
+    if governance_keys:
+        gk = keyring(governance_keys)
+        kw["governance"] = GovernancePolicy(gk, governance_threshold or len(gk))
     return LongTermStore(uri, keyring=keyring(keys, signer), signer=signer, storage_options=storage_options,
                          cold_uri=cold_uri or None, cold_storage_options=cold_storage_options,
                          kafka_bootstrap=kafka_bootstrap or None, lease_ttl_s=lease_ttl_s, **kw)

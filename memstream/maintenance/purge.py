@@ -27,6 +27,7 @@ import uuid
 import numpy as np
 import pyarrow as pa
 
+from memstream.crypto import KeyRing
 from memstream.errors import ConfigError, IntegrityError, VerificationError
 from memstream.longterm.entry import ForgetRequest
 from memstream.maintenance import sign_record
@@ -66,6 +67,8 @@ def plan(store) -> dict:
         log.info("forget purge: resuming unfinished plan %s", out)
         return out
     done = {rid for r in _rows(store.table("purges")) for rid in r["request_ids"]}
+    # request_forget accepts requests signed by validator or governance keys
+    ring = KeyRing([*store.keyring, *(store.governance.keys if store.governance else ())])
     requests = []
     for r in _rows(store.table("forget_requests")):
         if r["request_id"] in done:
@@ -73,7 +76,7 @@ def plan(store) -> dict:
         req = ForgetRequest(store.store_id, r["subject_hash"], r["tag"], r["key_id"], r["signature"],
                             r["request_id"], r["issued_at_ns"])
         try:
-            req.verify(store.keyring)
+            req.verify(ring)
         except IntegrityError as e:
             raise VerificationError(f"stored forget request {req.request_id} does not verify ({e}): "
                                     "investigate before purging anything") from e

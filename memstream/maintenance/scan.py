@@ -141,7 +141,7 @@ class Markers:
                     window = bytes(data[off:off + n])
                     if self._digest(window) in self.windows[n][int(f[i])]:
                         hits.append(off)
-        return hits
+        return sorted(hits)
 
 
 # -- storage listing -----------------------------------------------------------------------
