@@ -19,7 +19,9 @@ def forget_purge():
     def plan(**context) -> dict:
         from memstream.maintenance import purge
 
-        return purge.plan(dagkit.longterm_store(context["params"]))
+        p = context["params"]
+        dagkit.signer(p)  # the attestation needs the key: fail before erasing anything, not after
+        return purge.plan(dagkit.longterm_store(p))
 
     @task
     def erase(planned: dict, **context) -> dict:
