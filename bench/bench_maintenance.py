@@ -59,7 +59,7 @@ def _writer(args) -> tuple[int, float]:
             forget = j % forget_every == 0
             entries.append(Entry.create(
                 key, store.store_id, v, f"w{worker}-{start + i}-{'user' if forget else 'doc'}-payload".encode(),
-                query=f"q{j}", timestamp_ns=now - (100 * DAY_NS if j % old_every == 1 else 0),
+                query=f"q{j}", timestamp_ns=now - (100 * DAY_NS if (j // 7) % old_every == 0 else 0),
                 forget_tag="chat" if forget else None, forget_subject=SUBJECT if forget else None))
         store.append(entries)
     store.close()

@@ -2,13 +2,14 @@
 
 The scan must run after the bytes are gone, so it cannot carry them: it carries salted
 fingerprints instead. Each forgotten value (a payload, a vector's float32 bytes, a
-signature) contributes byte windows of :data:`WINDOW` bytes (its start, middle and end; a
-value of 16 to 31 bytes is one window of its own length; shorter values are too short to
-tell apart from other data and are counted as skipped). A window is kept as
+signature) contributes byte windows of :data:`WINDOW` bytes (its start, middle and end;
+shorter values are too short to tell apart from other data and are counted as skipped).
+One window length means one pass over the bytes. A window is kept as
 
-* a 64-bit polynomial fingerprint under a random odd base ``q`` (mod 2**64), which
-  :func:`scan_buffer` computes for every offset of an object at once with numpy
-  (``sum b[i+t] * q**t``, from a cumulative sum and powers of ``q``), and
+* a 32-bit polynomial fingerprint under a random odd base ``q`` (mod 2**32), which
+  :meth:`Markers.scan_buffer` computes for every offset of an object at once with numpy
+  (``sum b[i+t] * q**t``, from a cumulative sum and powers of ``q``), first filtered by a
+  bitmap of its top 24 bits, and
 * SHA-256 of a random salt and the window, which confirms a fingerprint hit exactly.
 
 Neither reveals the content. Objects are read from a local folder or an S3 listing
@@ -31,28 +32,29 @@ import numpy as np
 
 from memstream.errors import ConfigError, ServiceError
 
-WINDOW = 32
-MIN_BYTES = 16
+WINDOW = 16
 _CHUNK = 1 << 22  # bytes per numpy pass
-_M = (1 << 64) - 1
+_BITS = 32
+_DT = np.uint32  # 32-bit arithmetic: half the memory traffic of 64, and hits are confirmed anyway
+_MOD = 1 << _BITS
 _LUT_BITS = 24
 
 
 def _powers(q: int, n: int) -> np.ndarray:
-    p = np.full(n, q, dtype=np.uint64)
+    p = np.full(n, q, dtype=_DT)
     p[0] = 1
-    return np.cumprod(p, dtype=np.uint64)  # wraps mod 2**64
+    return np.cumprod(p, dtype=_DT)  # wraps mod 2**32
 
 
 def fingerprint(window: bytes, q: int) -> int:
-    return int(sum(b * pow(q, t, 1 << 64) for t, b in enumerate(window)) & _M)
+    return sum(b * pow(q, t, _MOD) for t, b in enumerate(window)) % _MOD
 
 
 @dataclass
 class Markers:
     """Salted fingerprints of forgotten byte windows; see the module docstring."""
 
-    q: int = field(default_factory=lambda: int.from_bytes(os.urandom(8), "little") | 1)
+    q: int = field(default_factory=lambda: int.from_bytes(os.urandom(_BITS // 8), "little") | 1)
     salt: bytes = field(default_factory=lambda: os.urandom(16))
     # window length -> fingerprint -> salted SHA-256 digests
     windows: dict[int, dict[int, set[bytes]]] = field(default_factory=dict)
@@ -61,15 +63,14 @@ class Markers:
     def _digest(self, window: bytes) -> bytes:
         return hashlib.sha256(self.salt + window).digest()
 
-    def add(self, value: bytes | str, min_bytes: int = MIN_BYTES) -> None:
+    def add(self, value: bytes | str) -> None:
         data = value.encode() if isinstance(value, str) else bytes(value)
-        if len(data) < min_bytes:
+        if len(data) < WINDOW:
             self.skipped += 1
             return
-        length = min(len(data), WINDOW)
-        for start in sorted({0, (len(data) - length) // 2, len(data) - length}):
-            w = data[start:start + length]
-            self.windows.setdefault(length, {}).setdefault(fingerprint(w, self.q), set()).add(self._digest(w))
+        for start in sorted({0, (len(data) - WINDOW) // 2, len(data) - WINDOW}):
+            w = data[start:start + WINDOW]
+            self.windows.setdefault(WINDOW, {}).setdefault(fingerprint(w, self.q), set()).add(self._digest(w))
 
     def __len__(self) -> int:
         return sum(len(d) for by_fp in self.windows.values() for d in by_fp.values())
@@ -87,11 +88,11 @@ class Markers:
             for n, by_fp in d["windows"].items()}, int(d["skipped"]))
 
     def _powers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Powers of q and of its inverse mod 2**64, computed once per Markers object."""
+        """Powers of q and of its inverse mod 2**32, computed once per Markers object."""
         cached = getattr(self, "_pow_cache", None)
         if cached is None or len(cached[0]) < n:
             size = max(n, 1 << 16)
-            cached = (_powers(self.q, size), _powers(pow(self.q, -1, 1 << 64), size))
+            cached = (_powers(self.q, size), _powers(pow(self.q, -1, _MOD), size))
             self._pow_cache = cached
         return cached[0][:n], cached[1][:n]
 
@@ -101,9 +102,9 @@ class Markers:
         if getattr(self, "_table_cache", None) is None:
             self._table_cache = {}
             for n, by_fp in self.windows.items():
-                fps = np.array(sorted(by_fp), dtype=np.uint64)
+                fps = np.array(sorted(by_fp), dtype=_DT)
                 lut = np.zeros(1 << _LUT_BITS, dtype=bool)
-                lut[fps >> np.uint64(64 - _LUT_BITS)] = True
+                lut[fps >> _DT(_BITS - _LUT_BITS)] = True
                 self._table_cache[n] = (fps, lut)
         return self._table_cache
 
@@ -119,14 +120,14 @@ class Markers:
         qpow, ipow = self._powers(step + longest)
         # Buffers reused across chunks: fresh arrays of this size cost more in page faults
         # than the arithmetic.
-        c = np.zeros(step + longest, dtype=np.uint64)
-        f_all, top_all = np.empty(step, dtype=np.uint64), np.empty(step, dtype=np.uint64)
-        shift = np.uint64(64 - _LUT_BITS)
+        c = np.zeros(step + longest, dtype=_DT)
+        f_all, top_all = np.empty(step, dtype=_DT), np.empty(step, dtype=_DT)
+        shift = _DT(_BITS - _LUT_BITS)
         for base in range(0, len(data), step):
             piece = data[base:base + step + longest - 1]
             m = len(piece)
-            np.multiply(piece, qpow[:m], out=c[1:m + 1], dtype=np.uint64)
-            np.cumsum(c[1:m + 1], dtype=np.uint64, out=c[1:m + 1])
+            np.multiply(piece, qpow[:m], out=c[1:m + 1], dtype=_DT)
+            np.cumsum(c[1:m + 1], dtype=_DT, out=c[1:m + 1])
             for n, (fps, lut) in tables.items():
                 count = min(m - n + 1, step)
                 if count <= 0:
