@@ -63,10 +63,7 @@ def percentile(xs, p):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=1_000_000)
-    ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--batch", type=int, default=10_000)
-    ap.add_argument("--writers", type=int, default=2)
+    common.store_args(ap)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--cold-fraction", type=float, default=0.05)
     ap.add_argument("--nprobes", type=int, nargs="+", default=[10, 20, 40])

@@ -35,3 +35,11 @@ def machine_info(*packages: str) -> dict:
         except metadata.PackageNotFoundError:
             info[name] = None
     return info
+
+
+def store_args(ap, n: int = 1_000_000) -> None:
+    """The arguments of a benchmark that builds a long-term store of ``n`` signed entries."""
+    ap.add_argument("--n", type=int, default=n)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--batch", type=int, default=10_000)
+    ap.add_argument("--writers", type=int, default=2)

@@ -1,4 +1,4 @@
-"""``memstream infra fetch|up|down|status``."""
+"""``memstream infra fetch|up|down|status`` and ``memstream airflow up|down|status``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ def register(sub) -> None:
     verbs.add_parser("status", help="print the services as JSON").set_defaults(func=_status)
     verbs.add_parser("fetch", help="download and build what the services need (mvn, go install), once"
                      ).set_defaults(func=_fetch)
+
+    air = sub.add_parser("airflow", help="run Airflow with the maintenance DAGs on 127.0.0.1 (SQLite, parallelism 2)")
+    air.add_argument("--dir", type=Path, default=None, help="AIRFLOW_HOME (default: $MEMSTREAM_CACHE/airflow)")
+    verbs = air.add_subparsers(dest="verb", required=True)
+    up = verbs.add_parser("up", help="start scheduler, DAG processor and API server; return once healthy")
+    up.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for health (default 240)")
+    up.set_defaults(func=_airflow_up)
+    verbs.add_parser("down", help="stop every component by PID (SIGINT, then force)").set_defaults(func=_airflow_down)
+    verbs.add_parser("status", help="components, URL and health as JSON").set_defaults(func=_airflow_status)
 
 
 def _up(args) -> int:
@@ -55,3 +64,31 @@ def _fetch(args) -> int:
         path = ensure()
         print(f"{name:11} {path} ({time.monotonic() - started:.1f}s)")
     return 0
+
+
+def _airflow_up(args) -> int:
+    from memstream.infra.airflow import LocalAirflow
+
+    af = LocalAirflow(args.dir)
+    started = time.monotonic()
+    st = af.up(timeout=args.timeout)
+    print(f"airflow up in {time.monotonic() - started:.1f}s at {af.url()} (user admin, password in "
+          f"{af.home / 'simple_auth_manager_passwords.json.generated'})")
+    print("pids: " + ", ".join(f"{n} {p}" for n, p in st["pids"].items()) + "; stop with: memstream airflow down")
+    return 0
+
+
+def _airflow_down(args) -> int:
+    from memstream.infra.airflow import LocalAirflow
+
+    stopped = LocalAirflow(args.dir).down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def _airflow_status(args) -> int:
+    from memstream.infra.airflow import LocalAirflow
+
+    status = LocalAirflow(args.dir).status()
+    print(json.dumps(status, indent=2))
+    return 0 if status["running"] and all(c["alive"] for c in status["components"].values()) else 1

@@ -86,7 +86,7 @@ def stop_pid(pid: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             _reap(pid)
-            if not pid_alive(pid) and not _group_alive(pid):
+            if not pid_alive(pid) and not group_alive(pid):
                 return
             time.sleep(0.1)
 
@@ -98,7 +98,7 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:

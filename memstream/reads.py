@@ -128,6 +128,11 @@ class ReadLedger:
         """Queries of the session accounted so far (flushed ones)."""
         return self._reads.count_rows(f"session_id = {_quote(session_id)}")
 
+    def last_query_ns(self, session_id: str) -> int | None:
+        """The reader's clock at the session's newest accounted query (None: no query)."""
+        rows = self._session_reads(session_id)
+        return rows[-1]["ts_ns"] if rows else None
+
     def sessions(self) -> list[str]:
         """Sessions with at least one accounted query."""
         col = self._reads.search().select(["session_id"]).limit(None).to_arrow()["session_id"]

@@ -266,6 +266,51 @@ class ForgetRequest(JsonRecord):
 
 
 @dataclass(frozen=True)
+class GcRecord(JsonRecord):
+    """What session_gc removed of one session's episodic memory (window, accounting, chain
+    head), signed by the maintenance key; kept in the episodic store's ``gc_records`` table."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "gc_record"
+
+    schema_version: int = _f("1")
+    session_id: str = _f("the collected session")
+    reason: Literal["closed", "idle"] = _f("closed: a close event was seen; idle: no activity for the retention")
+    summaries_removed: int = _f("summaries removed from the session's window, chain head included")
+    reads_removed: int = _f("query accounting rows removed")
+    biases_removed: int = _f("decay bias rows removed")
+    head_window_index: int | None = _f("window index of the removed chain head; null when none was stored")
+    head_hash: bytes = _f("hash of the removed chain head (empty when none): the topic keeps the chain")
+    last_activity_us: int = _f("newest summary or query of the session, microseconds since the epoch")
+    collected_at_us: int = _f("when the session was collected, microseconds since the epoch")
+    signature: bytes = _f("Ed25519 signature over the canonical encoding of the other fields")
+    key_id: str = _f("identifier of the signing key")
+
+
+@dataclass(frozen=True)
+class PurgeAttestation(JsonRecord):
+    """Signed proof of a forget purge: which entries were erased, by hash, never by content,
+    and the storage scan that found none of their bytes left."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "purge_attestation"
+
+    schema_version: int = _f("1")
+    store_id: str = _f("the long-term store purged")
+    purge_id: str = _f("32 hex digits naming this purge")
+    request_ids: list[str] = _f("the signed forget requests this purge carried out")
+    entry_ids: list[str] = _f("ids (content hashes) of the erased entries, sorted")
+    removed_hot: int = _f("entries erased from the hot tier")
+    removed_cold: int = _f("entries erased from the cold tier")
+    tree_size: int = _f("size of the latest signed tree head at the purge (its leaves stay logged)")
+    root_hash: bytes = _f("root hash of that tree head")
+    files_scanned: int = _f("storage objects scanned for the erased bytes after the purge")
+    bytes_scanned: int = _f("bytes scanned")
+    markers: int = _f("fingerprints of erased byte windows looked for; none was found")
+    purged_at_us: int = _f("when the scan passed, microseconds since the epoch")
+    signature: bytes = _f("Ed25519 signature over the canonical encoding of the other fields")
+    key_id: str = _f("identifier of the signing key")
+
+
+@dataclass(frozen=True)
 class DeadLetterRecord(JsonRecord):
     """A record the consumer rejected, with everything needed to replay or inspect it."""
 
@@ -306,4 +351,5 @@ class ReadDivergence(JsonRecord):
 
 
 JSON_RECORDS: tuple[type[JsonRecord], ...] = (SessionEvent, SummaryRecord, LongTermEntry, Attestation,
-                                             ForgetRequest, DeadLetterRecord, ReadDivergence)
+                                             ForgetRequest, GcRecord, PurgeAttestation, DeadLetterRecord,
+                                             ReadDivergence)

@@ -58,6 +58,15 @@ def s3_prefix(request) -> str:
     return f"tests/{request.node.name[:50]}-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture(params=["local", "s3"])
+def backend(request, tmp_path):
+    """(uri, storage_options) of a fresh store root: a local folder, then a prefix on S3."""
+    if request.param == "local":
+        return str(tmp_path / "ltm"), {}
+    s3 = request.getfixturevalue("s3_config")
+    return s3.uri(request.getfixturevalue("s3_prefix")), s3.storage_options()
+
+
 def pytest_report_header(config):
     return f"memstream cache: {os.environ.get('MEMSTREAM_CACHE', '~/.cache/memstream')}"
 

@@ -22,15 +22,6 @@ from memstream.longterm import Entry, ForgetRequest, GovernancePolicy, LongTermS
 DIM = 16
 
 
-@pytest.fixture(params=["local", "s3"])
-def backend(request, tmp_path):
-    """(uri, storage_options) of a fresh store root."""
-    if request.param == "local":
-        return str(tmp_path / "ltm"), {}
-    s3 = request.getfixturevalue("s3_config")
-    return s3.uri(request.getfixturevalue("s3_prefix")), s3.storage_options()
-
-
 @pytest.fixture
 def keys():
     return {"validator": SigningKey.generate(), "gov": [SigningKey.generate() for _ in range(3)]}

@@ -12,8 +12,8 @@ import pytest
 from memstream import errors
 from memstream.schemas import generate
 from memstream.schemas.records import (HEADER, JSON_RECORDS, Attestation, DeadLetterReason, DeadLetterRecord,
-                                       ForgetRequest, LatentChunkHeader, LongTermEntry, Provenance, ReadDivergence,
-                                       SessionEvent, SummaryRecord)
+                                       ForgetRequest, GcRecord, LatentChunkHeader, LongTermEntry, Provenance,
+                                       PurgeAttestation, ReadDivergence, SessionEvent, SummaryRecord)
 
 SAMPLES = [
     SessionEvent(1, "close", "s1", b"\x01" * 16, "bf16", 384, 42, 1_700_000_000_000_000),
@@ -23,6 +23,10 @@ SAMPLES = [
                   "k1", "tag", "alice", None),
     Attestation(1, 10, b"\x77" * 32, 1_700_000_000_000_000, b"\x88" * 64, "k1"),
     ForgetRequest(1, "alice", ["e-abc", "e-def"], 1_700_000_000_000_000, b"\x99" * 64, "k2"),
+    GcRecord(1, "s1", "closed", 12, 300, 11, 11, b"\xaa" * 32, 1_700_000_000_000_000, 1_700_000_100_000_000,
+             b"\xbb" * 64, "k1"),
+    PurgeAttestation(1, "store", "ab" * 16, ["cd" * 16], ["ef" * 32], 1, 0, 42, b"\x12" * 32, 17, 4096, 9,
+                     1_700_000_000_000_000, b"\x34" * 64, "k1"),
     DeadLetterRecord(1, DeadLetterReason.sequence_gap, "latents 3..5 are missing", "memstream.latents", 2, 17,
                      b"s1", b"MSLT\x01", 5, 1_700_000_000_000, 1_700_000_000_000_123),
     ReadDivergence(1, "ab" * 16, "s1", "both", "s3://b/primary", "s3://b/replica", ["episodic:3:" + "cd" * 32],

@@ -11,7 +11,8 @@ Layout under the store root (a local folder or ``s3://bucket/prefix``)::
     access_log.lance            one row per retrieval hit (appended on read)
     access_stats.lance          access_log merged by maintenance (count, last retrieved)
     removals.lance              governance-approved removals, with their approvals
-    forget_requests.lance       signed forget requests (purging their bytes is a later job)
+    forget_requests.lance       signed forget requests (the forget_purge DAG erases their bytes)
+    purges.lance                forget purges: plan (entry ids, salted fingerprints), signed attestation
 
 The cold tier is its own LanceDB folder (``cold_uri``, default ``<root>/cold``), which can
 live on cheaper storage. Entries move there only through :meth:`LongTermStore.demote`.
@@ -73,6 +74,10 @@ SCHEMAS = {
     "forget_requests": pa.schema([("request_id", pa.string()), ("subject_hash", pa.string()), ("tag", pa.string()),
                                   ("key_id", pa.string()), ("signature", pa.binary()), ("issued_at_ns", pa.int64()),
                                   ("matched", pa.int64())]),
+    "purges": pa.schema([("purge_id", pa.string()), ("request_ids", pa.list_(pa.string())),
+                         ("entry_ids", pa.list_(pa.string())), ("removed_hot", pa.int64()),
+                         ("removed_cold", pa.int64()), ("markers", pa.binary()), ("planned_ns", pa.int64()),
+                         ("attestation", pa.string())]),
 }
 
 
@@ -485,6 +490,30 @@ class LongTermStore:
     def count(self, tier: str = "hot") -> int:
         return (self._tables["entries"] if tier == "hot" else self._cold).count_rows()
 
+    def table(self, name: str):
+        """The LanceDB table ``name`` for maintenance jobs: ``entries`` (hot), ``cold``, or one
+        of the bookkeeping tables (:data:`SCHEMAS`)."""
+        if name == "cold":
+            return self._cold
+        if name == "entries" or name in SCHEMAS:
+            return self._tables[name]
+        raise ConfigError(f"no table {name!r}: choose entries, cold or one of {', '.join(SCHEMAS)}")
+
+    def rows(self, columns: list[str] | None = None, where: str | None = None, tier: str = "hot") -> pa.Table:
+        """Columns of a tier's rows (all of them when ``where`` is None)."""
+        return self._read(self.table("entries" if tier == "hot" else "cold"), columns, where)
+
+    def last_retrieved(self) -> dict[str, int]:
+        """Entry id -> when it was last retrieved (ns), for every entry retrieved at least once."""
+        self.flush_access_log()
+        out: dict[str, int] = {}
+        for name, col in (("access_stats", "last_ns"), ("access_log", "ts_ns")):
+            t = self._read(self._tables[name], ["entry_id", col])
+            for eid, ts in zip(t["entry_id"].to_pylist(), t[col].to_pylist()):
+                if ts is not None and ts > out.get(eid, -1):
+                    out[eid] = ts
+        return out
+
     # ------------------------------------------------------------------ maintenance
 
     def demote(self, entry_ids: Sequence[str]) -> list[str]:
@@ -517,6 +546,54 @@ class LongTermStore:
         with self.leases.maintenance():
             for table in [*self._tables.values(), self._cold]:
                 table.optimize(cleanup_older_than=cleanup_older_than, delete_unverified=True)
+
+    def erase(self, entry_ids: Sequence[str], lease_timeout_s: float = 300.0) -> dict[str, int]:
+        """Forget purge of ``entry_ids`` from both tiers, so that no data, deletion, index,
+        old-version or transaction file keeps their bytes: delete; compact every fragment
+        with deletions (``materialize_deletions_threshold=0``); rebuild the indexes, whose
+        files hold copies; drop every old version, unverified files included. Deleting
+        unreferenced files corrupts a table that a writer is appending to, so the whole step
+        holds the maintenance lease. The delete predicate names entry ids only, which the
+        Merkle log keeps anyway. Retry-safe: ids already gone are skipped, and the rest of the
+        sequence runs again. Returns the rows erased per tier."""
+        ids = sorted(set(entry_ids))
+        removed = {"hot": 0, "cold": 0}
+        with self.leases.maintenance(lease_timeout_s):
+            for tier, table in self._tier_tables(True):
+                n = 0
+                for start in range(0, len(ids), 10_000):
+                    pred = _ids_predicate(ids[start:start + 10_000])
+                    k = table.count_rows(pred)
+                    if k:
+                        table.delete(pred)
+                    n += k
+                removed[tier] = n
+                self._rewrite_without_deleted(table, tier)
+            # Retrieval records of the erased entries hold only their ids; readers append to the
+            # access log without a lease, so these two tables get a logical delete, no cleanup.
+            for name in ("access_log", "access_stats"):
+                for start in range(0, len(ids), 10_000):
+                    self._tables[name].delete(_ids_predicate(ids[start:start + 10_000]))
+        return removed
+
+    def _rewrite_without_deleted(self, table, tier: str) -> None:
+        from lancedb.index import Bitmap, BTree, LabelList
+
+        table.to_lance().optimize.compact_files(materialize_deletions_threshold=0.0)
+        table.checkout_latest()
+        for idx in table.list_indices():
+            if not table.count_rows():
+                table.drop_index(idx.name)
+            elif idx.columns == ["vector"]:
+                self.build_index(tier, replace=True)
+            else:
+                scalar = {"BTree": BTree, "Bitmap": Bitmap, "LabelList": LabelList}.get(idx.index_type)
+                if scalar is None:
+                    raise ConfigError(f"cannot rebuild index {idx.name} of type {idx.index_type}")
+                table.create_index(idx.columns[0], config=scalar(), replace=True)
+        table.checkout_latest()
+        table.to_lance().cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
+        table.checkout_latest()
 
     def remove(self, request: RemovalRequest, approvals: Sequence[Approval]) -> RemovalReceipt:
         """Remove entries under an M-of-N governance-approved request."""
@@ -648,7 +725,7 @@ class LongTermStore:
                 elif lh != leaf_hashes[i]:
                     report.failures.append(RowFailure(eid, tier, f"row does not match Merkle leaf {i}: its bytes "
                                                                  "were changed after it was signed and logged"))
-        removed = self._approved_removals(report)
+        removed = self._approved_removals(report) | self._attested_purges(report)
         for eid in log_ids[:size]:
             if eid not in seen and eid not in removed:
                 report.failures.append(RowFailure(eid, "missing", "logged entry has no row and no approved removal"))
@@ -669,6 +746,33 @@ class LongTermStore:
                 continue
             removed.update(req.entry_ids)
         return removed
+
+    def _attested_purges(self, report: VerifyReport) -> set[str]:
+        """Entries erased by a forget purge whose attestation is signed by a validator or
+        governance key, for forget requests that are stored and validly signed."""
+        from memstream.maintenance import verify_record
+        from memstream.schemas.records import PurgeAttestation
+
+        ring = KeyRing([*self.keyring, *(self.governance.keys if self.governance else ())])
+        requests = {r["request_id"]: r for r in self._read(self._tables["forget_requests"]).to_pylist()}
+        purged: set[str] = set()
+        for r in self._read(self._tables["purges"], None, "attestation IS NOT NULL").to_pylist():
+            try:
+                att = PurgeAttestation.from_json(r["attestation"])
+                verify_record(att, ring)
+                if att.store_id != self.store_id:
+                    raise VerificationError(f"attests a purge of store {att.store_id}")
+                for rid in att.request_ids:
+                    q = requests.get(rid)
+                    if q is None:
+                        raise VerificationError(f"names forget request {rid}, which is not stored")
+                    ForgetRequest(self.store_id, q["subject_hash"], q["tag"], q["key_id"], q["signature"], rid,
+                                  q["issued_at_ns"]).verify(ring)
+            except (IntegrityError, ValueError, TypeError) as e:
+                report.log_failures.append(f"purge {r['purge_id']}: the attestation does not check out: {e}")
+                continue
+            purged.update(att.entry_ids)
+        return purged
 
     def _verify_table(self, table, tier: str, workers: int | None):
         ds = table.to_lance()

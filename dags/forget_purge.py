@@ -1,0 +1,55 @@
+"""Airflow DAG ``forget_purge``: entries bound to the subject of a signed forget request are
+erased from every file of the long-term store (data, deletion, index, old-version and
+transaction files, both tiers) with writers excluded; a final scan of all storage fails the
+run if any forgotten bytes remain; a signed attestation records the purge by hash
+(see memstream.maintenance.purge)."""
+
+from __future__ import annotations
+
+from airflow.sdk import dag, task
+
+from memstream.maintenance import dagkit
+
+
+@dag(dag_id="forget_purge", schedule="@hourly", start_date=dagkit.START, catchup=False, max_active_runs=1,
+     default_args=dagkit.DEFAULT_ARGS, tags=dagkit.TAGS, doc_md=__doc__,
+     params={**dagkit.longterm_params(), **dagkit.storage_params(), **dagkit.key_params()})
+def forget_purge():
+    @task
+    def plan(**context) -> dict:
+        from memstream.maintenance import purge
+
+        p = context["params"]
+        dagkit.signer(p)  # the attestation needs the key: fail before erasing anything, not after
+        return purge.plan(dagkit.longterm_store(p))
+
+    @task
+    def erase(planned: dict, **context) -> dict:
+        from memstream.maintenance import purge
+
+        p = context["params"]
+        if planned["purge_id"] is None:
+            return {"purge_id": None}
+        return purge.erase(dagkit.longterm_store(p), planned["purge_id"], lease_timeout_s=p["lease_timeout_s"])
+
+    @task
+    def scan_storage(erased: dict, **context) -> dict:
+        from memstream.maintenance import purge
+
+        if erased["purge_id"] is None:
+            return {"purge_id": None}
+        return purge.check(dagkit.longterm_store(context["params"]), erased["purge_id"])
+
+    @task(outlets=[dagkit.LONGTERM_STORE])
+    def attest(scanned: dict, **context) -> dict:
+        from memstream.maintenance import purge
+
+        if scanned["purge_id"] is None:
+            return {"purge_id": None}
+        store = dagkit.longterm_store(context["params"], with_signer=True)
+        return purge.attest(store, scanned["purge_id"], store.signer, scanned)
+
+    attest(scan_storage(erase(plan())))
+
+
+forget_purge()

@@ -1,0 +1,83 @@
+"""Maintenance of the memory, as importable functions the Airflow DAGs in ``dags/`` call.
+
+Every function takes explicit store locations and settings (nothing global), is safe to run
+again after a crash or a retry (each one recomputes what is left to do from what the stores
+hold), and returns a dict of counts that the DAG logs and passes on as its XCom.
+
+* :mod:`memstream.maintenance.episodic`: decay of episodic summaries, session GC.
+* :mod:`memstream.maintenance.longterm`: cold demotion, compaction and index maintenance,
+  anchoring of signed tree heads.
+* :mod:`memstream.maintenance.purge`: the forget purge and its proof of erasure
+  (:mod:`memstream.maintenance.scan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from memstream.crypto import KeyRing, SigningKey, VerifyKey, canonical_encode
+from memstream.errors import ConfigError, SignatureError
+from memstream.schemas.records import JsonRecord
+
+
+def signing_key(key_env: str | None = None, key_file: str | None = None) -> SigningKey:
+    """The maintenance key that signs GC records and purge attestations: from a key file or
+    an environment variable (never from a DAG's run configuration)."""
+    if key_file:
+        return SigningKey.from_file(key_file)
+    if key_env:
+        return SigningKey.from_env(key_env)
+    raise ConfigError("no maintenance signing key: set the key_file or key_env Param")
+
+
+def storage_options(options: dict | None = None, options_env: str | None = None) -> dict[str, str] | None:
+    """Storage options given directly, or as JSON in an environment variable (which keeps
+    credentials out of Airflow's metadata database)."""
+    if options_env:
+        raw = os.environ.get(options_env)
+        if not raw:
+            raise ConfigError(f"environment variable {options_env} (storage options as JSON) is not set")
+        try:
+            options = json.loads(raw)
+        except ValueError as e:
+            raise ConfigError(f"{options_env} does not hold a JSON object of storage options: {e}") from None
+    if not options:
+        return None
+    return {str(k): str(v) for k, v in dict(options).items()}
+
+
+def keyring(keys: list[str] | tuple[str, ...] = (), signer: SigningKey | None = None) -> KeyRing:
+    """A key ring of validator public keys, each a file (PEM, hex or base64) or the key text."""
+    ring = KeyRing()
+    for text in keys:
+        path = Path(text)
+        ring.add(VerifyKey.parse(path.read_bytes() if path.is_file() else text))
+    if signer is not None:
+        ring.add(signer)
+    return ring
+
+
+def _message(record: JsonRecord) -> bytes:
+    fields = {}
+    for f in dataclasses.fields(record):
+        if f.name == "signature":
+            continue
+        value = getattr(record, f.name)
+        fields[f.name] = "\n".join(value) if isinstance(value, list) else value
+    return canonical_encode(f"memstream.{record.SCHEMA_NAME}.v{record.SCHEMA_VERSION}", fields)
+
+
+def sign_record(record: JsonRecord, key: SigningKey) -> JsonRecord:
+    """``record`` with ``key_id`` and ``signature`` set (Ed25519 over its canonical encoding)."""
+    unsigned = dataclasses.replace(record, key_id=key.key_id, signature=b"")
+    return dataclasses.replace(unsigned, signature=key.sign(_message(unsigned)))
+
+
+def verify_record(record: JsonRecord, ring: KeyRing) -> None:
+    """SignatureError unless ``record`` was signed by a key of ``ring``."""
+    if record.key_id not in ring:
+        raise SignatureError(f"{record.SCHEMA_NAME} signed by unknown key {record.key_id}")
+    ring.verify(record.key_id, record.signature, _message(dataclasses.replace(record, signature=b"")))

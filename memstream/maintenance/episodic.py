@@ -1,0 +1,185 @@
+"""Episodic maintenance: decay of summaries nobody reads, and garbage collection of sessions.
+
+**Decay.** For each session, the read ledger gives every stored summary's staleness (the
+session's queries since the summary was last read, or since it was stored). Its attention
+bias is :func:`memstream.reads.decay_bias` (0 within the last ``k`` queries, then ``-slope``
+per query); summaries whose bias falls below ``cutoff`` are evicted from the window. The
+chain head is never evicted (the pipeline continues the chain from it), and the summaries
+topic keeps every record.
+
+**Session GC.** A session is collected when it closed (a ``close`` session event on the
+latents topic) or when it was idle (no summary produced and no query) for longer than the
+retention. Collecting removes its whole window, its chain head, its publish marks and its
+read accounting, and leaves a signed :class:`GcRecord` in the ``gc_records`` table of the
+episodic database. A session whose newest summaries Kafka has not acknowledged is skipped:
+the store still holds the only copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from datetime import timedelta
+
+import pyarrow as pa
+
+from memstream.crypto import SigningKey
+from memstream.errors import ConfigError, TopicMissingError
+from memstream.maintenance import sign_record
+from memstream.reads import decay_bias
+from memstream.schemas.generate import arrow_schema
+from memstream.schemas.records import EVENT_MAGIC, GcRecord
+
+log = logging.getLogger(__name__)
+
+GC_RECORDS = "gc_records"
+GC_SCHEMA = arrow_schema(GcRecord)
+
+
+def _open(uri: str, storage_options: dict[str, str] | None):
+    from memstream.episodic import EpisodicStore
+    from memstream.reads import ReadLedger
+
+    return EpisodicStore(uri, storage_options), ReadLedger(uri, storage_options)
+
+
+def decay(uri: str, storage_options: dict[str, str] | None = None, *, k: int = 64, slope: float = 0.125,
+          cutoff: float = -8.0, dry_run: bool = False) -> dict:
+    """Store each summary's decay bias and evict those below ``cutoff``; returns counts."""
+    if cutoff >= 0:
+        raise ConfigError(f"the eviction cutoff is a negative bias, got {cutoff}")
+    store, ledger = _open(uri, storage_options)
+    out = {"sessions": 0, "summaries": 0, "decayed": 0, "evicted": 0, "head_kept": 0, "dry_run": dry_run}
+    for session in store.sessions():
+        stored = store.stored_at_ns(session)
+        st = ledger.staleness(session, stored)
+        biases = {w: decay_bias(st.by_window[w], k, slope) for w in stored}
+        below = sorted(w for w, b in biases.items() if b < cutoff)
+        head = max(stored)
+        out["sessions"] += 1
+        out["summaries"] += len(stored)
+        out["decayed"] += sum(1 for b in biases.values() if b < 0)
+        out["head_kept"] += int(head in below)
+        if dry_run:
+            out["evicted"] += len([w for w in below if w != head])
+            continue
+        # Bias rows of summaries evicted by an earlier, interrupted run.
+        orphans = sorted(set(ledger.biases(session)) - set(stored))
+        ledger.forget_windows(session, orphans)
+        ledger.set_biases(session, biases, st.by_window, st.queries)
+        evicted = store.evict_windows(session, below)
+        ledger.forget_windows(session, evicted)
+        out["evicted"] += len(evicted)
+        if evicted:
+            log.info("session %s: %d queries, evicted windows %s", session, st.queries, evicted)
+    log.info("episodic decay (k=%d, slope=%g, cutoff=%g): %s", k, slope, cutoff, out)
+    return out
+
+
+def closed_sessions(bootstrap: str, topic: str, timeout_s: float = 60.0) -> dict[str, int]:
+    """Session id -> event time (us) of every ``close`` event on the latents topic.
+
+    Reads every partition from the start of retention to its end offset without a consumer
+    group (nothing is committed); latent chunks are skipped by their magic bytes."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from memstream import codec
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                             request_timeout_ms=30000)
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise TopicMissingError(topic, bootstrap)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        closed: dict[str, int] = {}
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} to its end took more than {timeout_s:.0f}s")
+            for records in consumer.poll(timeout_ms=500).values():
+                for r in records:
+                    if r.value is None or bytes(r.value[:4]) != EVENT_MAGIC:
+                        continue
+                    try:
+                        event = codec.decode(r.key, r.value)
+                    except ValueError:
+                        continue  # a malformed event: the pipeline dead-letters it
+                    if event.kind == "close":
+                        closed[event.session_id] = event.event_time_us
+        return closed
+    finally:
+        consumer.close()
+
+
+def gc_table(uri: str, storage_options: dict[str, str] | None = None):
+    """The episodic database's ``gc_records`` table (created on first use)."""
+    import lancedb
+
+    db = lancedb.connect(uri, storage_options=storage_options, read_consistency_interval=timedelta(0))
+    return db.create_table(GC_RECORDS, schema=GC_SCHEMA, exist_ok=True)
+
+
+def gc_records(uri: str, storage_options: dict[str, str] | None = None) -> list[GcRecord]:
+    rows = gc_table(uri, storage_options).search().limit(None).to_arrow().to_pylist()
+    return [GcRecord(**r) for r in sorted(rows, key=lambda r: (r["collected_at_us"], r["session_id"]))]
+
+
+def collect_sessions(uri: str, storage_options: dict[str, str] | None = None, *, retention_s: float,
+                     key: SigningKey | None, closed: dict[str, int] | None = None, now_ns: int | None = None,
+                     dry_run: bool = False) -> dict:
+    """Garbage-collect closed sessions and those idle past ``retention_s``; returns counts
+    and the collected session ids. ``closed`` maps session ids to their close time (see
+    :func:`closed_sessions`)."""
+    if retention_s <= 0:
+        raise ConfigError(f"the retention must be positive, got {retention_s}s")
+    if key is None and not dry_run:
+        raise ConfigError("session GC signs a GC record per session: pass the maintenance key")
+    closed = closed or {}
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    store, ledger = _open(uri, storage_options)
+    table = gc_table(uri, storage_options)
+    out = {"sessions": 0, "collected_closed": 0, "collected_idle": 0, "skipped_unpublished": 0,
+           "summaries_removed": 0, "reads_removed": 0, "collected": [], "dry_run": dry_run}
+    for session in sorted(set(store.sessions()) | set(ledger.sessions())):
+        out["sessions"] += 1
+        stored = store.stored_at_ns(session)
+        last_read = ledger.last_query_ns(session)
+        last_ns = max([*stored.values(), last_read or 0])
+        if session in closed:
+            reason = "closed"
+        elif now_ns - last_ns > retention_s * 1e9:
+            reason = "idle"
+        else:
+            continue
+        if stored and store.unpublished(session):
+            out["skipped_unpublished"] += 1
+            log.warning("session %s is %s but Kafka has not acknowledged all its summaries: kept", session, reason)
+            continue
+        head = store.heads([session]).get(session)
+        record = GcRecord(
+            schema_version=1, session_id=session, reason=reason, summaries_removed=len(stored),
+            reads_removed=ledger.query_count(session), biases_removed=len(ledger.biases(session)),
+            head_window_index=head.window_index if head else None, head_hash=head.hash if head else b"",
+            last_activity_us=last_ns // 1000, collected_at_us=now_ns // 1000, signature=b"", key_id="")
+        out[f"collected_{reason}"] += 1
+        out["summaries_removed"] += record.summaries_removed
+        out["reads_removed"] += record.reads_removed
+        out["collected"].append(session)
+        if dry_run:
+            continue
+        signed = sign_record(record, key)
+        # The record first (insert-if-absent on the session and its head), then the removal:
+        # a retry after a crash in between finds the record and finishes the removal.
+        (table.merge_insert(["session_id", "head_hash"]).when_not_matched_insert_all()
+         .execute(pa.Table.from_pylist([dataclasses.asdict(signed)], schema=GC_SCHEMA)))
+        store.drop_session(session)
+        ledger.drop_session(session)
+        log.info("session %s collected (%s): %d summaries, %d reads", session, reason,
+                 record.summaries_removed, record.reads_removed)
+    log.info("session GC (retention %gs): %s", retention_s, {k: v for k, v in out.items() if k != "collected"})
+    return out
