@@ -15,7 +15,7 @@ Slots are packed ``slots_per_token`` to a summary token (2 x 192 = 384), so a su
 
 Why hard passes by default: on held-out windows (decoder trained for each), 6 soft iterations
 gave reconstruction 0.890 / recall 0.769; 4 hard ones 0.890 / 0.770; 1 coarse + 2 hard ones
-(the default) 0.889 / 0.772, in about a fifth of the 6 soft ones' CPU time (bench/README.md).
+(the default) 0.889 / 0.772, in about a quarter of the 6 soft ones' CPU time (bench/README.md).
 
 Decoder: a cue attends over the slots (cosine in the projected space, a learned sharp
 temperature), and the reconstruction is a learned per-direction combination of the retrieved
