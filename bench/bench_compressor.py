@@ -1,7 +1,8 @@
 """Throughput of the compressor's encoder on the CPU, and of the fixed-query kernel on a GPU.
 
-CPU mode (default): windows/s and latents/s of the encoder (soft k-means over each window in
-the projected space, ``iters`` iterations, windows batched) and of its reference path (the same
+CPU mode (default): windows/s and latents/s of the encoder (k-means over each window in the
+projected space: ``hard_iters`` Lloyd iterations, the first ``coarse_iters`` of them over every
+other latent, then ``iters`` soft ones; windows batched) and of its reference path (the same
 maths one window at a time), timed in the same run, and their ratio.
 
 GPU mode (--device cuda): the Triton fixed-query cross-attention kernel of ``memstream.kernels``
@@ -81,7 +82,7 @@ def bench_cpu(batches: list[int], repeats: int) -> list[dict]:
     for B in batches:
         x = torch.randn(B, c.window, c.dim)
         fast, ref = _time_interleaved([lambda: model.encode(x), lambda: model.encode(x, impl="reference")], repeats)
-        rows.append({"batch": B, "iters": c.iters, "encoder_s": fast, "reference_s": ref,
+        rows.append({"batch": B, "hard_iters": c.hard_iters, "coarse_iters": c.coarse_iters, "iters": c.iters, "encoder_s": fast, "reference_s": ref,
                      "encoder_windows_per_s": B / fast, "reference_windows_per_s": B / ref,
                      "encoder_latents_per_s": B * c.window / fast, "reference_latents_per_s": B * c.window / ref,
                      "speedup": ref / fast})

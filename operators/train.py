@@ -11,12 +11,13 @@ latents get noisy cues; the loss is
 the second term being the score that ``evaluate`` uses to find a cue's window
 (``model.score``). The state with the lowest validation loss is kept.
 
-CPU budget: the encoder (soft k-means over each window's 4,096 latents) is most of a step's
+CPU budget: the encoder (k-means over each window's 4,096 latents) is most of a step's
 cost. By default (``train_encoder`` off) the encoder stays at its data-fitted start (the
 projection is the top principal directions of the training latents, the assignment sharpness
 its initial value) and the summaries of all windows are computed once; the decoder and score
 parameters train by gradient. ``--train-encoder`` trains the projection and the sharpness too,
-end to end through the iterations. Seeded: the same command on the same machine (and thread
+end to end through the iterations (hard iterations pass gradient through the slot means, not
+the assignments; the sharpness only acts in soft ones, ``--iters``). Seeded: the same command on the same machine (and thread
 count) reproduces the same checkpoint.
 """
 

@@ -253,3 +253,27 @@ def test_operators_and_kernels_import_with_only_torch_and_numpy():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split("\n")[:2] == ["(1, 256, 384)", "[]"]
+
+
+def test_hard_iteration_is_a_lloyd_step():
+    m = _model()
+    torch.manual_seed(1)
+    z, slots = torch.randn(2, 50, 16), torch.randn(2, 8, 16)
+    valid = torch.ones(2, 50)
+    valid[1, 30:] = 0
+    z[1, 30:] = 0  # padding reads as zeros, as encode makes it
+    with torch.no_grad():
+        out = m.iterate_hard(z, slots, valid)
+    for b in range(2):
+        nearest = torch.cdist(z[b], slots[b]).argmin(-1)
+        for k in range(8):
+            members = (nearest == k) & valid[b].bool()
+            want = (z[b][members].sum(0) + 1e-3 * slots[b, k]) / (members.sum() + 1e-3)
+            torch.testing.assert_close(out[b, k], want, atol=1e-5, rtol=1e-5)
+
+
+def test_config_from_before_hard_iterations_reads_as_soft_only():
+    old = {"dim": 384, "window": 4096, "n_summary": 256, "rank": 192, "slots_per_token": 2, "iters": 6, "version": 2}
+    c = CompressorConfig.from_dict(old)
+    assert (c.hard_iters, c.coarse_iters, c.iters) == (0, 0, 6)
+    assert CompressorConfig.from_dict(CompressorConfig().to_dict()) == CompressorConfig()
