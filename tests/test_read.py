@@ -282,3 +282,42 @@ def test_sampled_reads_report_a_divergent_replica_on_kafka(tmp_path, model, key,
     assert "IntegrityError" in tampered_rec.reasons[0] and tampered_rec.replica_fragments == []
     with pytest.raises(IntegrityError, match="altered in storage"):
         Memory(tampered, model=model).read(q, "s", route="episodic")
+
+
+def test_reads_through_the_api_drive_decay_and_eviction(tmp_path, model, key):
+    """The accounting feeds the episodic_decay DAG's task: after 140 reads of one part of a
+    session, the summaries no read returned decay past the cutoff and are evicted (never the
+    chain head), and later reads carry the stored biases."""
+    from memstream.maintenance.episodic import decay
+
+    uri = str(tmp_path / "m")
+    # Each window drawn around its own centres, so a cue of window 1 is read from window 1.
+    rng = np.random.default_rng(6)
+    centres = rng.standard_normal((4, 64, D)).astype(np.float32)
+    x = (centres[:, rng.integers(0, 64, 4096)] + 0.3 * rng.standard_normal((4, 4096, D))).reshape(-1, D)
+    x = x.astype(np.float32)
+    write_session(uri, None, model, key, "s", x)
+    returned = []
+    with Memory(uri, model=model, flush_every=32) as mem:
+        for i in range(140):
+            res = mem.read(cue(x[4096 + i], 0.3, i), "s", k=1, route="episodic")
+            returned.append({f.provenance.window_index for f in res.fragments})
+    # Staleness as the issue defines it: queries since the last read (all summaries were
+    # stored before the first query).
+    expected = {}
+    for w in range(4):
+        last = max((i for i, r in enumerate(returned) if w in r), default=None)
+        expected[w] = 140 if last is None else 139 - last
+    out = decay(uri, k=64, slope=0.125, cutoff=-8.0)
+    stale = {w for w, s in expected.items() if -0.125 * max(0, s - 64) < -8.0}
+    assert stale, f"the reads should leave some summary unread for more than 128 queries: {returned}"
+    assert out["evicted"] == len(stale - {3}) and out["head_kept"] == int(3 in stale)
+    biases = ReadLedger(uri).biases("s")
+    assert sorted(biases) == sorted(set(range(4)) - (stale - {3}))
+    for w, b in biases.items():
+        assert b == pytest.approx(-0.125 * max(0, expected[w] - 64))
+    with Memory(uri, model=model) as mem:
+        assert mem.session_window("s").windows == sorted(biases)
+        res = mem.read(cue(x[5], 0.3, 999), "s", k=4, route="episodic")
+        assert {f.provenance.window_index for f in res.fragments} == set(biases)
+        assert {f.provenance.window_index: f.bias for f in res.fragments} == pytest.approx(biases)
