@@ -120,23 +120,29 @@ def attention_triton(x: torch.Tensor, queries: torch.Tensor, lengths: torch.Tens
             BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=num_warps, num_stages=num_stages,
         )
 
+    launch_fitting(launch, config, CONFIGS, _chosen, (x.dtype, D, x.device.type), f"d={D}")
+    return out
+
+
+def launch_fitting(launch, config, configs, chosen: dict, key, what: str) -> None:
+    """Run ``launch(*config)``; without a config, the configuration kept for ``key`` in ``chosen``,
+    else the first of ``configs`` that fits the device (then kept: one per process, deterministic)."""
     if config is not None:
         launch(*config)
-        return out
-    key = (x.dtype, D, x.device.type)
-    if key in _chosen:
-        launch(*_chosen[key])
-        return out
+        return
+    if key in chosen:
+        launch(*chosen[key])
+        return
     from triton.runtime.errors import OutOfResources
 
-    for candidate in CONFIGS:
+    for candidate in configs:
         try:
             launch(*candidate)
         except OutOfResources:
             continue
-        _chosen[key] = candidate
-        return out
-    raise RuntimeError(f"no kernel configuration fits this device for d={D}")
+        chosen[key] = candidate
+        return
+    raise RuntimeError(f"no kernel configuration fits this device for {what}")
 
 
 def fixed_query_attention(x: torch.Tensor, queries: torch.Tensor, lengths: torch.Tensor | None = None,

@@ -31,6 +31,11 @@ after 6 iterations: reconstruction 0.81 and recall 0.71 against 0.84 and 0.76). 
 ``memstream.kernels``; a slot update is attention with per-window queries and a per-latent key
 bias (softmax_n(q_k . z_n - logsumexp_k' q_k' . z_n) z_n), the generalization a fused kernel
 for this encoder would take.
+
+The hard passes' assignment (nearest slot by 2 z.c - |c|^2) is ``memstream.kernels.nearest_slot``:
+on CUDA (``impl`` "auto" or "triton") a fused Triton kernel that never writes the [B, N, S]
+scores, on fp32 projected latents; on the CPU the same baddbmm and argmax as before it (the
+CPU output, and so the default checkpoint, is unchanged bit for bit).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from memstream.kernels.nearest_slot import nearest_slot, triton_available
 
 CONFIG_VERSION = 2  # 1: the fixed-query Perceiver compressor (not loadable by this version)
 
@@ -118,16 +125,26 @@ class Compressor(nn.Module):
         2 z.s - |s|^2, [B, N, S] (one fused matmul-and-add)."""
         return torch.baddbmm((slots * slots).sum(-1)[:, None, :], z, slots.transpose(1, 2), alpha=2, beta=-1)
 
-    def iterate_hard(self, z: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def iterate_hard(self, z: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, impl: str = "torch",
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
         """One k-means (Lloyd) step: every valid latent goes to its nearest slot, and a slot
         becomes the mean of its latents (a slot that gets none keeps its place). The update
-        reads each latent once (index_add), not once per slot as the soft step does."""
+        reads each latent once (index_add), not once per slot as the soft step does.
+
+        The assignment is ``memstream.kernels.nearest_slot``: impl "torch" is ``closeness``'s
+        baddbmm and an argmax (all latents, padding too), "triton" the fused kernel (no [B, N, S]
+        scores; ``lengths`` lets it skip padding, which goes to slot 0). Padding's z is 0, so
+        the slot it goes to does not change the update."""
         B, N, r = z.shape
         S = slots.shape[1]
-        nearest = self.closeness(z, slots).argmax(-1)  # [B, N]
+        nearest = nearest_slot(z, slots, lengths if impl == "triton" else None, impl=impl)  # [B, N]
         nearest = (nearest + S * torch.arange(B, device=z.device)[:, None]).flatten()  # into [B * S]
-        total = z.new_zeros(B * S, r).index_add_(0, nearest, z.reshape(B * N, r))  # padding's z is 0
-        mass = z.new_zeros(B * S).index_add_(0, nearest, valid.flatten())
+        if impl == "triton":  # CUDA's index_add_ sums with atomics (order varies run to run); a sorted index_put_ does not
+            total = z.new_zeros(B * S, r).index_put_((nearest,), z.reshape(B * N, r), accumulate=True)
+            mass = z.new_zeros(B * S).index_put_((nearest,), valid.flatten(), accumulate=True)
+        else:
+            total = z.new_zeros(B * S, r).index_add_(0, nearest, z.reshape(B * N, r))  # padding's z is 0
+            mass = z.new_zeros(B * S).index_add_(0, nearest, valid.flatten())
         eps = 1e-3
         return (total.view(B, S, r) + eps * slots) / (mass.view(B, S, 1) + eps)
 
@@ -143,14 +160,20 @@ class Compressor(nn.Module):
 
     def encode(self, x: torch.Tensor, lengths: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
         """Windows of latents [B, N, d] (N <= window; ``lengths`` masks padding) -> summaries [B, 256, d] fp32.
-        impl: "auto"/"torch" batch the windows, "reference" runs them one at a time (same maths)."""
+        impl: "torch" batches the windows; "triton" too, with the hard passes' nearest-slot
+        assignment in the fused kernel of ``memstream.kernels.nearest_slot`` (on fp32 projected
+        latents: see that module); "auto" is "triton" on CUDA when triton is installed, "torch"
+        otherwise (so the CPU path is the torch one); "reference" runs the windows one at a time
+        through the torch path (same maths)."""
         if x.dim() != 3 or x.shape[-1] != self.config.dim:
             raise ValueError(f"want latents [B, N, {self.config.dim}], got {tuple(x.shape)}")
         if impl == "reference":
             lengths = self._lengths(x, lengths)
-            return torch.cat([self.encode(x[b:b + 1, :int(lengths[b])]) for b in range(x.shape[0])])
+            return torch.cat([self.encode(x[b:b + 1, :int(lengths[b])], impl="torch") for b in range(x.shape[0])])
         if impl not in ("auto", "torch", "triton"):
             raise ValueError(f"impl must be auto, torch, triton or reference, not {impl!r}")
+        if impl == "auto":
+            impl = "triton" if (x.is_cuda and triton_available()) else "torch"
         B, N, _ = x.shape
         lengths = self._lengths(x, lengths)
         valid = (torch.arange(N, device=x.device)[None, :] < lengths[:, None]).float()
@@ -158,7 +181,7 @@ class Compressor(nn.Module):
         slots = self.initial_slots(z, lengths)
         for i in range(self.config.hard_iters):
             step = 2 if i < self.config.coarse_iters else 1  # a coarse pass: every other latent
-            slots = self.iterate_hard(z[:, ::step], slots, valid[:, ::step])
+            slots = self.iterate_hard(z[:, ::step], slots, valid[:, ::step], impl, (lengths + step - 1) // step)
         for _ in range(self.config.iters):
             slots = self.iterate(z, slots, valid)
         return slots.reshape(B, self.config.n_summary, self.config.dim)
