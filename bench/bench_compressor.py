@@ -10,7 +10,11 @@ GPU mode (--device cuda): the Triton fixed-query cross-attention kernel of ``mem
 on fp16/bf16 latents at batch sizes 1..256: bytes of latents read per second as a fraction of
 the device-to-device copy bandwidth (bytes read plus written per second) measured in the same
 run, and TFLOP/s (4 * N * M * d flops a window: scores and readout); and the compressor's
-encoder on the same latents.
+encoder on the same latents. Then the encoder's own kernel, the fused nearest-slot assignment
+of its hard passes (``memstream.kernels.nearest_slot``, 4,096 projected latents against 512
+slots in 192 dims, fp32 as the encoder runs it, and bf16): the kernel's bytes of latents read
+per second (against the same copy bandwidth) and the torch path's time (baddbmm + argmax), and
+the encoder's windows/s with impl="triton" against impl="torch" (bench/README.md).
 
     python bench/bench_compressor.py                   # CPU, writes bench/results/cpu-*.{json,md}
     python bench/bench_compressor.py --device cuda     # GPU, writes bench/results/cuda-*.{json,md}
@@ -32,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from memstream.kernels import attention_torch, fixed_query_attention, triton_available
+from memstream.kernels import attention_torch, fixed_query_attention, nearest_slot, triton_available
 from memstream.operators import Compressor, CompressorConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -145,6 +149,37 @@ def bench_cuda(batches: list[int], repeats: int, dtypes: list[str]) -> tuple[lis
     return rows, bw
 
 
+@torch.no_grad()
+def bench_cuda_nearest(batches: list[int], repeats: int, bw: float) -> list[dict]:
+    """The nearest-slot kernel (fp32 and bf16 latents) and the encoder with impl triton vs torch."""
+    model = _model("cuda")
+    c = model.config
+    rows = []
+    for B in batches:
+        x = torch.randn(B, c.window, c.dim, device="cuda")
+        enc_triton = _cuda_time(lambda: model.encode(x, impl="triton"), repeats)
+        enc_torch = _cuda_time(lambda: model.encode(x, impl="torch"), repeats)
+        z = model.project(x)
+        slots = model.initial_slots(z, torch.full((B,), c.window, device="cuda"))
+        for dtype in (torch.float32, torch.bfloat16):
+            zd, sd = z.to(dtype), slots.to(dtype)
+            kernel = _cuda_time(lambda: nearest_slot(zd, sd, impl="triton"), repeats)
+            torch_path = _cuda_time(lambda: nearest_slot(zd, sd, impl="torch"), repeats)
+            nbytes = zd.numel() * zd.element_size()
+            flops = 2 * B * c.window * c.n_slots * c.rank
+            name = str(dtype).removeprefix("torch.")
+            rows.append({"dtype": name, "batch": B, "kernel_s": kernel, "bytes_per_s": nbytes / kernel,
+                         "fraction_of_copy_bandwidth": nbytes / kernel / bw, "tflops": flops / kernel / 1e12,
+                         "torch_path_s": torch_path, "speedup_vs_torch": torch_path / kernel,
+                         "encoder_triton_s": enc_triton, "encoder_torch_s": enc_torch,
+                         "encoder_triton_windows_per_s": B / enc_triton, "encoder_torch_windows_per_s": B / enc_torch})
+            print(f"nearest slot {name} batch {B:3d}: {nbytes / kernel / 1e9:7.0f} GB/s of latents "
+                  f"({nbytes / kernel / bw:5.1%} of copy), {flops / kernel / 1e12:6.1f} TFLOP/s, "
+                  f"{torch_path / kernel:.1f}x the torch path; encoder triton {B / enc_triton:9.0f} windows/s, "
+                  f"torch {B / enc_torch:9.0f} windows/s")
+    return rows
+
+
 def _markdown(result: dict) -> str:
     lines = [f"# Compressor benchmark ({result['device']})", "",
              f"{result['timestamp']}; " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()), ""]
@@ -162,6 +197,12 @@ def _markdown(result: dict) -> str:
                   f"{r['fraction_of_copy_bandwidth']:.1%} | {r['tflops']:.1f} | {r['speedup_vs_torch']:.1f}x | "
                   f"{r['encoder_windows_per_s']:,.0f} |"
                   for r in rows]
+        lines += ["", "Nearest-slot kernel (4,096 latents x 512 slots x 192 dims a window) and the encoder by impl:", "",
+                  "| z dtype | batch | kernel latents GB/s | of copy bw | TFLOP/s | kernel vs torch | encoder triton windows/s | encoder torch windows/s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['dtype']} | {r['batch']} | {r['bytes_per_s'] / 1e9:,.0f} | {r['fraction_of_copy_bandwidth']:.1%} | "
+                  f"{r['tflops']:.1f} | {r['speedup_vs_torch']:.1f}x | {r['encoder_triton_windows_per_s']:,.0f} | "
+                  f"{r['encoder_torch_windows_per_s']:,.0f} |" for r in result.get("nearest_rows", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -185,6 +226,7 @@ def main(argv=None) -> int:
         result["rows"] = bench_cpu(batches, args.repeats or 5)
     else:
         result["rows"], result["copy_bytes_per_s"] = bench_cuda(batches, args.repeats or 20, args.dtypes.split(","))
+        result["nearest_rows"] = bench_cuda_nearest(batches, args.repeats or 20, result["copy_bytes_per_s"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{args.device}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
