@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     print(json.dumps({"episodic_api": rows["episodic_api"]}), flush=True)
     tokens = window.tokens
     rows["episodic_attend_baseline"] = summary(timed(
-        lambda q: attend(model, torch.from_numpy(q)[None], tokens), ep_queries))
+        lambda q: attend(model, torch.from_numpy(q)[None], tokens, None, window.slot_norms), ep_queries))
     with torch.inference_mode():
         rows["episodic_textbook_decode_baseline"] = summary(timed(
             lambda q: model.decode(torch.from_numpy(q)[None], tokens), ep_queries[: args.decode_reads]))

@@ -143,6 +143,7 @@ class SessionWindow:
     tokens: torch.Tensor
     provenance: dict[int, EpisodicProvenance]
     centroids: torch.Tensor  # [n_summaries, rank]: mean slot of each summary (routing features)
+    slot_norms: torch.Tensor  # [N * slots_per_token]: saves the decoder a pass over the tokens per read
 
     @property
     def nbytes(self) -> int:
@@ -181,18 +182,24 @@ def _check_record(record, keyring) -> bool:
 
 # ------------------------------------------------------------------------------ decoder attention
 
+def slot_norms_of(model, memory: torch.Tensor) -> torch.Tensor:
+    """The norm of every slot of ``memory`` [M, d] -> [M * slots_per_token]: what F.normalize divides by."""
+    return model.slots_of(memory).norm(dim=-1).clamp_min(1e-12)
+
+
 @torch.no_grad()
-def attend(model, query: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(model, query: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor | None = None,
+           slot_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``model.decode(query, memory, bias)`` for query [Q, d], memory [M, d], bias [M], in one
     pass over the raw tokens: the slots are used where they lie (no normalized copy of 300k
-    tokens), dividing the cue's dot products by the slot norms instead.
+    tokens), dividing the cue's dot products by the slot norms instead (``slot_norms``, from
+    :func:`slot_norms_of` when the memory is cached).
     Returns (reconstruction [Q, d], attention weight of each memory token [M], averaged over
     queries; it sums to 1)."""
     per = model.config.slots_per_token
     slots = model.slots_of(memory)  # [M * per, r], a view
     zq = model.project(query)  # [Q, r]
-    norms = slots.norm(dim=-1).clamp_min(1e-12)  # what F.normalize divides by
+    norms = slot_norms_of(model, memory) if slot_norms is None else slot_norms
     logits = (F.normalize(zq, dim=-1) @ slots.T) / norms * model.log_kappa.exp()  # [Q, M * per]
     if bias is not None:
         logits += bias.repeat_interleave(per)
@@ -370,7 +377,7 @@ class Memory:
         stored = self.ledger.biases(window.session_id)
         per_summary = torch.tensor([stored.get(w, 0.0) for w in window.windows], dtype=torch.float32)
         bias = torch.repeat_interleave(per_summary, window.counts) if per_summary.any() else None
-        out, weights = attend(self.model, q[None], window.tokens, bias)
+        out, weights = attend(self.model, q[None], window.tokens, bias, window.slot_norms)
         offs = window.offsets()
         mass = torch.segment_reduce(weights, "sum", lengths=window.counts)
         top = torch.topk(mass, min(k, len(window.windows))).indices.tolist()
@@ -439,7 +446,8 @@ class Memory:
         tokens = torch.cat([parts[w] for w in windows])
         counts = torch.tensor([len(parts[w]) for w in windows])
         centroids = torch.from_numpy(np.stack([centroids_of(self.model, parts[w]) for w in windows]))
-        return SessionWindow(session_id, dict(current), windows, counts, tokens, provenance, centroids)
+        return SessionWindow(session_id, dict(current), windows, counts, tokens, provenance, centroids,
+                             slot_norms_of(self.model, tokens))
 
     # -- long-term ---------------------------------------------------------------------
     def _longterm(self, q: torch.Tensor, k: int, account: bool, hits=None) -> list[Fragment]:
