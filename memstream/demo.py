@@ -7,7 +7,9 @@
    latents, compressed by the default checkpoint, hash-chained, signed, written to the
    episodic store (a local LanceDB folder) and to the summaries topic;
 4. verify every session's chain from the topic and from the store;
-5. print a table and stop every service by PID.
+5. read each session back through the read API: a noisy cue of one of its latents must find
+   the window that latent was in, with verified provenance;
+6. print a table and stop every service by PID.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def run(args) -> int:
         corpus = text_latents.corpus_texts()
         names = [n for n in DEMO_TEXTS if n in corpus][:args.sessions]
         published: dict[str, int] = {}
+        kept: dict[str, list] = {}  # what was published, to read back
         t0 = time.monotonic()
         with Publisher(bootstrap) as pub:
             for name in names:
@@ -61,6 +64,7 @@ def run(args) -> int:
                 with pub.session(session_id) as session:
                     for part in text_latents.iter_latents(corpus[name]):
                         session.publish(part)
+                        kept.setdefault(session_id, []).append(part)
                 published[session_id] = pub.stats.latents - sum(published.values())
         print(f"published {sum(published.values())} MiniLM latents in {len(published)} sessions "
               f"({time.monotonic() - t0:.1f}s, mostly the MiniLM encoder)")
@@ -86,8 +90,33 @@ def run(args) -> int:
         total = sum(published.values())
         print(f"\npipeline: {total} latents in {elapsed:.1f}s on Prism, {total / elapsed:,.0f} latents/s "
               f"end to end (start-up included); store {config.store_uri}")
-        return 0
+        found = read_back(config.store_uri, ring, kept)
+        return 0 if found == len(kept) else 1
     finally:
         if not args.keep:
             stack.down()
             print("services stopped")
+
+
+def read_back(store_uri: str, ring, kept: dict[str, list]) -> int:
+    """Read every session through the read API with a noisy cue of a latent from its middle;
+    print where the cue was found. Returns how many sessions found the right window."""
+    import numpy as np
+
+    from memstream.read import Memory
+
+    rng = np.random.default_rng(0)
+    found = 0
+    print(f"\n{'read back':22} {'latent':>8} {'window':>8} {'found':>8}  provenance")
+    with Memory(store_uri, keyring=ring) as memory:
+        for session_id, parts in kept.items():
+            latents = np.concatenate([np.asarray(p, np.float32) for p in parts])
+            pos = len(latents) // 2
+            x = latents[pos]
+            cue = x + 0.5 * np.linalg.norm(x) / np.sqrt(len(x)) * rng.standard_normal(len(x)).astype(np.float32)
+            top = memory.read(cue, session_id, k=1, route="episodic").fragments[0].provenance
+            ok = top.seq_start <= pos < top.seq_end and top.verified
+            found += ok
+            print(f"{session_id:22} {pos:8} {pos // 4096:8} {top.window_index:8}  "
+                  f"{'signature ok' if top.verified else 'NOT VERIFIED'}, hash {top.hash[:16]}")
+    return found
