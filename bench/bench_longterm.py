@@ -215,14 +215,7 @@ def machine_info() -> dict:
 
 
 def write_results(res: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    name = f"longterm-{res['n']}-{stamp}"
-    (out / f"{name}.json").write_text(json.dumps(res, indent=2))
-    lines = [f"# Long-term store benchmark, {res['n']:,} x {res['dim']}", "",
-             f"Machine: {res['machine'].get('cpu_model')}, {res['machine']['cpus']} CPUs, "
-             f"{res['machine'].get('mem_total_gib')} GiB; load average at start "
-             f"{', '.join(f'{x:.1f}' for x in res['machine']['load_average_at_start'])} (shared machine).", ""]
+    lines = [f"# Long-term store benchmark, {res['n']:,} x {res['dim']}", "", common.machine_line(res["machine"]) + ".", ""]
     if "ingest" in res:
         lines += [
             f"- ingest: {res['ingest']['entries_per_s']:.0f} entries/s ({res['ingest']['seconds']:.1f} s, "
@@ -241,8 +234,7 @@ def write_results(res: dict, out: Path) -> None:
         for r in (res[key]["search"] if key == "real_latents" else res[key]) if key in res else []:
             lines.append(f"| {key} | {r['nprobes']} | {r['recall_at_10']:.3f} | {r['p50_ms']:.1f} | "
                          f"{r['p99_ms']:.1f} | {r['hits_by_tier']['hot']}/{r['hits_by_tier']['cold']} |")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print(f"results: {out / name}.json and .md")
+    common.save(res, f"longterm-{res['n']}", lines, out)
 
 
 if __name__ == "__main__":

@@ -155,14 +155,10 @@ def main(argv=None) -> int:
 
 
 def write_results(res: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"maintenance-{res['n']}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    (out / f"{name}.json").write_text(json.dumps(res, indent=2))
-    m, b, d, p = res["machine"], res["baseline_copy"], res["cold_demotion"], res["forget_purge"]
+    b, d, p = res["baseline_copy"], res["cold_demotion"], res["forget_purge"]
     gib = 2**30
     lines = [f"# Maintenance benchmark, {res['n']:,} x {res['dim']}", "",
-             f"Machine: {m.get('cpu_model')}, {m['cpus']} CPUs, {m.get('mem_total_gib')} GiB; load average at start "
-             f"{', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} (shared machine).", "",
+             common.machine_line(res["machine"]) + ".", "",
              f"- store: ingest {res['ingest_s']} s ({res['writers']} writers), IVF_FLAT index {res['index_build_s']:.1f} s, "
              f"hot table {res['hot_table_bytes'] / gib:.2f} GiB",
              f"- baseline, plain copy of the hot table: {b['seconds']} s, {b['bytes_written'] / gib:.2f} GiB written",
@@ -174,8 +170,7 @@ def write_results(res: dict, out: Path) -> None:
              f"{p['files_scanned']} files, attest {p['attest_s']} s); erase wrote {p['bytes_written'] / gib:.2f} GiB "
              f"and removed {p['bytes_removed'] / gib:.2f} GiB; scan found none of {p['markers']:,} fingerprints",
              f"- after: {res['hot_after']:,} hot, {res['cold_after']:,} cold"]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print(f"results: {out / name}.json and .md")
+    common.save(res, f"maintenance-{res['n']}", lines, out)
 
 
 if __name__ == "__main__":

@@ -182,15 +182,9 @@ def main(argv=None) -> int:
 
 
 def write_results(res: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"read-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    (out / f"{name}.json").write_text(json.dumps(res, indent=2))
-    m = res["machine"]
     lines = [f"# Read API benchmark: {res['summaries']:,} summaries ({res['tokens']:,} tokens) per session, "
              f"{res['longterm_n']:,} long-term entries", "",
-             f"Machine: {m.get('cpu_model')}, {m['cpus']} CPUs, {m.get('mem_total_gib')} GiB; load average at start "
-             f"{', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} (shared machine); torch threads "
-             f"{res['torch_threads']}; k = {res['k']}; {res['queries']} queries per row, one client.", "",
+             f"{common.machine_line(res['machine'])}; torch threads {res['torch_threads']}; k = {res['k']}; {res['queries']} queries per row, one client.", "",
              f"- session window load (read, verify hash + signature, decode to fp32): {res['cold_window_load_s']:.1f} s,"
              f" cached {res['window_cache_mib']:.0f} MiB", ""]
     lines += ["| read | p50 ms | p99 ms | reads/s |", "|---|---|---|---|"]
@@ -198,8 +192,7 @@ def write_results(res: dict, out: Path) -> None:
         extra = f" (routes {r['routes']})" if "routes" in r else ""
         lines.append(f"| {name_}{extra} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['reads_per_s']:.2f} |")
     lines += ["", "Ratios (same run): " + ", ".join(f"{k} = {v:.2f}" for k, v in res["ratios"].items())]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print(f"results: {out / name}.json and .md")
+    common.save(res, "read", lines, out)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -35,6 +36,21 @@ def machine_info(*packages: str) -> dict:
         except metadata.PackageNotFoundError:
             info[name] = None
     return info
+
+
+def machine_line(m: dict) -> str:
+    """The machine in one sentence, for a result's Markdown."""
+    return (f"Machine: {m.get('cpu_model')}, {m['cpus']} CPUs, {m.get('mem_total_gib')} GiB; load average at start "
+            f"{', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} (shared machine)")
+
+
+def save(res: dict, prefix: str, lines: list[str], out: Path) -> None:
+    """Write ``out/<prefix>-<UTC time>.json`` (the figures) and ``.md`` (``lines``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{prefix}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2))
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print(f"results: {out / name}.json and .md")
 
 
 def store_args(ap, n: int = 1_000_000) -> None:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from datetime import timedelta
 
 import pyarrow as pa
 
 from memstream.errors import ConfigError
+from memstream.lance import connect
 from memstream.schemas.generate import arrow_schema
 from memstream.schemas.records import SummaryRecord
 
@@ -45,17 +45,11 @@ class EpisodicStore:
     """``EpisodicStore(uri, storage_options)``: a local folder or ``s3://bucket/prefix``."""
 
     def __init__(self, uri: str, storage_options: dict[str, str] | None = None, window: int = DEFAULT_WINDOW):
-        import lancedb
-
-        if uri.startswith("s3://") and not storage_options:
-            raise ConfigError("an s3:// episodic store needs explicit storage options (endpoint and "
-                              "credentials): memstream never falls back to the cloud metadata service")
         if window < 1:
             raise ConfigError(f"the sliding window must hold at least one summary, got {window}")
         self.uri, self.window = uri, window
-        # Every read sees the latest committed version: several workers write this table, and
-        # a chain continues from what is stored.
-        self._db = lancedb.connect(uri, storage_options=storage_options, read_consistency_interval=timedelta(0))
+        # Every read sees the latest committed version: a chain continues from what is stored.
+        self._db = connect(uri, storage_options)
         self._table = None
 
     @property

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import random
 import threading
 import time

@@ -20,12 +20,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
 from memstream.errors import ConfigError
+from memstream.lance import connect
 
 READS = "reads"
 BIASES = "summary_bias"
@@ -73,15 +73,10 @@ class ReadLedger:
     """
 
     def __init__(self, uri: str, storage_options: dict[str, str] | None = None, *, flush_every: int = 32):
-        import lancedb
-
-        if uri.startswith("s3://") and not storage_options:
-            raise ConfigError("an s3:// episodic store needs explicit storage options (endpoint and "
-                              "credentials): memstream never falls back to the cloud metadata service")
         if flush_every < 1:
             raise ConfigError(f"flush_every must be at least 1, got {flush_every}")
         self.uri, self.flush_every = uri, flush_every
-        self._db = lancedb.connect(uri, storage_options=storage_options, read_consistency_interval=timedelta(0))
+        self._db = connect(uri, storage_options)
         self._reads = self._db.create_table(READS, schema=READS_SCHEMA, exist_ok=True)
         self._biases = self._db.create_table(BIASES, schema=BIAS_SCHEMA, exist_ok=True)
         self._lock = threading.Lock()

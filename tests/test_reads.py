@@ -78,3 +78,11 @@ def test_exact_counts_under_concurrent_processes(tmp_path):
         p.join(120)
         assert p.exitcode == 0
     assert ReadLedger(str(tmp_path)).query_count("s") == 120
+
+
+def test_s3_stores_refuse_implicit_credentials():
+    from memstream.episodic import EpisodicStore
+
+    for open_store in (EpisodicStore, ReadLedger):
+        with pytest.raises(ConfigError, match="metadata service"):
+            open_store("s3://bucket/prefix")

@@ -42,6 +42,7 @@ from memstream.crypto import KeyRing, MerkleFrontier, MerkleTree, SignedTreeHead
 from memstream.crypto import verify_inclusion
 from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError, IntegrityError, ReplayError,
                               ServiceError, SignatureError, VerificationError)
+from memstream.lance import connect
 from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, check_row,
                                       subject_hash)
 from memstream.longterm.lease import Leases, object_store
@@ -205,8 +206,8 @@ class LongTermStore:
         objects.put_if_absent("_store.json", json.dumps(meta).encode())  # first opener wins
         stored = json.loads(objects.get("_store.json") or b"{}")
         self.store_id, self.dim, self.metric = stored["store_id"], int(stored["dim"]), stored["metric"]
-        self._db = self._connect(self.uri, self.storage_options)
-        self._cold_db = self._connect(self.cold_uri, self.cold_storage_options)
+        self._db = connect(self.uri, self.storage_options)
+        self._cold_db = connect(self.cold_uri, self.cold_storage_options)
         self._tables = {name: self._ensure(self._db, name, schema) for name, schema in SCHEMAS.items()}
         self._tables["entries"] = self._ensure(self._db, "entries", entries_schema(self.dim))
         self._cold = self._ensure(self._cold_db, "entries", entries_schema(self.dim))
@@ -214,17 +215,6 @@ class LongTermStore:
         self._producer = None
 
     # ------------------------------------------------------------------ plumbing
-
-    @staticmethod
-    def _connect(uri: str, storage_options: dict[str, str]):
-        import lancedb
-
-        if uri.startswith("s3://") and not storage_options.get("aws_endpoint"):
-            raise ConfigError(f"{uri}: pass storage_options with explicit credentials and endpoint "
-                              "(S3Config.storage_options()); the AWS default chain is never used")
-        # read_consistency_interval=0: every read sees other processes' latest commits.
-        return lancedb.connect(uri, storage_options=storage_options or None,
-                               read_consistency_interval=timedelta(0))
 
     @staticmethod
     def _ensure(db, name: str, schema: pa.Schema):

@@ -20,12 +20,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from datetime import timedelta
 
 import pyarrow as pa
 
 from memstream.crypto import SigningKey
 from memstream.errors import ConfigError, TopicMissingError
+from memstream.lance import connect
 from memstream.maintenance import sign_record
 from memstream.reads import decay_bias
 from memstream.schemas.generate import arrow_schema
@@ -118,10 +118,7 @@ def closed_sessions(bootstrap: str, topic: str, timeout_s: float = 60.0) -> dict
 
 def gc_table(uri: str, storage_options: dict[str, str] | None = None):
     """The episodic database's ``gc_records`` table (created on first use)."""
-    import lancedb
-
-    db = lancedb.connect(uri, storage_options=storage_options, read_consistency_interval=timedelta(0))
-    return db.create_table(GC_RECORDS, schema=GC_SCHEMA, exist_ok=True)
+    return connect(uri, storage_options).create_table(GC_RECORDS, schema=GC_SCHEMA, exist_ok=True)
 
 
 def gc_records(uri: str, storage_options: dict[str, str] | None = None) -> list[GcRecord]:

@@ -18,6 +18,7 @@ import time
 from datetime import timedelta
 
 from memstream.errors import ConfigError
+from memstream.lance import connect
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,7 @@ def compact_episodic(uri: str, storage_options: dict[str, str] | None = None, *,
                      cleanup_older_than_s: float = 7 * 86400) -> dict:
     """Compact the episodic database's tables. The pipeline and readers append without a
     lease, so unverified files are never deleted here (that corrupts a table being appended)."""
-    import lancedb
-
-    db = lancedb.connect(uri, storage_options=storage_options, read_consistency_interval=timedelta(0))
+    db = connect(uri, storage_options)
     names, token = [], None
     while True:
         page = db.list_tables(page_token=token)
