@@ -61,7 +61,7 @@ def main() -> None:
         # raw: consume every byte of the topic once
         from kafka import KafkaConsumer
 
-        from memstream.infra.kafka import MAX_MESSAGE_BYTES
+        from memstream.settings import MAX_MESSAGE_BYTES
 
         consumer = KafkaConsumer(names["latents"], bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                  enable_auto_commit=False, consumer_timeout_ms=3000,

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import common
-from memstream.codec import encode_chunk
+from memstream.wire.codec import encode_chunk
 from memstream.infra.kafka import KAFKA_VERSION
 from memstream.infra.stack import Stack
 from memstream.schemas.records import HEADER_SIZE, DType

@@ -1,5 +1,5 @@
 """Read API benchmark: latency p50/p99 and reads/s of episodic-only, long-term-only and
-routed reads through :class:`memstream.read.Memory`, at realistic sizes, with same-run
+routed reads through :class:`memstream.read.memory.Memory`, at realistic sizes, with same-run
 baselines.
 
 - Episodic: one session of ``--summaries`` (1,220) signed summaries of 256 x 384 fp16 tokens,
@@ -12,8 +12,8 @@ baselines.
 - Routed: queries half near long-term entries, half near session summaries; the policy decides.
 
 Baselines, measured in the same run on the same data: the decoder attention alone over the
-cached tokens (``read.attend``), the textbook ``Compressor.decode`` over the same tokens (a few
-reads: it projects every token), and ``LongTermStore.search`` alone. Each API figure is given
+cached tokens (``Compressor.attend`` with the cached slot norms), ``Compressor.decode`` over the
+same tokens (a few reads: it takes every slot's norm again), and ``LongTermStore.search`` alone. Each API figure is given
 as a ratio to its baseline. Results + machine go to bench/results/read-<time>.{json,md}.
 
     python bench/bench_read.py                       # 1,220 summaries, 1M long-term entries
@@ -42,9 +42,10 @@ D = 384
 def build_session(uri: str, key, model, summaries: int, encoded: int, seed: int = 0) -> None:
     import torch
 
-    from memstream.chain import seal
-    from memstream.episodic import EpisodicStore
-    from memstream.pipelines.episodic import WINDOW, operator_version
+    from memstream.episodic.chain import seal
+    from memstream.episodic.store import EpisodicStore
+    from memstream.pipelines.episodic import operator_version
+    from memstream.settings import WINDOW
     from memstream.schemas.records import SummaryRecord
 
     rng = np.random.default_rng(seed)
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     from memstream.crypto import KeyRing, SigningKey
     from memstream.longterm import LongTermStore
     from memstream.operators.checkpoint import load_default
-    from memstream.read import Memory, attend
+    from memstream.read.memory import Memory
 
     root = Path(args.root or tempfile.mkdtemp(prefix="read-bench-"))
     ep_uri, lt_uri = str(root / "episodic"), str(root / "longterm")
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
 
     memory = Memory(ep_uri, lt_uri, model=model, flush_every=64)
     t0 = time.perf_counter()
-    window = memory.session_window("bench")
+    window = memory.session_memory("bench")
     res["cold_window_load_s"] = time.perf_counter() - t0
     res["window_cache_mib"] = window.nbytes / 2**20
     rng = np.random.default_rng(1)
@@ -147,8 +148,9 @@ def main(argv=None) -> int:
     rows["episodic_api"] = summary(timed(lambda q: memory.read(q, "bench", k, route="episodic"), ep_queries))
     print(json.dumps({"episodic_api": rows["episodic_api"]}), flush=True)
     tokens = window.tokens
-    rows["episodic_attend_baseline"] = summary(timed(
-        lambda q: attend(model, torch.from_numpy(q)[None], tokens, None, window.slot_norms), ep_queries))
+    with torch.inference_mode():
+        rows["episodic_attend_baseline"] = summary(timed(
+            lambda q: model.attend(torch.from_numpy(q)[None], tokens, None, window.slot_norms), ep_queries))
     with torch.inference_mode():
         rows["episodic_textbook_decode_baseline"] = summary(timed(
             lambda q: model.decode(torch.from_numpy(q)[None], tokens), ep_queries[: args.decode_reads]))

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag, task
 
-from memstream.maintenance import dagkit
+from memstream.dags import dagkit
+from memstream.settings import DECAY_CUTOFF, DECAY_K, DECAY_SLOPE
 
 
 @dag(dag_id="episodic_decay", schedule="@hourly", start_date=dagkit.START, catchup=False, max_active_runs=1,
      default_args=dagkit.DEFAULT_ARGS, tags=dagkit.TAGS, doc_md=__doc__,
      params={
          "episodic_uri": dagkit.episodic_uri(), **dagkit.storage_params(),
-         "k": Param(64, type="integer", minimum=0, description="queries a summary may go unread without decay"),
-         "slope": Param(0.125, type="number", minimum=0, description="bias lost per query beyond k"),
-         "cutoff": Param(-8.0, type="number", exclusiveMaximum=0,
+         "k": Param(DECAY_K, type="integer", minimum=0, description="queries a summary may go unread without decay"),
+         "slope": Param(DECAY_SLOPE, type="number", minimum=0, description="bias lost per query beyond k"),
+         "cutoff": Param(DECAY_CUTOFF, type="number", exclusiveMaximum=0,
                          description="summaries whose bias falls below this are evicted from the window"),
          "dry_run": dagkit.dry_run(),
      })

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from airflow.sdk import dag, task
 
-from memstream.maintenance import dagkit
+from memstream.dags import dagkit
 
 
 @dag(dag_id="forget_purge", schedule="@hourly", start_date=dagkit.START, catchup=False, max_active_runs=1,

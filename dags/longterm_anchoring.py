@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag, task
 
-from memstream import topics
-from memstream.maintenance import dagkit
+from memstream import settings
+from memstream.dags import dagkit
 
 
 @dag(dag_id="longterm_anchoring", schedule="@hourly", start_date=dagkit.START, catchup=False, max_active_runs=1,
@@ -14,7 +14,7 @@ from memstream.maintenance import dagkit
      params={
          **dagkit.longterm_params(), **dagkit.storage_params(),
          "kafka_bootstrap": dagkit.bootstrap_param(),
-         "attestations_topic": Param(topics.ATTESTATIONS, type="string", minLength=1,
+         "attestations_topic": Param(settings.ATTESTATIONS_TOPIC, type="string", minLength=1,
                                      description="topic the signed tree heads go to"),
      })
 def longterm_anchoring():

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag, task
 
-from memstream.maintenance import dagkit
+from memstream.dags import dagkit
+from memstream.settings import COLD_AFTER_DAYS
 
 
 @dag(dag_id="longterm_cold_demotion", schedule="@daily", start_date=dagkit.START, catchup=False,
      max_active_runs=1, default_args=dagkit.DEFAULT_ARGS, tags=dagkit.TAGS, doc_md=__doc__,
      params={
          **dagkit.longterm_params(), **dagkit.storage_params(),
-         "not_retrieved_days": Param(90.0, type="number", exclusiveMinimum=0,
+         "not_retrieved_days": Param(COLD_AFTER_DAYS, type="number", exclusiveMinimum=0,
                                      description="entries not retrieved for this long are demoted"),
          "batch": Param(10_000, type="integer", minimum=1, maximum=100_000, description="entries per demotion"),
          "dry_run": dagkit.dry_run(),

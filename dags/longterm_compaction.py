@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag, task
 
-from memstream.maintenance import dagkit
+from memstream.dags import dagkit
 
 
 @dag(dag_id="longterm_compaction", schedule=[dagkit.LONGTERM_STORE], start_date=dagkit.START, catchup=False,

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag, task
 
-from memstream import topics
-from memstream.maintenance import dagkit
+from memstream import settings
+from memstream.dags import dagkit
 
 
 @dag(dag_id="session_gc", schedule="@daily", start_date=dagkit.START, catchup=False, max_active_runs=1,
      default_args=dagkit.DEFAULT_ARGS, tags=dagkit.TAGS, doc_md=__doc__,
      params={
          "episodic_uri": dagkit.episodic_uri(), **dagkit.storage_params(),
-         "retention_hours": Param(24.0 * 7, type="number", exclusiveMinimum=0,
+         "retention_hours": Param(settings.SESSION_RETENTION_HOURS, type="number", exclusiveMinimum=0,
                                   description="sessions with no summary and no query for this long are collected"),
          "kafka_bootstrap": dagkit.bootstrap_param(),
-         "latents_topic": Param(topics.LATENTS, type="string", minLength=1,
+         "latents_topic": Param(settings.LATENTS_TOPIC, type="string", minLength=1,
                                 description="topic whose close events mark sessions closed"),
          **dagkit.key_params(),
          "dry_run": dagkit.dry_run(),

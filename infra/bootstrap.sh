@@ -34,7 +34,7 @@ fi
 venv="$root/.venv"
 site=$("$deps/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 stamp="$venv/.memstream-stamp"
-want="$deps|$(sha256sum "$root/pyproject.toml" | cut -c1-12)"
+want="$deps|$(cat "$root/pyproject.toml" "$root/setup.py" | sha256sum | cut -c1-12)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   rm -rf "$venv"
   # No pip or setuptools of its own: the .pth below makes the dependency venv's win.

@@ -13,10 +13,9 @@ from pathlib import Path
 
 from memstream.errors import ServiceError
 from memstream.infra import process, tools
+from memstream.settings import MAX_MESSAGE_BYTES
 
 KAFKA_VERSION = "4.1.1"
-# Latent chunks are large: the broker, topics and clients all accept messages up to 16 MiB.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 _LOG4J = """\
 Configuration:

@@ -1,5 +1,5 @@
-"""Beam runners that really stream: Prism (built with ``go install``) and embedded Flink
-(the distributed path: the same job server submits to a real Flink cluster).
+"""Beam runners that really stream: Prism (built with ``go install``) and Beam's Flink job server,
+which runs each job on a Flink cluster embedded in its own JVM (``[local]``: one machine).
 
 Prism is handed to Beam with ``--prism_location``; Beam's own PrismRunner would download it
 from a host that is not reachable here.

@@ -18,27 +18,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from memstream import text_latents, topics
+from memstream.crypto.keys import KeyRing, SigningKey, write_key_file
+from memstream.episodic.chain import verify_chain
+from memstream.infra import runners
+from memstream.infra.stack import Stack
+from memstream.pipelines.episodic import EpisodicConfig
+from memstream.pipelines.episodic import run as run_pipeline
+from memstream.read.memory import Memory
+from memstream.sdk import Publisher
+from memstream.topics import read_summaries
+
 DEMO_TEXTS = ("pydoc:json", "pydoc:pathlib", "pydoc:dataclasses", "pydoc:functools")
 
 
-def register(sub) -> None:
-    demo = sub.add_parser("demo", help="run the main job end to end on embedded defaults")
-    demo.add_argument("--sessions", type=int, default=3, help=f"sessions to publish (at most {len(DEMO_TEXTS)})")
-    demo.add_argument("--keep", action="store_true", help="leave the services running afterwards")
-    demo.set_defaults(func=run)
-
-
-def run(args) -> int:
-    from memstream import text_latents, topics
-    from memstream.chain import verify_chain
-    from memstream.crypto import KeyRing, SigningKey
-    from memstream.infra import runners
-    from memstream.infra.stack import Stack
-    from memstream.pipelines.episodic import EpisodicConfig
-    from memstream.pipelines.episodic import run as run_pipeline
-    from memstream.pipelines.summaries import read_summaries
-    from memstream.sdk import Publisher
-
+def run(sessions: int = 3, keep: bool = False) -> int:
     root = Path(tempfile.mkdtemp(prefix="memstream-demo-"))
     stack = Stack(root)
     try:
@@ -50,11 +46,10 @@ def run(args) -> int:
 
         key_file = root / "validator.pem"
         key = SigningKey.generate()
-        key_file.write_bytes(key.private_pem())
-        key_file.chmod(0o600)
+        write_key_file(key_file, key, "validator")
 
         corpus = text_latents.corpus_texts()
-        names = [n for n in DEMO_TEXTS if n in corpus][:args.sessions]
+        names = [n for n in DEMO_TEXTS if n in corpus][:sessions]
         published: dict[str, int] = {}
         kept: dict[str, list] = {}  # what was published, to read back
         t0 = time.monotonic()
@@ -93,7 +88,7 @@ def run(args) -> int:
         found = read_back(config.store_uri, ring, kept)
         return 0 if found == len(kept) else 1
     finally:
-        if not args.keep:
+        if not keep:
             stack.down()
             print("services stopped")
 
@@ -101,10 +96,6 @@ def run(args) -> int:
 def read_back(store_uri: str, ring, kept: dict[str, list]) -> int:
     """Read every session through the read API with a noisy cue of a latent from its middle;
     print where the cue was found. Returns how many sessions found the right window."""
-    import numpy as np
-
-    from memstream.read import Memory
-
     rng = np.random.default_rng(0)
     found = 0
     print(f"\n{'read back':22} {'latent':>8} {'window':>8} {'found':>8}  provenance")

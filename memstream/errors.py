@@ -1,7 +1,34 @@
 """One exception hierarchy for all of memstream.
 
 Every error a user can cause or fix derives from :class:`MemstreamError`, and its message
-says what to do about it.
+says what to do about it::
+
+    MemstreamError
+    ├── ConfigError                  a setting is missing or invalid
+    │   ├── TopicMissingError
+    │   ├── ChunkLimitError
+    │   └── CheckpointError          a compressor checkpoint is missing or does not fit
+    ├── ServiceError                 Kafka, S3, a Beam runner or a tool failed
+    │   ├── ToolMissingError
+    │   ├── ServiceNotReadyError
+    │   ├── PublishError
+    │   ├── LeaseError
+    │   └── TextLatentsError         the MiniLM model or a text could not be loaded
+    ├── SessionInUseError
+    ├── InvalidInputError (ValueError)   bad latents or records: one class per dead-letter reason
+    │   ├── BadKeyError, TruncatedError, OversizeError, BadMagicError, UnknownVersionError,
+    │   │   UnsupportedDTypeError, ShapeError, ChecksumError, BadEventError, NonFiniteError
+    │   └── DTypeMismatchError, DimMismatchError, SequenceGapError, ReorderedError,
+    │       UnknownSessionError, ClosedSessionError
+    ├── IntegrityError               stored or received data failed a cryptographic check
+    │   ├── SignatureError
+    │   ├── VerificationError
+    │   └── ReplayError
+    ├── AppendOnlyViolation
+    ├── GovernanceError
+    └── ReadError                    a read memstream refuses (``status``/``code`` for HTTP)
+        ├── InvalidQueryError (ValueError)
+        └── SessionNotFoundError (LookupError)
 """
 
 from memstream.schemas.records import DeadLetterReason as _R
@@ -50,6 +77,14 @@ class SessionInUseError(MemstreamError):
 
 class PublishError(ServiceError):
     """Kafka did not acknowledge a message after its retries; the cause says why."""
+
+
+class TextLatentsError(ServiceError):
+    """The MiniLM model or the text could not be loaded."""
+
+
+class CheckpointError(ConfigError):
+    """A compressor checkpoint is missing, unreadable, or does not fit the model."""
 
 
 # -- invalid latents and records -------------------------------------------------------------
@@ -146,6 +181,7 @@ class ClosedSessionError(InvalidInputError):
 INVALID_INPUT_ERRORS: dict[_R, type[InvalidInputError]] = {
     cls.reason: cls for cls in InvalidInputError.__subclasses__()}
 
+
 class IntegrityError(MemstreamError):
     """Stored or received data failed a cryptographic check: treat it as tampered with."""
 
@@ -196,3 +232,15 @@ class SessionNotFoundError(ReadError, LookupError):
 
     status = 404
     code = "unknown_session"
+
+
+__all__ = [
+    "MemstreamError", "ConfigError", "ServiceError", "ToolMissingError", "ServiceNotReadyError",
+    "TopicMissingError", "ChunkLimitError", "SessionInUseError", "PublishError", "TextLatentsError",
+    "CheckpointError", "InvalidInputError", "BadKeyError", "TruncatedError", "OversizeError", "BadMagicError",
+    "UnknownVersionError", "UnsupportedDTypeError", "ShapeError", "ChecksumError", "BadEventError",
+    "NonFiniteError", "DTypeMismatchError", "DimMismatchError", "SequenceGapError", "ReorderedError",
+    "UnknownSessionError", "ClosedSessionError", "IntegrityError", "SignatureError", "VerificationError",
+    "ReplayError", "AppendOnlyViolation", "GovernanceError", "LeaseError", "ReadError", "InvalidQueryError",
+    "SessionNotFoundError", "INVALID_INPUT_ERRORS",
+]

@@ -24,16 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from memstream import topics
-from memstream.codec import NUMPY_DTYPES, all_finite, encode_chunk, encode_event, float32_to_bf16_bits
 from memstream.errors import (BadKeyError, ChunkLimitError, ClosedSessionError, ConfigError, DimMismatchError,
                               DTypeMismatchError, NonFiniteError, PublishError, ServiceError, SessionInUseError,
                               ShapeError, TopicMissingError, UnsupportedDTypeError)
-from memstream.infra.kafka import MAX_MESSAGE_BYTES
 from memstream.schemas.records import HEADER_SIZE, DType, SessionEvent
+from memstream.settings import CHUNK_BYTES, IN_FLIGHT_BYTES, LATENTS_TOPIC, MAX_MESSAGE_BYTES
+from memstream.wire.codec import NUMPY_DTYPES, all_finite, encode_chunk, encode_event, float32_to_bf16_bits
 
-DEFAULT_CHUNK_BYTES = 1 << 20
-DEFAULT_IN_FLIGHT_BYTES = 64 << 20
+DEFAULT_CHUNK_BYTES = CHUNK_BYTES
 # Room the broker needs around one message in a record batch (batch and record headers, key).
 _BATCH_OVERHEAD = 64 << 10
 
@@ -57,8 +55,8 @@ class PublishResult:
 class Publisher:
     """Publishes latent sessions to the latents topic; use it as a context manager."""
 
-    def __init__(self, bootstrap_servers: str, *, topic: str = topics.LATENTS,
-                 max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_in_flight_bytes: int = DEFAULT_IN_FLIGHT_BYTES,
+    def __init__(self, bootstrap_servers: str, *, topic: str = LATENTS_TOPIC,
+                 max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_in_flight_bytes: int = IN_FLIGHT_BYTES,
                  linger_ms: int = 5, delivery_timeout_ms: int = 120_000, metadata_timeout_ms: int = 15_000,
                  kafka_config: dict[str, Any] | None = None):
         if not HEADER_SIZE < max_chunk_bytes <= MAX_MESSAGE_BYTES - _BATCH_OVERHEAD:

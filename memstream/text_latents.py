@@ -14,13 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
-from memstream.errors import MemstreamError
-
-DIM = 384
-
-
-class TextLatentsError(MemstreamError):
-    """The MiniLM model or the text could not be loaded."""
+from memstream.errors import TextLatentsError
+from memstream.settings import LATENT_DIM as DIM
 
 
 @lru_cache(maxsize=1)

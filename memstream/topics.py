@@ -1,4 +1,5 @@
-"""Default Kafka topic names, in one place, and topic creation.
+"""memstream's Kafka topics: their names (from :mod:`memstream.settings`), their creation, and the
+small producers and readers that every process shares (dead letters out, summaries back).
 
 Session lifecycle events (open, close) share the latents topic: both are keyed by session id,
 so they land in the session's partition and are ordered with its chunks. A consumer can then
@@ -7,22 +8,18 @@ tell a chunk that follows a close from one that precedes it, which two topics co
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+from typing import Iterable
 
-from memstream.errors import ConfigError
-from memstream.infra.kafka import MAX_MESSAGE_BYTES
+from memstream.errors import ConfigError, PublishError
+from memstream.schemas.records import DeadLetterRecord, SummaryRecord
+from memstream.settings import (ATTESTATIONS_TOPIC, DEADLETTER_TOPIC, FORGET_TOPIC, LATENTS_TOPIC,
+                                MAX_MESSAGE_BYTES, PARTITIONS, READ_DIVERGENCE_TOPIC, RETENTION_MS, SUMMARIES_TOPIC)
+from memstream.wire.deadletter import fit_dead_letter
 
-LATENTS = "memstream.latents"  # latent chunks and session events, key = session id
-SUMMARIES = "memstream.summaries"
-DEADLETTER = "memstream.deadletter"
-ATTESTATIONS = "memstream.attestations"
-FORGET = "memstream.forget"
-READ_DIVERGENCE = "memstream.read-divergence"  # sampled reads whose replica disagreed
+LATENTS, SUMMARIES, DEADLETTER = LATENTS_TOPIC, SUMMARIES_TOPIC, DEADLETTER_TOPIC
+ATTESTATIONS, FORGET, READ_DIVERGENCE = ATTESTATIONS_TOPIC, FORGET_TOPIC, READ_DIVERGENCE_TOPIC
 DEFAULT_TOPICS = (LATENTS, SUMMARIES, DEADLETTER, ATTESTATIONS, FORGET, READ_DIVERGENCE)
-
-DEFAULT_PARTITIONS = 4
-DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
@@ -31,18 +28,8 @@ class TopicResult:
     created: bool  # False: it existed already
 
 
-def default_bootstrap() -> str:
-    """$MEMSTREAM_BOOTSTRAP, else the broker of the local stack (`memstream infra up`)."""
-    env = os.environ.get("MEMSTREAM_BOOTSTRAP")
-    if env:
-        return env
-    from memstream.infra.stack import Stack
-
-    return Stack().kafka_bootstrap()
-
-
 def create_topics(bootstrap: str, names: tuple[str, ...] | list[str] = DEFAULT_TOPICS, *,
-                  partitions: int = DEFAULT_PARTITIONS, retention_ms: int = DEFAULT_RETENTION_MS,
+                  partitions: int = PARTITIONS, retention_ms: int = RETENTION_MS,
                   max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[TopicResult]:
     """Create each topic that does not exist yet (replication 1: the local stack has one broker)."""
     from kafka import KafkaAdminClient
@@ -67,3 +54,47 @@ def create_topics(bootstrap: str, names: tuple[str, ...] | list[str] = DEFAULT_T
     finally:
         admin.close()
     return results
+
+
+def write_dead_letters(producer, records: Iterable[DeadLetterRecord], topic: str = DEADLETTER,
+                       timeout: float = 30.0) -> int:
+    """Send each record as JSON to the dead-letter topic, keyed by the original key, and wait
+    for the broker's acknowledgements. ``producer`` is a kafka-python KafkaProducer whose
+    ``max_request_size`` admits MAX_DEAD_LETTER_BYTES."""
+    from kafka.errors import KafkaError
+
+    futures = [producer.send(topic, key=r.key, value=fit_dead_letter(r)) for r in records]
+    producer.flush(timeout)
+    for f in futures:
+        try:
+            f.get(timeout=0)
+        except KafkaError as e:
+            raise PublishError(f"dead-letter record not written to {topic!r}: {e}") from e
+    return len(futures)
+
+
+def read_summaries(bootstrap: str, session_id: str | None = None, topic: str = SUMMARIES,
+                   timeout_ms: int = 3000) -> list[SummaryRecord]:
+    """Every summary on the topic up to its current end (of one session when given), in
+    topic order, which is window order per session."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        end = consumer.end_offsets(parts)
+        want = session_id.encode() if session_id is not None else None
+        out: list[SummaryRecord] = []
+        while any(consumer.position(tp) < end[tp] for tp in parts):
+            batches = consumer.poll(timeout_ms=timeout_ms)
+            if not batches:
+                break
+            for tp, msgs in batches.items():
+                out += [SummaryRecord.from_json(m.value) for m in msgs
+                        if m.offset < end[tp] and (want is None or m.key == want)]
+        return out
+    finally:
+        consumer.close()

@@ -14,17 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memstream.errors import MemstreamError
+from memstream.errors import CheckpointError
 from memstream.operators.model import Compressor, CompressorConfig
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "compressor.safetensors"
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
-
-
-class CheckpointError(MemstreamError):
-    """A checkpoint is missing, unreadable, or does not fit the model."""
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

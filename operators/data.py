@@ -15,6 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from memstream import settings
+from memstream.errors import ConfigError
+from memstream.text_latents import corpus_texts, text_to_latents
+
 # Held out of training and validation: the eval command and the tests read these.
 HELDOUT_TEXTS = ("license:Apache-2.0", "pydoc:logging", "pydoc:pathlib", "pydoc:sqlite3", "pydoc:threading")
 # Validation (model selection and the logged validation loss); everything else trains.
@@ -23,14 +27,11 @@ _WEAKREFS = re.compile(r"\[<weakref; to '[^']*'>(?:, <weakref; to '[^']*'>)*\]")
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MEMSTREAM_CACHE", str(Path.home() / ".cache" / "memstream"))
-    return Path(root) / "latents"
+    return settings.cache_dir() / "latents"
 
 
 def cached_text_latents(text: str, cache: Path | None = None) -> np.ndarray:
     """Latents [n, 384] float32 of ``text``, computed once and then read from the cache."""
-    from memstream.text_latents import text_to_latents
-
     cache = cache or cache_dir()
     path = cache / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.npy"
     if path.exists():
@@ -46,8 +47,6 @@ def cached_text_latents(text: str, cache: Path | None = None) -> np.ndarray:
 @lru_cache(maxsize=1)  # rendering the pydoc pages takes seconds
 def split_corpus() -> dict[str, dict[str, str]]:
     """The corpus texts by split: {"train": {...}, "validation": {...}, "heldout": {...}} (do not mutate)."""
-    from memstream.text_latents import corpus_texts
-
     # pydoc prints default values such as "<object object at 0x7f...>" and, for logging,
     # ``handlerList=[<weakref; to 'StreamHandler'>, ...]`` (as many as the process has made
     # handlers): drop the addresses and the weakref lists, which change from process to process,
@@ -55,7 +54,6 @@ def split_corpus() -> dict[str, dict[str, str]]:
     texts = {name: _WEAKREFS.sub("[...]", re.sub(r" at 0x[0-9a-f]+", "", text)) for name, text in corpus_texts().items()}
     missing = [n for n in HELDOUT_TEXTS + VALIDATION_TEXTS if n not in texts]
     if missing:
-        from memstream.errors import ConfigError
         raise ConfigError(f"corpus texts missing on this machine: {missing}")
     out: dict[str, dict[str, str]] = {"train": {}, "validation": {}, "heldout": {}}
     for name, text in texts.items():

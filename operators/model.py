@@ -13,9 +13,8 @@ Slots are packed ``slots_per_token`` to a summary token (2 x 192 = 384), so a su
 512 cluster centres of the projected latents in the same 256 x 384 numbers as the baselines'
 256 raw vectors.
 
-Why hard passes by default: on held-out windows (decoder trained for each), 6 soft iterations
-gave reconstruction 0.890 / recall 0.769; 4 hard ones 0.890 / 0.770; 1 coarse + 2 hard ones
-(the default) 0.889 / 0.772, in about a quarter of the 6 soft ones' CPU time (bench/README.md).
+Why hard passes by default: on held-out windows they reconstruct and recall as well as soft ones
+in a fraction of the CPU time (figures: operators/checkpoints/README.md and bench/README.md).
 
 Decoder: a cue attends over the slots (cosine in the projected space, a learned sharp
 temperature), and the reconstruction is a learned per-direction combination of the retrieved
@@ -26,8 +25,8 @@ cosines): what the read path and the recall evaluation use to find a cue's windo
 Why not fixed queries: a first pass of fixed global queries (the fixed-query cross-attention
 of ``memstream.kernels``; measured with 512 training latents as queries, as the version-1 model
 started its queries) as the slots' start covers a window worse than its own evenly spaced
-latents, and soft iterations do not separate slots that start together (held-out windows,
-after 6 iterations: reconstruction 0.81 and recall 0.71 against 0.84 and 0.76). The kernel stays in
+latents, and soft iterations do not separate slots that start together (the checkpoint README
+has the held-out figures). The kernel stays in
 ``memstream.kernels``; a slot update is attention with per-window queries and a per-latent key
 bias (softmax_n(q_k . z_n - logsumexp_k' q_k' . z_n) z_n), the generalization a fused kernel
 for this encoder would take.
@@ -210,24 +209,40 @@ class Compressor(nn.Module):
         cos = F.normalize(zq, dim=-1) @ F.normalize(slots, dim=-1).transpose(-1, -2)
         return zq, slots, cos
 
-    def decode(self, query: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruct latents from summary tokens, conditioned on query latents.
+    def attend(self, query: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor | None = None,
+               slot_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder: cues attend over the slots of summary tokens, and each reconstruction
+        mixes the retrieved slot with the cue.
 
-        query [Q, d] or [B, Q, d]; memory [M, d] or [B, M, d] (summary tokens, possibly of many
-        windows concatenated); bias: additive attention bias over the memory tokens,
-        broadcastable to [B, Q, M] (e.g. [M], [Q, M] or [B, 1, M]). Returns [.., Q, d] in
-        latent space."""
-        unbatched = query.dim() == 2 and memory.dim() == 2
-        zq, slots, cos = self._similarity(query, memory)
-        logits = cos * self.log_kappa.exp()
+        query [.., Q, d]; memory [.., M, d] (summary tokens, possibly of many windows
+        concatenated, with the same leading dimensions as ``query`` or none); bias: an additive
+        attention bias over the memory tokens, broadcastable to [.., Q, M]; slot_norms: the norm
+        of every slot [.., M * slots_per_token], when the caller keeps them (the read path
+        caches them with a session's tokens, which saves a pass over the tokens per read).
+        Returns (reconstruction [.., Q, d], attention over the slots [.., Q, M * slots_per_token]).
+        The cosine is taken by dividing by the slot norms, so the slots are used where they lie
+        (no normalized copy of the memory)."""
+        zq = self.project(query)  # [.., Q, r]
+        slots = self.slots_of(memory)  # [.., S, r], a view
+        norms = slots.norm(dim=-1).clamp_min(1e-12) if slot_norms is None else slot_norms
+        logits = (F.normalize(zq, dim=-1) @ slots.transpose(-1, -2)) / norms.unsqueeze(-2) * self.log_kappa.exp()
         if bias is not None:
             logits = logits + _bias_over_slots(bias.to(logits.dtype), self.config.slots_per_token)
-        retrieved = torch.softmax(logits, dim=-1) @ slots  # [B, Q, r]
-        q = query.float() - self.shift
-        rest = q - zq @ self.unproj.T  # what of the cue the projection leaves out
+        p = torch.softmax(logits, dim=-1)
+        retrieved = p @ slots  # [.., Q, r]
+        rest = query.float() - self.shift - zq @ self.unproj.T  # what of the cue the projection leaves out
         z = self.gate_slot * retrieved + self.gate_cue * zq
-        out = z @ self.unproj.T + self.gate_rest * rest + self.shift
-        return out[0] if unbatched else out
+        return z @ self.unproj.T + self.gate_rest * rest + self.shift, p
+
+    def decode(self, query: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruct latents from summary tokens, conditioned on query latents (see
+        :meth:`attend`): query [Q, d] or [B, Q, d], memory [M, d] or [B, M, d]; a query of one
+        set against a batch of memories is broadcast. Returns [.., Q, d] in latent space."""
+        if query.dim() == 2 and memory.dim() == 3:
+            query = query.unsqueeze(0).expand(memory.shape[0], -1, -1)
+        elif query.dim() == 3 and memory.dim() == 2:
+            memory = memory.unsqueeze(0).expand(query.shape[0], -1, -1)
+        return self.attend(query, memory, bias)[0]
 
     def score(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """How well a window's summary explains each cue: a soft maximum over its slots of the

@@ -23,13 +23,23 @@ from dataclasses import dataclass, field
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.options.pipeline_options import PipelineOptions
 
-from memstream import topics
+from memstream.crypto.keys import SigningKey
+from memstream.episodic.chain import seal
+from memstream.episodic.store import EpisodicStore
+from memstream.episodic.window import CutterState, Window, WindowCutter
+from memstream.errors import ConfigError, InvalidInputError, ServiceError
 from memstream.pipelines.kafka_io import KafkaRecord, ReadFromKafka
+from memstream.schemas.records import SummaryRecord
+from memstream.settings import (BATCH_SIZE, DEADLETTER_TOPIC, HORIZON, LATENTS_TOPIC, MAX_MESSAGE_BYTES,
+                                SUMMARIES_TOPIC, WINDOW)
+from memstream.topics import write_dead_letters
+from memstream.wire.codec import LatentChunk, decode, to_float32
+from memstream.wire.deadletter import dead_letter
+from memstream.wire.validation import Verdict
 
 log = logging.getLogger(__name__)
-
-WINDOW = 4096  # latents per summary window
 
 
 @dataclass(frozen=True)
@@ -44,46 +54,34 @@ class EpisodicConfig:
     key_env: str | None = None
     checkpoint: str | None = None  # None: the default committed checkpoint
     device: str = "auto"  # "auto": CUDA when present
-    batch_size: int = 16
-    store_window: int = 1220
-    latents_topic: str = topics.LATENTS
-    summaries_topic: str = topics.SUMMARIES
-    deadletter_topic: str = topics.DEADLETTER
+    batch_size: int = BATCH_SIZE
+    horizon: int = HORIZON
+    latents_topic: str = LATENTS_TOPIC
+    summaries_topic: str = SUMMARIES_TOPIC
+    deadletter_topic: str = DEADLETTER_TOPIC
     until_idle: bool = False
     start: str = "earliest"
     # Names this run's worker-side state, so two pipelines in one process never share it.
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
-    def signing_key(self):
-        from memstream.crypto import SigningKey
-        from memstream.errors import ConfigError
-
+    def signing_key(self) -> SigningKey:
         if self.key_file:
-            return SigningKey.from_file(self.key_file)
+            return SigningKey.from_file(self.key_file, role="validator")
         if self.key_env:
             return SigningKey.from_env(self.key_env)
-        raise ConfigError("no validator key: pass --key-file PATH or --key-env VAR")
+        raise ConfigError("no validator key: pass --key-file PATH (make one with `memstream keys new --role "
+                          "validator`) or --key-env VAR")
 
-    def store(self):
-        from memstream.episodic import EpisodicStore
-
-        return EpisodicStore(self.store_uri, self.storage_options, self.store_window)
+    def store(self) -> EpisodicStore:
+        return EpisodicStore(self.store_uri, self.storage_options, self.horizon)
 
 
 @dataclass
-class Window:
-    """Latents [n, d] (float32) of one window, n == 4096 unless the session closed early."""
+class Latents:
+    """A window the cutter closed, with its latents [n, d] (float32) assembled from its pieces."""
 
-    session_id: str
-    window_index: int
-    seq_start: int
+    window: Window
     latents: np.ndarray
-    partial: bool
-    event_time_us: int
-
-    @property
-    def seq_end(self) -> int:
-        return self.seq_start + len(self.latents)
 
 
 @dataclass
@@ -98,38 +96,24 @@ class Summary:
     processing_time_us: int = field(default_factory=lambda: time.time_ns() // 1000)
 
 
-def _dead_letter(error, rec: KafkaRecord):
-    from memstream.validation import dead_letter
-
+def _dead_letter(error: InvalidInputError, rec: KafkaRecord):
     return dead_letter(error, topic=rec.topic, partition=rec.partition, offset=rec.offset, key=rec.key,
                        value=rec.value, timestamp_ms=rec.timestamp)
 
 
 @dataclass
-class SessionState:
-    """One session's place in its stream: the validator, where the stored chain ended when the
-    session was first seen (-1: nothing stored; a replay skips windows up to it), and the
-    latents of the open window, kept in their wire dtype until the cut."""
-
-    validator: object
-    stored: int
-    seq_start: int = 0
-    filled: int = 0
-    event_us: int = 0
-    index: int = 0
-    pieces: list = field(default_factory=list)  # (first_seq, wire dtype, [n, d]) in sequence order
-
-
-@dataclass
 class PartitionState:
-    """Everything the pipeline holds for one partition of the latents topic, in offset order."""
+    """Everything the pipeline holds for one partition of the latents topic, in offset order:
+    each session's :class:`CutterState`, the chunks the open windows still need (by offset),
+    the windows cut but not yet durably written, and dead letters not yet acknowledged."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards the fields below
     write_lock: threading.Lock = field(default_factory=threading.Lock)  # one writer at a time
     last_offset: int = -1  # records at or below it were processed: a retried bundle skips them
-    sessions: dict = field(default_factory=dict)
-    ready: list = field(default_factory=list)  # windows cut but not yet durably written
-    dead: list = field(default_factory=list)  # dead letters not yet acknowledged by Kafka
+    sessions: dict[str, CutterState] = field(default_factory=dict)
+    chunks: dict[int, tuple] = field(default_factory=dict)  # offset -> (wire dtype, [n, d] in it)
+    ready: list[Latents] = field(default_factory=list)
+    dead: list = field(default_factory=list)
 
 
 # Per worker process, per pipeline run: the partitions this worker reads. A partition has one
@@ -144,17 +128,15 @@ def _partition(run_id: str, topic: str, partition: int) -> PartitionState:
 
 
 class Summarise(beam.DoFn):
-    """Per session, in partition order: decode and validate each record, buffer accepted
-    latents and cut exactly 4,096 of them per window (chunks may straddle windows); on close,
-    the rest becomes a partial window, so no latent is lost; bad input becomes a dead letter.
-    At the end of each bundle the windows cut so far, of every session, are compressed in
-    batches, chained, signed and written, and the dead letters are sent.
+    """Per session, in partition order: decode each record and feed it to the session's
+    :class:`~memstream.episodic.window.WindowCutter`; bad input becomes a dead letter. At the
+    end of each bundle the windows cut so far, of every session, are compressed in batches,
+    chained, signed and written, and the dead letters are sent.
 
     Session state sits with the partition's reader rather than in the runner's keyed state:
     each session lives in one partition, which one reader consumes in offset order, so no
-    shuffle can reorder a session, and Prism 2.77 was seen to lose keyed state between
-    bundles. A restarted pipeline re-reads the topic and rebuilds this state; windows the
-    store already holds are skipped without being compressed."""
+    shuffle can reorder a session. A restarted pipeline re-reads the topic and rebuilds this
+    state; windows the store already holds are skipped without being compressed."""
 
     def __init__(self, config: EpisodicConfig):
         self.config = config
@@ -180,53 +162,30 @@ class Summarise(beam.DoFn):
             self._consume(part, rec)
 
     def _consume(self, part: PartitionState, rec: KafkaRecord) -> None:
-        from memstream.codec import LatentChunk, decode
-        from memstream.errors import InvalidInputError
-        from memstream.validation import SessionValidator, Verdict
-
         try:
             record = decode(rec.key, rec.value)
-            state = part.sessions.get(record.session_id)
-            if state is None:
-                head = self._store.heads([record.session_id]).get(record.session_id)
-                state = part.sessions[record.session_id] = SessionState(
-                    SessionValidator(record.session_id), head.window_index if head else -1)
-            verdict = state.validator.check(record)
         except InvalidInputError as e:
-            part.dead.append(_dead_letter(e, rec))  # a gap still moves the session on
+            part.dead.append(_dead_letter(e, rec))
             return
-        if verdict is not Verdict.ACCEPTED:
-            return  # a producer retry: dropped, idempotently
-        if isinstance(record, LatentChunk):
-            latents, first = record.array(), record.first_seq
-            if state.filled and first != state.seq_start + state.filled:
-                # After a sequence gap (its chunk went to the dead letters) the window so far is
-                # closed as partial, and the next one starts where the stream resumed.
-                self._cut(part, record.session_id, state, partial=True)
-            if state.filled == 0:
-                state.seq_start = first
-            state.event_us = record.header.event_time_us
-            while len(latents):
-                take = min(WINDOW - state.filled, len(latents))
-                if state.index > state.stored:  # a replay skips what the store holds
-                    state.pieces.append((first, record.dtype, latents[:take]))
-                first, latents, state.filled = first + take, latents[take:], state.filled + take
-                if state.filled == WINDOW:
-                    self._cut(part, record.session_id, state, partial=False)
-        elif record.kind == "close":
-            state.event_us = record.event_time_us
-            if state.filled:
-                self._cut(part, record.session_id, state, partial=True)
-
-    @staticmethod
-    def _cut(part: PartitionState, session_id: str, state: SessionState, partial: bool) -> None:
-        from memstream.codec import to_float32
-
-        if state.pieces:  # empty when the store already had this window
-            latents = np.concatenate([to_float32(p[2], p[1]) for p in state.pieces])
-            part.ready.append(Window(session_id, state.index, state.seq_start, latents, partial, state.event_us))
-        state.seq_start += state.filled
-        state.index, state.filled, state.pieces = state.index + 1, 0, []
+        state = part.sessions.get(record.session_id)
+        if state is None:
+            head = self._store.heads([record.session_id]).get(record.session_id)
+            state = part.sessions[record.session_id] = CutterState.new(
+                record.session_id, stored_through=head.window_index if head else -1)
+        cutter = WindowCutter(state)
+        fed = cutter.feed(record, rec.offset)  # a chunk is named by its offset
+        if fed.error is not None:
+            part.dead.append(_dead_letter(fed.error, rec))
+        if fed.verdict is Verdict.ACCEPTED and isinstance(record, LatentChunk):
+            part.chunks[rec.offset] = (record.dtype, record.array())
+        for window in fed.windows:
+            pieces = [to_float32(part.chunks[p.ref][1][p.start:p.start + p.count], part.chunks[p.ref][0])
+                      for p in window.pieces]
+            part.ready.append(Latents(window, np.concatenate(pieces)))
+        still = cutter.referenced()
+        for ref in {rec.offset} | {p.ref for w in fed.windows for p in w.pieces}:
+            if ref not in still:  # no open window needs this chunk any more
+                part.chunks.pop(ref, None)
 
     def finish_bundle(self):
         for topic, partition in sorted(self._touched):
@@ -271,7 +230,7 @@ class WindowCompressor:
         self.device = device
         self.version = operator_version(config.checkpoint)
 
-    def __call__(self, windows: list[Window]) -> list[Summary]:
+    def __call__(self, windows: list[Latents]) -> list[Summary]:
         import torch
 
         d = self.model.config.dim
@@ -281,7 +240,7 @@ class WindowCompressor:
             x[i, :len(w.latents)] = torch.from_numpy(w.latents)
         with torch.inference_mode():
             tokens = self.model.encode(x.to(self.device), lengths.to(self.device)).to(torch.float16).cpu().numpy()
-        return [Summary(w, tokens[i].astype("<f2").tobytes(), tokens.shape[1], d, self.version)
+        return [Summary(w.window, tokens[i].astype("<f2").tobytes(), tokens.shape[1], d, self.version)
                 for i, w in enumerate(windows)]
 
 
@@ -307,8 +266,6 @@ class ChainWriter:
     def __init__(self, config: EpisodicConfig, store):
         from kafka import KafkaProducer
 
-        from memstream.infra.kafka import MAX_MESSAGE_BYTES
-
         self.config, self.store = config, store
         self.key = config.signing_key()
         self.producer = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all", enable_idempotence=True,
@@ -319,8 +276,6 @@ class ChainWriter:
         self.producer.close()
 
     def write(self, summaries: list[Summary]) -> None:
-        from memstream.errors import ServiceError
-
         sessions = sorted({s.window.session_id for s in summaries})
         for session_id in sessions:
             if session_id not in self._seen:
@@ -355,10 +310,7 @@ class ChainWriter:
         for session_id, records in by_session.items():
             self.store.evict(session_id, records[-1].window_index)
 
-    def _seal(self, s: Summary, prev_hash: bytes):
-        from memstream.chain import seal
-        from memstream.schemas.records import SummaryRecord
-
+    def _seal(self, s: Summary, prev_hash: bytes) -> SummaryRecord:
         w = s.window
         return seal(SummaryRecord(
             schema_version=SummaryRecord.SCHEMA_VERSION, session_id=w.session_id, window_index=w.window_index,
@@ -376,8 +328,6 @@ class ChainWriter:
         self.store.mark_published(records)
 
     def send_dead_letters(self, letters) -> None:
-        from memstream.validation import write_dead_letters
-
         write_dead_letters(self.producer, letters, topic=self.config.deadletter_topic)
 
     def _republish_unacknowledged(self, session_id: str) -> None:
@@ -398,7 +348,5 @@ def build(p: beam.Pipeline, config: EpisodicConfig):
 
 
 def run(config: EpisodicConfig, runner_args: list[str]):
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     with beam.Pipeline(options=PipelineOptions(runner_args)) as p:
         build(p, config)

@@ -23,6 +23,9 @@ from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from memstream.errors import ServiceError
+from memstream.settings import MAX_MESSAGE_BYTES
+
 log = logging.getLogger(__name__)
 
 # Largest offset a partition can have; an unbounded read's restriction ends here.
@@ -68,8 +71,6 @@ def list_partitions(bootstrap: str, topics: Iterable[str], start: str = "earlies
         for topic in topics:
             parts = consumer.partitions_for_topic(topic)
             if not parts:
-                from memstream.errors import ServiceError
-
                 raise ServiceError(f"topic {topic!r} does not exist on {bootstrap}: create it first "
                                    "(memstream topics create)")
             tps += [TopicPartition(topic, p) for p in sorted(parts)]
@@ -190,8 +191,6 @@ class WriteToKafkaFn(beam.DoFn):
 
     def setup(self):
         from kafka import KafkaProducer
-
-        from memstream.infra.kafka import MAX_MESSAGE_BYTES
 
         self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5,
                                        max_request_size=MAX_MESSAGE_BYTES, retries=10)

@@ -15,9 +15,10 @@ import typing
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 
-from memstream.schemas.records import JSON_RECORDS, HEADER, JsonRecord, LatentChunkHeader
+from memstream.schemas.records import JSON_RECORDS, HEADER, JsonRecord, LatentChunkHeader, Vector
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 _BASE_URI = "https://memstream.dev/schemas/"
@@ -36,7 +37,9 @@ def _optional(tp) -> tuple[typing.Any, bool]:
 def _json_type(tp) -> dict:
     tp, nullable = _optional(tp)
     origin = typing.get_origin(tp)
-    if origin is Literal:
+    if tp is Vector:
+        out = {"type": "array", "items": {"type": "number"}}
+    elif origin is Literal:
         out = {"type": "string", "enum": list(typing.get_args(tp))}
     elif origin is list:
         out = {"type": "array", "items": _json_type(typing.get_args(tp)[0])}
@@ -69,8 +72,9 @@ def json_schema(cls: type[JsonRecord]) -> dict:
               "title": cls.__name__,
               "description": " ".join((cls.__doc__ or cls.__name__).split()),
               **_json_object(cls)}
-    schema["properties"]["schema_version"] = {**schema["properties"]["schema_version"],
-                                              "const": cls.SCHEMA_VERSION}
+    if "schema_version" in schema["properties"]:
+        schema["properties"]["schema_version"] = {**schema["properties"]["schema_version"],
+                                                  "const": cls.SCHEMA_VERSION}
     return schema
 
 
@@ -87,34 +91,57 @@ def chunk_header_layout() -> dict:
             "description": " ".join(LatentChunkHeader.__doc__.split()), "fields": fields}
 
 
-def _arrow_type(tp, meta: typing.Mapping) -> tuple[pa.DataType, bool]:
+def _arrow_type(tp, meta: typing.Mapping, dim: int | None) -> tuple[pa.DataType, bool]:
     tp, nullable = _optional(tp)
-    if meta.get("arrow") == "list<float32>":
-        return pa.list_(pa.float32()), nullable
+    arrow = meta.get("arrow")
+    if arrow == "vector":  # a fixed-size list, so LanceDB can index it
+        if dim is None:
+            raise TypeError("this record has a vector column: pass arrow_schema(cls, dim=...)")
+        return pa.list_(pa.float32(), dim), nullable
+    if arrow == "float32":
+        return pa.float32(), nullable
+    if arrow == "binary16":
+        return pa.binary(16), nullable
     origin = typing.get_origin(tp)
     if origin is Literal or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
         return pa.string(), nullable
     if origin is list:
-        return pa.list_(_arrow_type(typing.get_args(tp)[0], {})[0]), nullable
+        return pa.list_(_arrow_type(typing.get_args(tp)[0], {}, dim)[0]), nullable
     if dataclasses.is_dataclass(tp):
-        return pa.struct(_arrow_fields(tp)), nullable
+        return pa.struct(_arrow_fields(tp, dim)), nullable
     return {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string(),
             bytes: pa.binary()}[tp], nullable
 
 
-def _arrow_fields(cls) -> list[pa.Field]:
+def _arrow_fields(cls, dim: int | None) -> list[pa.Field]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        dtype, nullable = _arrow_type(hints[f.name], f.metadata)
+        dtype, nullable = _arrow_type(hints[f.name], f.metadata, dim)
         out.append(pa.field(f.name, dtype, nullable=nullable,
                             metadata={"doc": f.metadata["doc"]} if "doc" in f.metadata else None))
     return out
 
 
-def arrow_schema(cls: type[JsonRecord]) -> pa.Schema:
-    return pa.schema(_arrow_fields(cls), metadata={"name": cls.SCHEMA_NAME,
-                                                   "schema_version": str(cls.SCHEMA_VERSION)})
+def arrow_schema(cls: type[JsonRecord], dim: int | None = None) -> pa.Schema:
+    """The Arrow schema of a record's table; ``dim`` sizes its vector column, if it has one."""
+    return pa.schema(_arrow_fields(cls, dim), metadata={"name": cls.SCHEMA_NAME,
+                                                        "schema_version": str(cls.SCHEMA_VERSION)})
+
+
+def to_arrow(records, cls: type[JsonRecord], dim: int | None = None) -> pa.Table:
+    """Records of one class as a table of its Arrow schema (vectors stacked in one buffer)."""
+    schema = arrow_schema(cls, dim)
+    columns = {}
+    for f in dataclasses.fields(cls):
+        values = [getattr(r, f.name) for r in records]
+        if f.metadata.get("arrow") == "vector":
+            flat = np.stack([np.asarray(v, np.float32).reshape(dim) for v in values]).ravel() if values else \
+                np.zeros(0, np.float32)
+            columns[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
+        else:
+            columns[f.name] = values
+    return pa.table(columns, schema=schema)
 
 
 def rendered() -> dict[str, str]:

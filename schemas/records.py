@@ -17,12 +17,12 @@ import dataclasses
 import enum
 import json
 import struct
+import time
 import types
 import typing
+import uuid
 from dataclasses import dataclass, field
 from typing import Literal
-
-import crc32c
 
 
 def _f(doc: str, **meta) -> typing.Any:
@@ -71,11 +71,6 @@ class LatentChunkHeader:
 
 HEADER = struct.Struct("<" + "".join(f.metadata["struct"] for f in dataclasses.fields(LatentChunkHeader)))
 HEADER_SIZE = HEADER.size
-_CRC_OFFSET = HEADER_SIZE - 4
-
-
-def chunk_crc(header_prefix: bytes | memoryview, payload: bytes | memoryview) -> int:
-    return crc32c.crc32c(payload, crc32c.crc32c(header_prefix))
 
 
 # -- JSON records --------------------------------------------------------------------------
@@ -101,7 +96,15 @@ class JsonRecord:
         return cls.from_dict(json.loads(raw))
 
 
+class Vector:
+    """The type of an embedding field: a float32 numpy array in memory, a list of numbers in
+    JSON, a fixed-size list in Arrow. (numpy is imported only where a vector is built, so
+    importing the records stays light.)"""
+
+
 def _to_jsonable(value):
+    if type(value).__module__ == "numpy" and hasattr(value, "reshape"):
+        return [float(v) for v in value.reshape(-1)]
     if dataclasses.is_dataclass(value):
         return {f.name: _to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -116,6 +119,13 @@ def _to_jsonable(value):
 def _from_jsonable(tp, value):
     """Rebuild ``tp`` from JSON data; raises TypeError/ValueError on a mismatch."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Vector:
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in value):
+            raise TypeError("expected a list of numbers")
+        import numpy as np
+
+        return np.asarray(value, dtype=np.float32)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -213,56 +223,208 @@ class SummaryRecord(JsonRecord):
     signature: bytes = _f("Ed25519 signature over hash")
     key_id: str = _f("identifier of the signing key")
 
+    def token_array(self):
+        """The tokens as a float32 numpy array [token_count, dim]; ValueError when they do not fit the header."""
+        import numpy as np
 
-@dataclass(frozen=True)
-class Provenance:
-    validator_key_hash: bytes = _f("hash of the validator's public key")
-    query_hash: bytes = _f("hash of the query that produced the entry")
-    timestamp_us: int = _f("when the entry was validated, microseconds since the epoch")
+        code = {"fp16": "<f2", "fp32": "<f4", "bf16": "<u2"}.get(self.tokens_dtype)
+        if code is None:
+            raise ValueError(f"summary {self.session_id}/{self.window_index}: unknown tokens dtype {self.tokens_dtype!r}")
+        raw = np.frombuffer(self.tokens, code)
+        if raw.size != self.token_count * self.dim:
+            raise ValueError(f"summary {self.session_id}/{self.window_index}: {raw.size} token values, "
+                             f"header says {self.token_count} x {self.dim}")
+        x = (raw.astype(np.uint32) << 16).view(np.float32) if self.tokens_dtype == "bf16" else raw.astype(np.float32)
+        return x.reshape(self.token_count, self.dim)
 
 
 @dataclass(frozen=True)
 class LongTermEntry(JsonRecord):
-    """An entry of long-term memory."""
+    """One signed, immutable entry of long-term memory: a row of the ``entries`` table (hot
+    tier) or of the cold tier's ``entries``. The signature is Ed25519 over the canonical
+    encoding of the content fields and the store id; ``entry_id`` is a hash of the same."""
 
     SCHEMA_NAME: typing.ClassVar[str] = "long_term_entry"
+    CONTENT: typing.ClassVar[tuple[str, ...]] = (
+        "vector", "payload", "payload_kind", "validator_key_hash", "query_hash", "timestamp_ns", "forget_tag",
+        "forget_subject", "supersedes")
 
-    schema_version: int = _f("1")
-    entry_id: str = _f("content-derived identifier (hash of the canonical encoding)")
-    vector: list[float] = _f("embedding used for retrieval", arrow="list<float32>")
+    entry_id: str = _f("64 hex digits: domain-separated SHA-256 of the signed message")
+    vector: Vector = _f("the embedding searched by ANN (float32)", arrow="vector")
     payload: bytes = _f("the stored content")
-    provenance: Provenance = _f("who validated the entry, for which query, when")
-    signature: bytes = _f("Ed25519 signature")
+    payload_kind: str = _f("summary_tokens or episodic_ref")
+    validator_key_hash: str = _f("hash of the public key of the validator that wrote the entry")
+    query_hash: str = _f("hash of the query that triggered the write")
+    timestamp_ns: int = _f("when the entry was written, nanoseconds since the epoch")
     key_id: str = _f("identifier of the signing key")
+    signature: bytes = _f("Ed25519 signature over the entry's message")
     forget_tag: str | None = _f("tag that forget requests match, if any")
-    subject: str | None = _f("data subject the entry is about, if any")
-    supersedes: str | None = _f("entry_id this entry replaces, if any")
+    forget_subject: str | None = _f("hash of the data subject the forget tag is bound to, if any")
+    supersedes: str | None = _f("entry_id of the entry this one edits, if any")
+
+    def __eq__(self, other) -> bool:  # the vector is an array: compare the records as JSON values
+        return isinstance(other, LongTermEntry) and self.to_dict() == other.to_dict()
+
+    __hash__ = None
 
 
 @dataclass(frozen=True)
-class Attestation(JsonRecord):
-    """Signed tree head of the transparency log."""
+class TreeHead(JsonRecord):
+    """A signed tree head of an RFC 6962 Merkle log: its size and root, signed by a log key
+    over the canonical encoding of the other fields. Published to ``memstream.attestations``."""
 
-    SCHEMA_NAME: typing.ClassVar[str] = "attestation"
+    SCHEMA_NAME: typing.ClassVar[str] = "tree_head"
 
-    schema_version: int = _f("1")
-    tree_size: int = _f("number of leaves in the log")
-    root_hash: bytes = _f("Merkle root over the leaves")
-    timestamp_us: int = _f("when the head was signed, microseconds since the epoch")
-    signature: bytes = _f("Ed25519 signature over the head")
+    log_id: str = _f("the log (a long-term store id)")
+    tree_size: int = _f("number of leaves")
+    root_hash: bytes = _f("Merkle tree hash over the leaves (RFC 9162 section 2.1.1)")
+    timestamp_ns: int = _f("when the head was signed, nanoseconds since the epoch")
     key_id: str = _f("identifier of the signing key")
+    signature: bytes = _f("Ed25519 signature over the head")
+
+
+@dataclass(frozen=True)
+class TreeHeadRow(TreeHead):
+    """A row of the ``tree_heads`` table: the signed head and the frontier that extends it."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "tree_head_row"
+
+    frontier: list[bytes] = _f("hashes of the perfect subtrees that make up the tree, largest first")
+
+
+@dataclass(frozen=True)
+class MerkleLeaf(JsonRecord):
+    """A row of the ``merkle_log`` table: the log's leaves in order."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "merkle_leaf"
+
+    leaf_index: int = _f("0-based position in the log")
+    entry_id: str = _f("the entry logged")
+    leaf_hash: bytes = _f("RFC 6962 leaf hash of the entry as stored")
+
+
+@dataclass(frozen=True)
+class AccessRecord(JsonRecord):
+    """A row of ``access_log``: one retrieval of a long-term entry."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "access_record"
+
+    entry_id: str = _f("the entry retrieved")
+    ts_ns: int = _f("when, nanoseconds since the epoch")
+    tier: str = _f("hot or cold")
+
+
+@dataclass(frozen=True)
+class AccessStats(JsonRecord):
+    """A row of ``access_stats``: the access log of one entry, merged by maintenance."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "access_stats"
+
+    entry_id: str = _f("the entry")
+    count: int = _f("retrievals merged so far")
+    last_ns: int = _f("the latest of them, nanoseconds since the epoch")
+
+
+@dataclass(frozen=True)
+class RemovalRequest(JsonRecord):
+    """A governance removal of specific entries, to be approved by M of N governance keys.
+    ``request_id`` makes each request single-use, so a set of approvals cannot be replayed."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "removal_request"
+
+    store_id: str = _f("the long-term store")
+    entry_ids: list[str] = _f("entries to remove")
+    reason: str = _f("why, in words")
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex, metadata={"doc": "32 hex digits"})
+    issued_at_ns: int = field(default_factory=time.time_ns, metadata={
+        "doc": "when the request was made, nanoseconds since the epoch"})
+
+
+@dataclass(frozen=True)
+class RemovalRecord(JsonRecord):
+    """A row of ``removals``: an applied removal with its approvals."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "removal_record"
+
+    request_id: str = _f("the removal request")
+    request: str = _f("the request as JSON")
+    approvals: str = _f("the approvals as JSON: [{key_id, signature (hex)}]")
+    applied_ns: int = _f("when it was applied, nanoseconds since the epoch")
 
 
 @dataclass(frozen=True)
 class ForgetRequest(JsonRecord):
+    """A signed request to forget everything bound to a subject (optionally one forget tag)."""
+
     SCHEMA_NAME: typing.ClassVar[str] = "forget_request"
 
-    schema_version: int = _f("1")
-    subject: str = _f("data subject whose entries are to be forgotten")
-    entry_ids: list[str] = _f("entries to forget; empty means every entry of the subject")
-    requested_at_us: int = _f("when the request was made, microseconds since the epoch")
-    signature: bytes = _f("Ed25519 signature of the requester")
+    store_id: str = _f("the long-term store")
+    subject_hash: str = _f("hash of the data subject")
+    tag: str | None = _f("only entries with this forget tag; null: every entry of the subject")
     key_id: str = _f("identifier of the requester's key")
+    signature: bytes = _f("Ed25519 signature of the requester")
+    request_id: str = _f("32 hex digits")
+    issued_at_ns: int = _f("when the request was made, nanoseconds since the epoch")
+
+
+@dataclass(frozen=True)
+class ForgetRequestRow(ForgetRequest):
+    """A row of ``forget_requests``: a stored request and how many entries it matched."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "forget_request_row"
+
+    matched: int = _f("entries bound to the subject when the request was stored")
+
+
+@dataclass(frozen=True)
+class PurgeRecord(JsonRecord):
+    """A row of ``purges``: a planned forget purge, and its attestation once the scan passed."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "purge_record"
+
+    purge_id: str = _f("32 hex digits")
+    request_ids: list[str] = _f("the forget requests carried out")
+    entry_ids: list[str] = _f("the entries erased")
+    removed_hot: int = _f("entries erased from the hot tier")
+    removed_cold: int = _f("entries erased from the cold tier")
+    markers: bytes = _f("salted fingerprints of the erased bytes (JSON), never the bytes")
+    planned_ns: int = _f("when the purge was planned, nanoseconds since the epoch")
+    attestation: str | None = _f("the signed PurgeAttestation as JSON; null until the scan passed")
+
+
+@dataclass(frozen=True)
+class PublishMark(JsonRecord):
+    """A row of the episodic store's ``published`` table: Kafka acknowledged this summary."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "publish_mark"
+
+    session_id: str = _f("the session")
+    window_index: int = _f("the summary's window")
+
+
+@dataclass(frozen=True)
+class ReadRecord(JsonRecord):
+    """A row of the read ledger (``reads``): one query of a session and what it returned."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "read_record"
+
+    session_id: str = _f("the session read")
+    read_id: bytes = _f("16 random bytes", arrow="binary16")
+    ts_ns: int = _f("the reader's clock, nanoseconds since the epoch")
+    windows: list[int] = _f("window indices of the summaries the read returned")
+
+
+@dataclass(frozen=True)
+class SummaryBias(JsonRecord):
+    """A row of ``summary_bias``: the decay bias the read path adds to a summary's attention."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "summary_bias"
+
+    session_id: str = _f("the session")
+    window_index: int = _f("the summary's window")
+    bias: float = _f("additive attention bias (0 or negative)", arrow="float32")
+    staleness: int = _f("the session's queries since the summary was last read")
+    queries: int = _f("the session's query count the bias was computed at")
 
 
 @dataclass(frozen=True)
@@ -350,6 +512,7 @@ class ReadDivergence(JsonRecord):
     detected_at_us: int = _f("when the divergence was found, microseconds since the epoch")
 
 
-JSON_RECORDS: tuple[type[JsonRecord], ...] = (SessionEvent, SummaryRecord, LongTermEntry, Attestation,
-                                             ForgetRequest, GcRecord, PurgeAttestation, DeadLetterRecord,
-                                             ReadDivergence)
+JSON_RECORDS: tuple[type[JsonRecord], ...] = (
+    SessionEvent, SummaryRecord, DeadLetterRecord, GcRecord, ReadDivergence, PublishMark, ReadRecord, SummaryBias,
+    LongTermEntry, TreeHead, TreeHeadRow, MerkleLeaf, AccessRecord, AccessStats, RemovalRequest, RemovalRecord,
+    ForgetRequest, ForgetRequestRow, PurgeRecord, PurgeAttestation)

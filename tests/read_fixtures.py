@@ -8,9 +8,10 @@ import time
 import numpy as np
 import torch
 
-from memstream.chain import seal
-from memstream.episodic import EpisodicStore
-from memstream.pipelines.episodic import WINDOW, operator_version
+from memstream.episodic.chain import seal
+from memstream.episodic.store import EpisodicStore
+from memstream.pipelines.episodic import operator_version
+from memstream.settings import WINDOW
 from memstream.schemas.records import SummaryRecord
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from memstream import errors
-from memstream.codec import LatentChunk, decode, encode_chunk, encode_event, float32_to_bf16_bits, to_float32
+from memstream.wire.codec import LatentChunk, decode, encode_chunk, encode_event, float32_to_bf16_bits, to_float32
 from memstream.schemas.records import HEADER_SIZE, DeadLetterReason, DType, SessionEvent
-from memstream.validation import SessionValidator, StreamValidator, Verdict
+from memstream.wire.validation import SessionValidator, StreamValidator, Verdict
 
 PID = bytes(range(16))
 KEY = b"s1"
@@ -200,7 +200,7 @@ def test_fuzz_decoder_raises_only_typed_errors():
 
 def test_dead_letter_of_a_large_record_keeps_a_prefix_within_the_limit():
     from memstream.schemas.records import DeadLetterRecord
-    from memstream.validation import fit_dead_letter
+    from memstream.wire.deadletter import fit_dead_letter
 
     value = chunk(count=100, dim=10)  # 4052 bytes, 5404 in base64
     sv = StreamValidator()

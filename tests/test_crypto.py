@@ -135,19 +135,24 @@ def test_leaf_and_node_hashing_are_domain_separated():
 def test_keys_load_from_pem_hex_base64_file_and_env(tmp_path, monkeypatch):
     key = SigningKey.generate()
     pem = key.private_pem()
-    seed_hex = crypto.serialization.load_pem_private_key(pem, None).private_bytes(
-        crypto.serialization.Encoding.Raw, crypto.serialization.PrivateFormat.Raw,
-        crypto.serialization.NoEncryption()).hex()
+    from cryptography.hazmat.primitives import serialization
+
+    seed_hex = serialization.load_pem_private_key(pem, None).private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()).hex()
     for text in (pem, seed_hex, base64.b64encode(bytes.fromhex(seed_hex)).decode()):
         assert SigningKey.parse(text).key_id == key.key_id
     f = tmp_path / "k.pem"
     f.write_bytes(pem)
+    f.chmod(0o600)
     assert SigningKey.from_file(f).key_id == key.key_id
+    f.chmod(0o640)  # readable by the group: refused, with what to do
+    with pytest.raises(ConfigError, match="chmod 600"):
+        SigningKey.from_file(f)
     monkeypatch.setenv("MS_TEST_KEY", seed_hex)
     loaded = SigningKey.from_env("MS_TEST_KEY")
     assert loaded.key_id == key.key_id
     assert seed_hex not in repr(loaded) and seed_hex not in str(loaded) and "redacted" in repr(loaded)
-    assert len(key.key_id) == crypto.KEY_ID_HEX_CHARS
+    assert len(key.key_id) == 32
     with pytest.raises(ConfigError):
         SigningKey.from_env("MS_TEST_KEY_UNSET")
     with pytest.raises(ConfigError):
@@ -206,3 +211,24 @@ def test_frontier_roots_match_the_full_tree():
         f = crypto.MerkleFrontier(f.size, list(f.hashes))
     with pytest.raises(VerificationError):
         crypto.MerkleFrontier(3, [bytes(32)])
+
+
+def test_keys_new_writes_an_owner_only_file_that_states_its_role(tmp_path, capsys):
+    import json
+    import stat
+
+    from memstream.cli import main
+
+    out = tmp_path / "keys" / "validator.pem"
+    assert main(["keys", "new", "--role", "validator", "--out", str(out), "--public-out", str(tmp_path / "v.pub"),
+                 "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600 and made["role"] == "validator"
+    key = SigningKey.from_file(out, role="validator")
+    assert key.key_id == made["key_id"] and (tmp_path / "v.pub").read_text().strip() == key.verify_key.hex()
+    with pytest.raises(ConfigError, match="validator key"):
+        SigningKey.from_file(out, role="governance")  # one key, one role
+    assert main(["keys", "show", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["key_id"] == key.key_id
+    assert main(["keys", "new", "--role", "validator", "--out", str(out)]) == 2  # never overwritten
+    assert "never overwrites" in capsys.readouterr().err

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pytest
 
 import memstream.dags
-from memstream.chain import seal
+from memstream.episodic.chain import seal
 from memstream.crypto import KeyRing, SigningKey
 from memstream.schemas.records import SummaryRecord
 
@@ -136,8 +136,8 @@ def summaries(key: SigningKey, session: str, n: int, produced_us: int) -> list[S
 
 
 def test_episodic_decay(airflow_db, backend, key):
-    from memstream.episodic import EpisodicStore
-    from memstream.reads import ReadLedger
+    from memstream.episodic.store import EpisodicStore
+    from memstream.episodic.ledger import ReadLedger
 
     uri, so = backend
     store, ledger = EpisodicStore(uri, so or None), ReadLedger(uri, so or None, flush_every=1000)
@@ -178,10 +178,10 @@ def test_episodic_decay(airflow_db, backend, key):
 
 def test_session_gc(airflow_db, backend, key, kafka_bootstrap, topic_name):
     from memstream import Publisher, topics
-    from memstream.episodic import EpisodicStore
-    from memstream.maintenance import verify_record
+    from memstream.episodic.store import EpisodicStore
+    from memstream.crypto.signed import verify_record
     from memstream.maintenance.episodic import gc_records
-    from memstream.reads import ReadLedger
+    from memstream.episodic.ledger import ReadLedger
 
     uri, so = backend
     topics.create_topics(kafka_bootstrap, [topic_name], partitions=2)
@@ -281,7 +281,8 @@ def stored_bytes(where) -> list[bytes]:
 
 def test_forget_purge(airflow_db, backend, key):
     from memstream.longterm import ForgetRequest
-    from memstream.maintenance import purge, verify_record
+    from memstream.crypto.signed import verify_record
+    from memstream.maintenance import purge
 
     store = longterm(backend, key)
     rng = np.random.default_rng(2)
@@ -342,7 +343,6 @@ def test_forget_purge(airflow_db, backend, key):
 
 
 def test_compaction_and_anchoring(airflow_db, tmp_path, key, kafka_bootstrap, topic_name):
-    import json
 
     from kafka import KafkaConsumer
 
@@ -366,6 +366,6 @@ def test_compaction_and_anchoring(airflow_db, tmp_path, key, kafka_bootstrap, to
                              consumer_timeout_ms=10000, group_id=None)
     msg = next(iter(consumer))  # the one head published
     consumer.close()
-    sth = SignedTreeHead.from_json(json.loads(msg.value))
+    sth = SignedTreeHead.from_json(msg.value)
     sth.verify(KeyRing([key]))
     assert sth.tree_size == 60 and sth == store.latest_tree_head()

@@ -18,14 +18,15 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer
 
 from memstream import topics
-from memstream.chain import seal, verify_chain
+from memstream.episodic.chain import seal, verify_chain
 from memstream.crypto import KeyRing, SigningKey
-from memstream.episodic import EpisodicStore
+from memstream.episodic.store import EpisodicStore
 from memstream.infra import process, runners
 from memstream.operators.checkpoint import save_compressor
 from memstream.operators.model import Compressor, CompressorConfig
-from memstream.pipelines.episodic import WINDOW, EpisodicConfig, run
-from memstream.pipelines.summaries import read_summaries
+from memstream.pipelines.episodic import EpisodicConfig, run
+from memstream.settings import WINDOW
+from memstream.topics import read_summaries
 from memstream.schemas.records import DeadLetterRecord, SummaryRecord
 from memstream.sdk import Publisher
 
@@ -122,7 +123,7 @@ def test_s3_store(env, s3_config, s3_prefix):
 
 
 def test_sliding_window_keeps_the_latest_summaries(env):
-    config = dataclasses.replace(env, store_window=2)
+    config = dataclasses.replace(env, horizon=2)
     sessions = {"long": 5 * WINDOW}
     publish(config, sessions, chunk=WINDOW)
     run(config, runners.prism_options(streaming=False))
@@ -207,7 +208,7 @@ def test_verify_chain_cli_reports_and_reconstructs_the_head_at_a_time(env, tmp_p
 
 def _start_pipeline(config: EpisodicConfig, log: Path, extra: list[str] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "memstream.cli", "run", "--runner", "prism", "--bootstrap", config.bootstrap,
-           "--store", config.store_uri, "--key-file", config.key_file, "--checkpoint", config.checkpoint,
+           "--episodic", config.store_uri, "--key-file", config.key_file, "--checkpoint", config.checkpoint,
            "--batch-size", str(config.batch_size), "--latents-topic", config.latents_topic,
            "--summaries-topic", config.summaries_topic, "--deadletter-topic", config.deadletter_topic, *extra]
     with open(log, "ab") as out:

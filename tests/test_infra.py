@@ -16,8 +16,8 @@ from kafka.admin import NewTopic
 
 from memstream.errors import ToolMissingError
 from memstream.infra import process, tools
-from memstream.infra.kafka import MAX_MESSAGE_BYTES
-from memstream.infra.s3 import S3Config, s3_request
+from memstream.settings import MAX_MESSAGE_BYTES
+from memstream.storage.s3 import S3Config, s3_request
 
 ROOT = Path(__file__).resolve().parents[1]
 

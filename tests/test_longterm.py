@@ -75,7 +75,7 @@ def test_append_search_proofs_and_published_tree_heads(backend, keys, kafka_boot
                              consumer_timeout_ms=10_000)
     published = []
     for msg in consumer:
-        published.append(SignedTreeHead.from_json(json.loads(msg.value)))
+        published.append(SignedTreeHead.from_json(msg.value))
         if len(published) == 2:
             break
     consumer.close()
@@ -350,16 +350,16 @@ def test_cli_verify_longterm_lists_failing_rows(tmp_path, keys, capsys):
     ids = fill(store, 4)
     pub = tmp_path / "validator.pub"
     pub.write_text(keys["validator"].verify_key.hex())
-    assert cli.main(["verify", "longterm", backend[0], "--key", str(pub)]) == 0
+    assert cli.main(["verify", "longterm", backend[0], "--public-key", str(pub)]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
     raw_table(backend).update(where=f"entry_id = '{ids[2]}'", values_sql={"payload": "X'ff'"})
-    assert cli.main(["verify", "longterm", backend[0], "--key", keys["validator"].verify_key.hex()]) == 1
+    assert cli.main(["verify", "longterm", backend[0], "--public-key", keys["validator"].verify_key.hex()]) == 1
     out = json.loads(capsys.readouterr().out)
     assert [f["entry_id"] for f in out["failures"]] == [ids[2]]
 
 
 def test_lease_objects_use_conditional_put(backend):
-    from memstream.longterm.lease import object_store
+    from memstream.storage.objects import object_store
 
     uri, opts = backend
     objects = object_store(uri, opts)

@@ -12,8 +12,9 @@ import pytest
 from memstream.crypto import KeyRing, SigningKey
 from memstream.errors import LeaseError, VerificationError
 from memstream.longterm import ForgetRequest, LongTermStore
-from memstream.maintenance import purge, sign_record
-from memstream.maintenance.scan import _CHUNK, WINDOW, Markers, scan_storage
+from memstream.crypto.signed import sign_record
+from memstream.maintenance import purge
+from memstream.maintenance.scan import _CHUNK, SHINGLE, Markers, scan_storage
 
 
 def test_markers_find_every_window_and_nothing_else():
@@ -27,9 +28,9 @@ def test_markers_find_every_window_and_nothing_else():
     at = _CHUNK - 40  # across the boundary of two numpy chunks
     noise[at:at + len(secret)] = secret
     noise[100:100 + len(short)] = short
-    noise[5000:5000 + WINDOW] = secret[1:WINDOW + 1]  # shifted by one byte: no window starts there
-    middle = (len(secret) - WINDOW) // 2
-    assert m.scan_buffer(bytes(noise)) == [100, 101, at, at + middle, at + len(secret) - WINDOW]
+    noise[5000:5000 + SHINGLE] = secret[1:SHINGLE + 1]  # shifted by one byte: no window starts there
+    middle = (len(secret) - SHINGLE) // 2
+    assert m.scan_buffer(bytes(noise)) == [100, 101, at, at + middle, at + len(secret) - SHINGLE]
     assert m.scan_buffer(os.urandom(100_000)) == [] and m.scan_buffer(b"") == []
     assert secret not in m.to_bytes() and short not in m.to_bytes()
 

@@ -16,13 +16,13 @@ from kafka import KafkaConsumer
 
 from memstream import topics
 from memstream.crypto import KeyRing, SigningKey
-from memstream.episodic import EpisodicStore
+from memstream.episodic.store import EpisodicStore
 from memstream.errors import IntegrityError, InvalidQueryError, SessionNotFoundError
 from memstream.longterm import LongTermStore
 from memstream.operators.checkpoint import load_default
-from memstream.read import Memory, attend
-from memstream.reads import ReadLedger
-from memstream.routing import RoutePolicy
+from memstream.read.memory import Memory
+from memstream.episodic.ledger import ReadLedger
+from memstream.read.routing import RoutePolicy
 from memstream.schemas.records import ReadDivergence
 from tests.read_fixtures import cue, sealed_summaries, write_session
 
@@ -51,14 +51,16 @@ def latents(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, D)).astype(np.float32)
 
 
-def test_attention_is_the_decoders_and_sums_to_one(model):
+def test_attention_with_cached_slot_norms_is_the_decoders_and_sums_to_one(model):
     torch.manual_seed(0)
     q, mem, bias = torch.randn(3, D), torch.randn(700, D), 3 * torch.randn(700)
-    out, weights = attend(model, q, mem, bias)
-    assert torch.allclose(out, model.decode(q, mem, bias), atol=1e-4)
-    assert weights.sum().item() == pytest.approx(1.0, abs=1e-5)
-    out0, _ = attend(model, q, mem)
-    assert torch.allclose(out0, model.decode(q, mem), atol=1e-4)
+    norms = model.slots_of(mem).norm(dim=-1)
+    with torch.no_grad():
+        out, p = model.attend(q, mem, bias, norms)
+        assert torch.allclose(out, model.decode(q, mem, bias), atol=1e-4)
+        assert torch.allclose(p.sum(-1), torch.ones(3), atol=1e-5)
+        batched = model.decode(q.expand(2, -1, -1), mem.expand(2, -1, -1), bias)  # one set of cues, two memories
+        assert torch.allclose(batched[1], model.decode(q, mem, bias), atol=1e-5)
 
 
 def test_episodic_read_provenance_accounting_and_cache(backend, model, key):
@@ -79,13 +81,13 @@ def test_episodic_read_provenance_accounting_and_cache(backend, model, key):
             assert p.verified and 0 < f.score <= 1 and f.latent.shape == (D,)
         assert res.fragments[0].score >= res.fragments[1].score
         returned = [f.provenance.window_index for f in res.fragments]
-        window = mem.session_window("s")
-        assert mem.session_window("s") is window  # cached while the store is unchanged
+        window = mem.session_memory("s")
+        assert mem.session_memory("s") is window  # cached while the store is unchanged
         # A new summary is picked up (only it is loaded), an evicted one is dropped.
         new = sealed_summaries(model, key, "s", latents(4096, 2), first_window=4, prev_hash=records[-1].hash)
         EpisodicStore(uri, opts).append(new)
         EpisodicStore(uri, opts).evict_windows("s", [0])
-        grown = mem.session_window("s")
+        grown = mem.session_memory("s")
         assert grown.windows == [1, 2, 3, 4] and grown.tokens.shape == (4 * 256, D)
         assert torch.equal(grown.tokens[:256], window.tokens[256:512])
         with pytest.raises(SessionNotFoundError, match="memstream run"):
@@ -317,7 +319,7 @@ def test_reads_through_the_api_drive_decay_and_eviction(tmp_path, model, key):
     for w, b in biases.items():
         assert b == pytest.approx(-0.125 * max(0, expected[w] - 64))
     with Memory(uri, model=model) as mem:
-        assert mem.session_window("s").windows == sorted(biases)
+        assert mem.session_memory("s").windows == sorted(biases)
         res = mem.read(cue(x[5], 0.3, 999), "s", k=4, route="episodic")
         assert {f.provenance.window_index for f in res.fragments} == set(biases)
         assert {f.provenance.window_index: f.bias for f in res.fragments} == pytest.approx(biases)

@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from memstream.errors import ConfigError
-from memstream.reads import ReadLedger, decay_bias
+from memstream.episodic.decay import decay_bias
+from memstream.episodic.ledger import ReadLedger
 
 
 def test_decay_bias_is_zero_within_k_then_linear():
@@ -81,7 +82,7 @@ def test_exact_counts_under_concurrent_processes(tmp_path):
 
 
 def test_s3_stores_refuse_implicit_credentials():
-    from memstream.episodic import EpisodicStore
+    from memstream.episodic.store import EpisodicStore
 
     for open_store in (EpisodicStore, ReadLedger):
         with pytest.raises(ConfigError, match="metadata service"):

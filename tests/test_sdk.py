@@ -13,10 +13,11 @@ from kafka.partitioner.default import murmur2
 
 from memstream import Publisher, errors
 from memstream.cli import main
-from memstream.codec import LatentChunk, encode_chunk
+from memstream.wire.codec import LatentChunk, encode_chunk
 from memstream.schemas.records import DeadLetterReason, DeadLetterRecord, DType, SessionEvent
 from memstream.topics import create_topics
-from memstream.validation import StreamValidator, Verdict, write_dead_letters
+from memstream.topics import write_dead_letters
+from memstream.wire.validation import StreamValidator, Verdict
 
 PARTITIONS = 4
 
@@ -189,7 +190,7 @@ def _chunk(first_seq: int, dim: int = 8, dtype: DType = DType.fp32, fill: float 
 
 
 def _event(sid: str, kind: str = "open", latents: int = 0) -> bytes:
-    from memstream.codec import encode_event
+    from memstream.wire.codec import encode_event
 
     return encode_event(SessionEvent(1, kind, sid, b"p" * 16, None, None, latents, 1))
 

@@ -19,15 +19,15 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from memstream import topics
-from memstream.chain import verify_chain
+from memstream.episodic.chain import verify_chain
 from memstream.crypto import KeyRing, SigningKey
 from memstream.infra import process
 from memstream.longterm import LongTermStore
 from memstream.operators.checkpoint import load_default
-from memstream.pipelines.episodic import WINDOW
-from memstream.read import Memory
+from memstream.settings import WINDOW
+from memstream.read.memory import Memory
 from memstream.sdk import Publisher
-from memstream.serve import create_app
+from memstream.read.http import create_app
 from tests.read_fixtures import cue, write_session
 
 D = 384
@@ -161,7 +161,7 @@ def test_published_latents_read_back_through_python_and_http(kafka_bootstrap, to
             for i in range(0, len(x), 1000):
                 s.publish(x[i:i + 1000])
     run = subprocess.run([sys.executable, "-m", "memstream.cli", "run", "--runner", "prism", "--until-idle",
-                          "--bootstrap", kafka_bootstrap, "--store", store, "--key-file", str(key_file),
+                          "--bootstrap", kafka_bootstrap, "--episodic", store, "--key-file", str(key_file),
                           "--latents-topic", names["latents"], "--summaries-topic", names["summaries"],
                           "--deadletter-topic", names["deadletter"]], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -179,8 +179,8 @@ def test_published_latents_read_back_through_python_and_http(kafka_bootstrap, to
     port = _free_port()
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "memstream.cli", "serve", "--store", store,
-                                   "--key", key.verify_key.hex(),
+        server = subprocess.Popen([sys.executable, "-m", "memstream.cli", "serve", "--episodic", store,
+                                   "--public-key", key.verify_key.hex(),
                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:
@@ -204,7 +204,7 @@ def test_published_latents_read_back_through_python_and_http(kafka_bootstrap, to
         assert httpx.get(f"http://127.0.0.1:{port}/openapi.json").json()["info"]["title"] == "memstream read API"
     finally:
         process.stop_pid(server.pid, timeout=10)
-    from memstream.reads import ReadLedger
+    from memstream.episodic.ledger import ReadLedger
 
     assert ReadLedger(store).query_count("e2e") == 2  # one read each way; the server flushed on shutdown
 

@@ -7,7 +7,7 @@ import pytest
 
 from memstream.crypto import KeyRing, SigningKey
 from memstream.longterm import LongTermStore, WritePolicy
-from memstream.longterm import policy as wp
+from memstream.longterm import train_policy as wp
 
 HELD_OUT = ["pydoc:itertools", "pydoc:tarfile", "pydoc:typing", "pydoc:zipfile"]
 
@@ -39,7 +39,7 @@ def test_decisions_expose_score_and_follow_the_store(tmp_path, held_out_sessions
     key = SigningKey.generate()
     store = LongTermStore(str(tmp_path / "ltm"), keyring=KeyRing([key]), signer=key)
     latents = held_out_sessions[0][:200]
-    first = policy.decide_for_store(latents[0], store)
+    first = store.decide(latents[0], policy)
     assert first.novelty == 1.0 and 0.0 <= first.score <= 1.0
     kept = 0
     for i, v in enumerate(latents[:60]):
@@ -52,7 +52,7 @@ def test_decisions_expose_score_and_follow_the_store(tmp_path, held_out_sessions
     # An exact copy of a stored latent is not novel.
     stored = store.get([store.search(latents[0], 1, record_access=False)[0].entry_id])
     copy_vec = next(iter(stored.values()))[1].vector
-    assert policy.decide_for_store(copy_vec, store).novelty == pytest.approx(0.0, abs=1e-5)
+    assert store.decide(copy_vec, policy).novelty == pytest.approx(0.0, abs=1e-5)
 
 
 def test_training_learns_the_signal_in_seconds(held_out_sessions):

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
 
-from memstream.crypto import KeyRing, SigningKey, canonical_encode, domain_hash, leaf_hash
+from memstream.crypto.hashing import canonical_encode, domain_hash, leaf_hash
+from memstream.crypto.keys import KeyRing, SigningKey
 from memstream.errors import ConfigError, GovernanceError, SignatureError, VerificationError
+from memstream.schemas.records import ForgetRequest as ForgetRequestRecord
+from memstream.schemas.records import LongTermEntry
+from memstream.schemas.records import RemovalRequest as RemovalRequestRecord
 
 ENTRY_DOMAIN = "memstream.longterm.entry.v1"
 PAYLOAD_KINDS = ("summary_tokens", "episodic_ref")
@@ -37,28 +41,12 @@ def subject_hash(subject: str) -> str:
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One signed, immutable long-term memory entry."""
-
-    entry_id: str
-    vector: np.ndarray
-    payload: bytes
-    payload_kind: str
-    validator_key_hash: str
-    query_hash: str
-    timestamp_ns: int
-    key_id: str
-    signature: bytes
-    forget_tag: str | None = None
-    forget_subject: str | None = None
-    supersedes: str | None = None
-
-    CONTENT = ("vector", "payload", "payload_kind", "validator_key_hash", "query_hash", "timestamp_ns",
-               "forget_tag", "forget_subject", "supersedes")
+class Entry(LongTermEntry):
+    """A :class:`~memstream.schemas.records.LongTermEntry` with its signing and checking."""
 
     @staticmethod
     def message(store_id: str, fields: Mapping[str, object]) -> bytes:
-        return canonical_encode(ENTRY_DOMAIN, {**{k: fields[k] for k in Entry.CONTENT}, "store_id": store_id})
+        return canonical_encode(ENTRY_DOMAIN, {**{k: fields[k] for k in LongTermEntry.CONTENT}, "store_id": store_id})
 
     @staticmethod
     def id_of(message: bytes) -> str:
@@ -159,15 +147,8 @@ class GovernancePolicy:
 
 
 @dataclass(frozen=True)
-class RemovalRequest:
-    """A governance-approved removal of specific entries. ``request_id`` makes each request
-    single-use, so a set of approvals cannot be replayed."""
-
-    store_id: str
-    entry_ids: tuple[str, ...]
-    reason: str
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    issued_at_ns: int = field(default_factory=time.time_ns)
+class RemovalRequest(RemovalRequestRecord):
+    """A :class:`~memstream.schemas.records.RemovalRequest` with its approval."""
 
     def message(self) -> bytes:
         return canonical_encode("memstream.longterm.removal.v1", {
@@ -177,26 +158,10 @@ class RemovalRequest:
     def approve(self, key: SigningKey) -> Approval:
         return Approval(key.key_id, key.sign(self.message()))
 
-    def to_json(self) -> dict:
-        return {"store_id": self.store_id, "entry_ids": list(self.entry_ids), "reason": self.reason,
-                "request_id": self.request_id, "issued_at_ns": self.issued_at_ns}
-
-    @classmethod
-    def from_json(cls, d: Mapping) -> "RemovalRequest":
-        return cls(d["store_id"], tuple(d["entry_ids"]), d["reason"], d["request_id"], int(d["issued_at_ns"]))
-
 
 @dataclass(frozen=True)
-class ForgetRequest:
-    """A signed request to forget everything bound to a subject (optionally one tag)."""
-
-    store_id: str
-    subject_hash: str
-    tag: str | None
-    key_id: str
-    signature: bytes
-    request_id: str
-    issued_at_ns: int
+class ForgetRequest(ForgetRequestRecord):
+    """A :class:`~memstream.schemas.records.ForgetRequest` with its signing and checking."""
 
     @staticmethod
     def message(store_id: str, subject_hash_: str, tag: str | None, request_id: str, issued_at_ns: int) -> bytes:

@@ -23,6 +23,7 @@ old one; removal is :meth:`remove` with M-of-N governance approvals, or the forg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,49 +38,38 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from memstream import topics
-from memstream.crypto import KeyRing, MerkleFrontier, MerkleTree, SignedTreeHead, SigningKey, VerifyKey
-from memstream.crypto import verify_inclusion
+from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey
+from memstream.crypto.merkle import MerkleFrontier, MerkleTree
+from memstream.crypto.proof import verify_inclusion
+from memstream.crypto.signed import SignedTreeHead, verify_record
 from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError, IntegrityError, ReplayError,
                               ServiceError, SignatureError, VerificationError)
-from memstream.lance import connect
 from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, check_row,
                                       subject_hash)
-from memstream.longterm.lease import Leases, object_store
+from memstream.longterm.policy import K, WriteDecision, WritePolicy
+from memstream.schemas.generate import arrow_schema, to_arrow
+from memstream.schemas.records import (AccessRecord, AccessStats, ForgetRequestRow, LongTermEntry, MerkleLeaf,
+                                       PurgeAttestation, PurgeRecord, RemovalRecord, TreeHeadRow)
+from memstream.settings import ATTESTATIONS_TOPIC, LATENT_DIM, LEASE_TTL_S, LONGTERM_METRIC, NPROBES
+from memstream.storage.lance import connect
+from memstream.storage.lease import Leases
+from memstream.storage.objects import object_store
 
 log = logging.getLogger(__name__)
 
 _ID = re.compile(r"[0-9a-f]{64}")
-ROW_COLUMNS = ["entry_id", "vector", "payload", "payload_kind", "validator_key_hash", "query_hash", "timestamp_ns",
-               "forget_tag", "forget_subject", "supersedes", "key_id", "signature"]
+ROW_COLUMNS = [f.name for f in dataclasses.fields(LongTermEntry)]
 
 
 def entries_schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        ("entry_id", pa.string()), ("vector", pa.list_(pa.float32(), dim)), ("payload", pa.binary()),
-        ("payload_kind", pa.string()), ("validator_key_hash", pa.string()), ("query_hash", pa.string()),
-        ("timestamp_ns", pa.int64()), ("forget_tag", pa.string()), ("forget_subject", pa.string()),
-        ("supersedes", pa.string()), ("key_id", pa.string()), ("signature", pa.binary()),
-    ])
+    return arrow_schema(LongTermEntry, dim)
 
 
-SCHEMAS = {
-    "merkle_log": pa.schema([("leaf_index", pa.int64()), ("entry_id", pa.string()), ("leaf_hash", pa.binary())]),
-    "tree_heads": pa.schema([("tree_size", pa.int64()), ("root_hash", pa.binary()), ("timestamp_ns", pa.int64()),
-                             ("key_id", pa.string()), ("signature", pa.binary()),
-                             ("frontier", pa.list_(pa.binary()))]),
-    "access_log": pa.schema([("entry_id", pa.string()), ("ts_ns", pa.int64()), ("tier", pa.string())]),
-    "access_stats": pa.schema([("entry_id", pa.string()), ("count", pa.int64()), ("last_ns", pa.int64())]),
-    "removals": pa.schema([("request_id", pa.string()), ("request", pa.string()), ("approvals", pa.string()),
-                           ("applied_ns", pa.int64())]),
-    "forget_requests": pa.schema([("request_id", pa.string()), ("subject_hash", pa.string()), ("tag", pa.string()),
-                                  ("key_id", pa.string()), ("signature", pa.binary()), ("issued_at_ns", pa.int64()),
-                                  ("matched", pa.int64())]),
-    "purges": pa.schema([("purge_id", pa.string()), ("request_ids", pa.list_(pa.string())),
-                         ("entry_ids", pa.list_(pa.string())), ("removed_hot", pa.int64()),
-                         ("removed_cold", pa.int64()), ("markers", pa.binary()), ("planned_ns", pa.int64()),
-                         ("attestation", pa.string())]),
-}
+# The bookkeeping tables, their rows defined in memstream.schemas.records.
+SCHEMAS = {name: arrow_schema(cls) for name, cls in (
+    ("merkle_log", MerkleLeaf), ("tree_heads", TreeHeadRow), ("access_log", AccessRecord),
+    ("access_stats", AccessStats), ("removals", RemovalRecord), ("forget_requests", ForgetRequestRow),
+    ("purges", PurgeRecord))}
 
 
 @dataclass(frozen=True)
@@ -159,7 +149,7 @@ class VerifyReport:
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "rows_checked": self.rows_checked, "tree_size": self.tree_size,
-                "tree_head": self.tree_head.to_json() if self.tree_head else None,
+                "tree_head": self.tree_head.to_dict() if self.tree_head else None,
                 "failures": [f.__dict__ for f in self.failures], "log_failures": self.log_failures,
                 "seconds": round(self.seconds, 3)}
 
@@ -184,8 +174,8 @@ class LongTermStore:
     def __init__(self, uri: str, *, keyring: KeyRing, signer: SigningKey | None = None,
                  storage_options: dict[str, str] | None = None, cold_uri: str | None = None,
                  cold_storage_options: dict[str, str] | None = None, governance: GovernancePolicy | None = None,
-                 dim: int = 384, metric: str = "cosine", kafka_bootstrap: str | None = None,
-                 tree_head_topic: str = topics.ATTESTATIONS, lease_ttl_s: float = 600.0,
+                 dim: int = LATENT_DIM, metric: str = LONGTERM_METRIC, kafka_bootstrap: str | None = None,
+                 tree_head_topic: str = ATTESTATIONS_TOPIC, lease_ttl_s: float = LEASE_TTL_S,
                  access_flush_every: int = 256):
         self.uri = uri.rstrip("/")
         self.keyring = keyring
@@ -298,23 +288,26 @@ class LongTermStore:
                 "entry_id": pa.array(ids, pa.string()), "leaf_hash": pa.array(leaves, pa.binary())},
                 schema=SCHEMAS["merkle_log"]))
             sth = SignedTreeHead.create(self.signer, self.store_id, frontier.size, frontier.root(), time.time_ns())
-            self._tables["tree_heads"].add(pa.table({
-                "tree_size": [sth.tree_size], "root_hash": [sth.root_hash], "timestamp_ns": [sth.timestamp_ns],
-                "key_id": [sth.key_id], "signature": [sth.signature], "frontier": [frontier.hashes]},
-                schema=SCHEMAS["tree_heads"]))
+            self._tables["tree_heads"].add(to_arrow([TreeHeadRow(**dataclasses.asdict(sth), frontier=frontier.hashes)],
+                                                    TreeHeadRow))
         self._publish(sth)
         return AppendResult(ids, first, sth)
 
-    def consider(self, vector, payload: bytes, *, query: str | bytes, policy=None, **kw):
+    def consider(self, vector, payload: bytes, *, query: str | bytes, policy: WritePolicy | None = None, **kw):
         """Ask the learned write policy whether ``vector`` is worth keeping beyond the
         session; write it if so. Returns (WriteDecision, AppendResult or None)."""
-        from memstream.longterm.policy import WritePolicy
-
-        policy = policy or WritePolicy.load()
-        decision = policy.decide_for_store(np.asarray(vector, np.float32), self)
+        decision = self.decide(vector, policy)
         if not decision.keep:
             return decision, None
         return decision, self.append([self.new_entry(vector, payload, query=query, **kw)])
+
+    def decide(self, vector, policy: WritePolicy | None = None, include_cold: bool = True) -> WriteDecision:
+        """The write policy's decision on ``vector``, given its nearest entries in this store."""
+        if self.metric != "cosine":
+            raise ConfigError("the write policy reads cosine similarities: open the store with metric='cosine'")
+        latent = np.asarray(vector, np.float32)
+        hits = self.search(latent, K, include_cold=include_cold, record_access=False)
+        return (policy or WritePolicy.load()).decide(latent, [1.0 - h.distance for h in hits])
 
     def supersede(self, original_id: str, vector, payload: bytes, *, query: str | bytes, **kw) -> AppendResult:
         """Write a modification: a new entry linked to ``original_id``, which stays as it was."""
@@ -329,21 +322,11 @@ class LongTermStore:
                                   "governance approvals, or request_forget() for a subject's entries")
 
     def _rows(self, entries: Sequence[Entry]) -> pa.Table:
-        return pa.table({
-            "entry_id": [e.entry_id for e in entries],
-            "vector": pa.FixedSizeListArray.from_arrays(
-                pa.array(np.stack([np.asarray(e.vector, np.float32) for e in entries]).ravel()), self.dim),
-            "payload": [e.payload for e in entries], "payload_kind": [e.payload_kind for e in entries],
-            "validator_key_hash": [e.validator_key_hash for e in entries],
-            "query_hash": [e.query_hash for e in entries], "timestamp_ns": [e.timestamp_ns for e in entries],
-            "forget_tag": [e.forget_tag for e in entries], "forget_subject": [e.forget_subject for e in entries],
-            "supersedes": [e.supersedes for e in entries], "key_id": [e.key_id for e in entries],
-            "signature": [e.signature for e in entries],
-        }, schema=entries_schema(self.dim))
+        return to_arrow(entries, LongTermEntry, self.dim)
 
     def _tree_heads(self) -> list[tuple[SignedTreeHead, list[bytes]]]:
         t = self._read(self._tables["tree_heads"]).to_pylist()
-        heads = [(SignedTreeHead(self.store_id, r["tree_size"], r["root_hash"], r["timestamp_ns"], r["key_id"],
+        heads = [(SignedTreeHead(r["log_id"], r["tree_size"], r["root_hash"], r["timestamp_ns"], r["key_id"],
                                  r["signature"]), r["frontier"]) for r in t]
         return sorted(heads, key=lambda h: (h[0].tree_size, h[0].timestamp_ns))
 
@@ -371,8 +354,7 @@ class LongTermStore:
         try:
             if self._producer is None:
                 self._producer = KafkaProducer(bootstrap_servers=self.kafka_bootstrap, acks="all")
-            self._producer.send(self.tree_head_topic, key=self.store_id.encode(),
-                                value=json.dumps(sth.to_json()).encode()).get(timeout=30)
+            self._producer.send(self.tree_head_topic, key=self.store_id.encode(), value=sth.to_json()).get(timeout=30)
         except KafkaError as e:
             raise ServiceError(f"publishing tree head {sth.tree_size} to {self.tree_head_topic} at "
                                f"{self.kafka_bootstrap} failed ({e}); it is kept in storage, publish it again "
@@ -397,7 +379,7 @@ class LongTermStore:
         table.create_index("vector", config=IvfFlat(distance_type=self.metric, num_partitions=parts),
                            replace=replace)
 
-    def search(self, vector, k: int = 10, *, include_cold: bool = False, nprobes: int = 20,
+    def search(self, vector, k: int = 10, *, include_cold: bool = False, nprobes: int = NPROBES,
                record_access: bool = True) -> list[Hit]:
         """The ``k`` nearest entries; cold entries only with ``include_cold`` (slower: the
         cold tier is usually unindexed). Each hit names its tier."""
@@ -433,8 +415,7 @@ class LongTermStore:
             return
         ids, ts, tiers = zip(*self._access)
         self._access = []
-        self._tables["access_log"].add(pa.table({"entry_id": list(ids), "ts_ns": list(ts), "tier": list(tiers)},
-                                                schema=SCHEMAS["access_log"]))
+        self._tables["access_log"].add(to_arrow([AccessRecord(*a) for a in zip(ids, ts, tiers)], AccessRecord))
 
     def retrieval_stats(self, entry_ids: Sequence[str]) -> dict[str, RetrievalStats]:
         self.flush_access_log()
@@ -606,10 +587,9 @@ class LongTermStore:
                 if n:
                     table.delete(pred)
                 removed += n
-            self._tables["removals"].add(pa.table({
-                "request_id": [request.request_id], "request": [json.dumps(request.to_json())],
-                "approvals": [json.dumps([{"key_id": a.key_id, "signature": a.signature.hex()} for a in approvals])],
-                "applied_ns": [time.time_ns()]}, schema=SCHEMAS["removals"]))
+            approvals_json = json.dumps([{"key_id": a.key_id, "signature": a.signature.hex()} for a in approvals])
+            self._tables["removals"].add(to_arrow([RemovalRecord(request.request_id, request.to_json().decode(),
+                                                                 approvals_json, time.time_ns())], RemovalRecord))
         return RemovalReceipt(request.request_id, removed, approved_by)
 
     def request_forget(self, subject: str, signed: ForgetRequest) -> ForgetTicket:
@@ -629,10 +609,8 @@ class LongTermStore:
             rows = self._read(table, ["forget_subject", "forget_tag"], "forget_subject IS NOT NULL")
             matched += sum(1 for r in rows.to_pylist() if r["forget_subject"] == signed.subject_hash
                            and (signed.tag is None or r["forget_tag"] == signed.tag))
-        self._tables["forget_requests"].add(pa.table({
-            "request_id": [signed.request_id], "subject_hash": [signed.subject_hash], "tag": [signed.tag],
-            "key_id": [signed.key_id], "signature": [signed.signature], "issued_at_ns": [signed.issued_at_ns],
-            "matched": [matched]}, schema=SCHEMAS["forget_requests"]))
+        self._tables["forget_requests"].add(to_arrow([ForgetRequestRow(**dataclasses.asdict(signed), matched=matched)],
+                                                     ForgetRequestRow))
         return ForgetTicket(signed.request_id, matched)
 
     # ------------------------------------------------------------------ attestations
@@ -725,7 +703,7 @@ class LongTermStore:
     def _approved_removals(self, report: VerifyReport) -> set[str]:
         removed: set[str] = set()
         for r in self._read(self._tables["removals"]).to_pylist():
-            req = RemovalRequest.from_json(json.loads(r["request"]))
+            req = RemovalRequest.from_json(r["request"])
             approvals = [Approval(a["key_id"], bytes.fromhex(a["signature"])) for a in json.loads(r["approvals"])]
             try:
                 if self.governance is None:
@@ -740,9 +718,6 @@ class LongTermStore:
     def _attested_purges(self, report: VerifyReport) -> set[str]:
         """Entries erased by a forget purge whose attestation is signed by a validator or
         governance key, for forget requests that are stored and validly signed."""
-        from memstream.maintenance import verify_record
-        from memstream.schemas.records import PurgeAttestation
-
         ring = KeyRing([*self.keyring, *(self.governance.keys if self.governance else ())])
         requests = {r["request_id"]: r for r in self._read(self._tables["forget_requests"]).to_pylist()}
         purged: set[str] = set()
@@ -756,7 +731,7 @@ class LongTermStore:
                     q = requests.get(rid)
                     if q is None:
                         raise VerificationError(f"names forget request {rid}, which is not stored")
-                    ForgetRequest(self.store_id, q["subject_hash"], q["tag"], q["key_id"], q["signature"], rid,
+                    ForgetRequest(q["store_id"], q["subject_hash"], q["tag"], q["key_id"], q["signature"], rid,
                                   q["issued_at_ns"]).verify(ring)
             except (IntegrityError, ValueError, TypeError) as e:
                 report.log_failures.append(f"purge {r['purge_id']}: the attestation does not check out: {e}")

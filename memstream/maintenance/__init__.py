@@ -13,21 +13,19 @@ hold), and returns a dict of counts that the DAG logs and passes on as its XCom.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 
-from memstream.crypto import KeyRing, SigningKey, VerifyKey, canonical_encode
-from memstream.errors import ConfigError, SignatureError
-from memstream.schemas.records import JsonRecord
+from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey
+from memstream.errors import ConfigError
 
 
 def signing_key(key_env: str | None = None, key_file: str | None = None) -> SigningKey:
     """The maintenance key that signs GC records and purge attestations: from a key file or
     an environment variable (never from a DAG's run configuration)."""
     if key_file:
-        return SigningKey.from_file(key_file)
+        return SigningKey.from_file(key_file, role="maintenance")
     if key_env:
         return SigningKey.from_env(key_env)
     raise ConfigError("no maintenance signing key: set the key_file or key_env Param")
@@ -58,26 +56,3 @@ def keyring(keys: list[str] | tuple[str, ...] = (), signer: SigningKey | None = 
     if signer is not None:
         ring.add(signer)
     return ring
-
-
-def _message(record: JsonRecord) -> bytes:
-    fields = {}
-    for f in dataclasses.fields(record):
-        if f.name == "signature":
-            continue
-        value = getattr(record, f.name)
-        fields[f.name] = "\n".join(value) if isinstance(value, list) else value
-    return canonical_encode(f"memstream.{record.SCHEMA_NAME}.v{record.SCHEMA_VERSION}", fields)
-
-
-def sign_record(record: JsonRecord, key: SigningKey) -> JsonRecord:
-    """``record`` with ``key_id`` and ``signature`` set (Ed25519 over its canonical encoding)."""
-    unsigned = dataclasses.replace(record, key_id=key.key_id, signature=b"")
-    return dataclasses.replace(unsigned, signature=key.sign(_message(unsigned)))
-
-
-def verify_record(record: JsonRecord, ring: KeyRing) -> None:
-    """SignatureError unless ``record`` was signed by a key of ``ring``."""
-    if record.key_id not in ring:
-        raise SignatureError(f"{record.SCHEMA_NAME} signed by unknown key {record.key_id}")
-    ring.verify(record.key_id, record.signature, _message(dataclasses.replace(record, signature=b"")))

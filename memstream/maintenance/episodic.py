@@ -4,8 +4,8 @@
 session's queries since the summary was last read, or since it was stored). Its attention
 bias is :func:`memstream.reads.decay_bias` (0 within the last ``k`` queries, then ``-slope``
 per query); summaries whose bias falls below ``cutoff`` are evicted from the window. The
-chain head is never evicted (the pipeline continues the chain from it), and the summaries
-topic keeps every record.
+chain head is never evicted (the pipeline continues the chain from it); the summaries topic
+keeps the records for its retention.
 
 **Session GC.** A session is collected when it closed (a ``close`` session event on the
 latents topic) or when it was idle (no summary produced and no query) for longer than the
@@ -23,13 +23,17 @@ import time
 
 import pyarrow as pa
 
-from memstream.crypto import SigningKey
+from memstream.crypto.keys import SigningKey
+from memstream.crypto.signed import sign_record
+from memstream.episodic.decay import decay_bias
+from memstream.episodic.ledger import ReadLedger
+from memstream.episodic.store import EpisodicStore
 from memstream.errors import ConfigError, TopicMissingError
-from memstream.lance import connect
-from memstream.maintenance import sign_record
-from memstream.reads import decay_bias
 from memstream.schemas.generate import arrow_schema
 from memstream.schemas.records import EVENT_MAGIC, GcRecord
+from memstream.settings import DECAY_CUTOFF, DECAY_K, DECAY_SLOPE
+from memstream.storage.lance import connect
+from memstream.wire.codec import decode
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +42,11 @@ GC_SCHEMA = arrow_schema(GcRecord)
 
 
 def _open(uri: str, storage_options: dict[str, str] | None):
-    from memstream.episodic import EpisodicStore
-    from memstream.reads import ReadLedger
-
     return EpisodicStore(uri, storage_options), ReadLedger(uri, storage_options)
 
 
-def decay(uri: str, storage_options: dict[str, str] | None = None, *, k: int = 64, slope: float = 0.125,
-          cutoff: float = -8.0, dry_run: bool = False) -> dict:
+def decay(uri: str, storage_options: dict[str, str] | None = None, *, k: int = DECAY_K, slope: float = DECAY_SLOPE,
+          cutoff: float = DECAY_CUTOFF, dry_run: bool = False) -> dict:
     """Store each summary's decay bias and evict those below ``cutoff``; returns counts."""
     if cutoff >= 0:
         raise ConfigError(f"the eviction cutoff is a negative bias, got {cutoff}")
@@ -84,8 +85,6 @@ def closed_sessions(bootstrap: str, topic: str, timeout_s: float = 60.0) -> dict
     group (nothing is committed); latent chunks are skipped by their magic bytes."""
     from kafka import KafkaConsumer, TopicPartition
 
-    from memstream import codec
-
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                              request_timeout_ms=30000)
     try:
@@ -106,7 +105,7 @@ def closed_sessions(bootstrap: str, topic: str, timeout_s: float = 60.0) -> dict
                     if r.value is None or bytes(r.value[:4]) != EVENT_MAGIC:
                         continue
                     try:
-                        event = codec.decode(r.key, r.value)
+                        event = decode(r.key, r.value)
                     except ValueError:
                         continue  # a malformed event: the pipeline dead-letters it
                     if event.kind == "close":

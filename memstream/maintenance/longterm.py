@@ -18,7 +18,10 @@ import time
 from datetime import timedelta
 
 from memstream.errors import ConfigError
-from memstream.lance import connect
+from memstream.longterm.entry import GovernancePolicy
+from memstream.longterm.store import LongTermStore
+from memstream.maintenance import keyring
+from memstream.storage.lance import connect
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +32,6 @@ def open_store(uri: str, storage_options: dict[str, str] | None = None, *, keys=
                governance_threshold: int | None = None, **kw):
     """A :class:`LongTermStore` for maintenance: ``keys`` are the validator public keys,
     ``governance_keys`` (with an M-of-N threshold, default N) those of the governance policy."""
-    from memstream.longterm.entry import GovernancePolicy
-    from memstream.longterm.store import LongTermStore
-    from memstream.maintenance import keyring
-
     if governance_keys:
         gk = keyring(governance_keys)
         kw["governance"] = GovernancePolicy(gk, governance_threshold or len(gk))

@@ -25,14 +25,14 @@ import time
 import uuid
 
 import numpy as np
-import pyarrow as pa
 
-from memstream.crypto import KeyRing
+from memstream.crypto.keys import KeyRing
+from memstream.crypto.signed import sign_record
 from memstream.errors import ConfigError, IntegrityError, VerificationError
 from memstream.longterm.entry import ForgetRequest
-from memstream.maintenance import sign_record
 from memstream.maintenance.scan import Markers, scan_storage
-from memstream.schemas.records import PurgeAttestation
+from memstream.schemas.generate import to_arrow
+from memstream.schemas.records import PurgeAttestation, PurgeRecord
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def plan(store) -> dict:
     for r in _rows(store.table("forget_requests")):
         if r["request_id"] in done:
             continue
-        req = ForgetRequest(store.store_id, r["subject_hash"], r["tag"], r["key_id"], r["signature"],
+        req = ForgetRequest(r["store_id"], r["subject_hash"], r["tag"], r["key_id"], r["signature"],
                             r["request_id"], r["issued_at_ns"])
         try:
             req.verify(ring)
@@ -96,13 +96,9 @@ def plan(store) -> dict:
             markers.add(np.asarray(row["vector"], dtype="<f4").tobytes())
             markers.add(row["signature"])
     purge_id = uuid.uuid4().hex
-    from memstream.longterm.store import SCHEMAS
-
-    store.table("purges").add(pa.table({
-        "purge_id": [purge_id], "request_ids": [sorted(q.request_id for q in requests)],
-        "entry_ids": [sorted(ids)], "removed_hot": [counts["hot"]], "removed_cold": [counts["cold"]],
-        "markers": [markers.to_bytes()], "planned_ns": [time.time_ns()], "attestation": [None]},
-        schema=SCHEMAS["purges"]))
+    store.table("purges").add(to_arrow([PurgeRecord(
+        purge_id, sorted(q.request_id for q in requests), sorted(ids), counts["hot"], counts["cold"],
+        markers.to_bytes(), time.time_ns(), None)], PurgeRecord))
     out = {"purge_id": purge_id, "requests": len(requests), "entries": len(ids), "hot": counts["hot"],
            "cold": counts["cold"], "markers": len(markers), "resumed": False}
     log.info("forget purge planned: %s", out)

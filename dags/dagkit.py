@@ -1,0 +1,115 @@
+"""What the DAG files in ``dags/`` share: their Params (JSON-schema validated), assets and
+defaults, and how a task turns its Params into store handles. Importing this module does no
+work beyond building those objects; the stores are opened inside tasks only.
+
+Defaults come from the environment at parse time (``MEMSTREAM_EPISODIC_URI``,
+``MEMSTREAM_LONGTERM_URI``, ``MEMSTREAM_BOOTSTRAP``), else local folders under the memstream
+cache, so that scheduled runs have valid Params; a triggered run overrides any of them.
+Credentials never need to be in a run's configuration: ``storage_options_env`` names an
+environment variable holding the storage options as JSON, and the signing key is read from
+the file or environment variable that ``key_file``/``key_env`` name.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta, timezone
+
+from airflow.sdk import Asset, Param
+
+from memstream.maintenance import signing_key, storage_options
+from memstream.settings import cache_dir
+
+START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+DEFAULT_ARGS = {"owner": "memstream", "retries": 2, "retry_delay": timedelta(minutes=1)}
+TAGS = ["memstream", "maintenance"]
+
+EPISODIC_STORE = Asset(name="memstream_episodic_store", uri="memstream://episodic/store")
+LONGTERM_STORE = Asset(name="memstream_longterm_store", uri="memstream://longterm/store")
+
+URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,62}(/.*)?|/.+|file:///.+)$"
+
+
+def _uri(description: str, env: str, default_folder: str) -> Param:
+    return Param(os.environ.get(env) or str(cache_dir() / "stores" / default_folder), type="string",
+                 pattern=URI_PATTERN, description=description)
+
+
+def episodic_uri() -> Param:
+    return _uri("the episodic store: an absolute folder or s3://bucket/prefix", "MEMSTREAM_EPISODIC_URI", "episodic")
+
+
+def longterm_uri() -> Param:
+    return _uri("the long-term store root: an absolute folder or s3://bucket/prefix", "MEMSTREAM_LONGTERM_URI",
+                "longterm")
+
+
+def storage_params() -> dict[str, Param]:
+    return {
+        "storage_options": Param({}, type="object", additionalProperties={"type": "string"},
+                                 description="LanceDB storage options (S3: endpoint, region, credentials, "
+                                             "allow_http); prefer storage_options_env for credentials"),
+        "storage_options_env": Param(None, type=["null", "string"], pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                     description="environment variable holding the storage options as JSON"),
+    }
+
+
+def dry_run() -> Param:
+    return Param(False, type="boolean", description="compute and log what would change, change nothing")
+
+
+def key_params() -> dict[str, Param]:
+    return {
+        "key_env": Param("MEMSTREAM_MAINTENANCE_KEY", type=["null", "string"], pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                         description="environment variable holding the maintenance Ed25519 signing key"),
+        "key_file": Param(None, type=["null", "string"], minLength=1,
+                          description="file holding the maintenance signing key (wins over key_env)"),
+    }
+
+
+def longterm_params() -> dict[str, Param]:
+    return {
+        "longterm_uri": longterm_uri(),
+        "cold_uri": Param(None, type=["null", "string"], pattern=URI_PATTERN,
+                          description="cold tier root (default: <longterm_uri>/cold)"),
+        "validator_keys": Param([], type="array", items={"type": "string", "minLength": 1},
+                                description="validator public keys (files, or hex/base64) whose signatures "
+                                            "the store accepts"),
+        "governance_keys": Param([], type="array", items={"type": "string", "minLength": 1},
+                                 description="governance public keys (approved removals, forget requests)"),
+        "governance_threshold": Param(None, type=["null", "integer"], minimum=1,
+                                      description="M of the M-of-N governance policy (default: all keys)"),
+        "lease_timeout_s": Param(300, type="number", minimum=1, maximum=3600,
+                                 description="how long to wait for writers to leave before maintenance gives up"),
+    }
+
+
+def bootstrap_param() -> Param:
+    return Param(os.environ.get("MEMSTREAM_BOOTSTRAP"), type=["null", "string"], pattern=r"^[^\s,]+(,[^\s,]+)*$",
+                 description="Kafka bootstrap servers (host:port,...); null: no Kafka")
+
+
+# -- inside tasks --------------------------------------------------------------------------
+
+def options(p) -> dict[str, str] | None:
+    return storage_options(p.get("storage_options"), p.get("storage_options_env"))
+
+
+def signer(p, required: bool = True):
+    if not required and not (p.get("key_file") or (p.get("key_env") and os.environ.get(p["key_env"]))):
+        return None
+    return signing_key(p.get("key_env"), p.get("key_file"))
+
+
+def longterm_store(p, *, with_signer: bool = False, kafka: bool = False):
+    # Stores load pyarrow and LanceDB: inside tasks only, so that parsing a DAG file stays cheap.
+    from memstream.maintenance.longterm import open_store
+
+    so = options(p)
+    extra = {"tree_head_topic": p["attestations_topic"]} if kafka and p.get("attestations_topic") else {}
+    return open_store(p["longterm_uri"], so, keys=p.get("validator_keys") or (),
+                      signer=signer(p) if with_signer else None, cold_uri=p.get("cold_uri"), cold_storage_options=so,
+                      kafka_bootstrap=p.get("kafka_bootstrap") if kafka else None,
+                      lease_ttl_s=max(600.0, 2 * float(p.get("lease_timeout_s", 300))),
+                      governance_keys=p.get("governance_keys") or (), governance_threshold=p.get("governance_threshold"),
+                      **extra)

@@ -1,0 +1,52 @@
+"""``memstream serve``: the read API over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+
+from memstream.cli import common
+from memstream.errors import ConfigError
+from memstream.settings import HOST, LEDGER_FLUSH_EVERY, SERVE_PORT
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the read API over HTTP (FastAPI, OpenAPI at /openapi.json)")
+    common.add_episodic(p)
+    p.add_argument("--longterm", default=None, help="long-term store root (a folder or s3://bucket/prefix)")
+    common.add_public_keys(p)
+    p.add_argument("--include-cold", action="store_true", help="long-term reads search the cold tier too")
+    p.add_argument("--replica-store", default=None, help="episodic store of a replica to sample reads against")
+    p.add_argument("--replica-longterm", default=None, help="long-term store of that replica")
+    p.add_argument("--sample-rate", type=float, default=0.0, help="fraction of reads executed on the replica too")
+    common.add_bootstrap(p)
+    p.add_argument("--flush-every", type=int, default=LEDGER_FLUSH_EVERY, help="reads per append to the read ledger")
+    p.add_argument("--host", default=HOST, help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=SERVE_PORT)
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from memstream.read.http import create_app
+    from memstream.read.memory import Memory
+
+    uri, options = common.episodic(args)
+    keyring = common.keyring(args.public_key) if args.public_key else None
+    replica = None
+    if args.replica_store:
+        replica = Memory(args.replica_store, args.replica_longterm, storage_options=options,
+                         longterm_storage_options=options, keyring=keyring, include_cold=args.include_cold)
+    bootstrap = common.bootstrap(args) if args.sample_rate > 0 else None
+    if args.port < 0 or args.port > 65535:
+        raise ConfigError(f"--port must be 0..65535, got {args.port}")
+    memory = Memory(uri, args.longterm, storage_options=options, longterm_storage_options=options, keyring=keyring,
+                    include_cold=args.include_cold, replica=replica, sample_rate=args.sample_rate,
+                    kafka_bootstrap=bootstrap, flush_every=args.flush_every)
+    log.info("serving %s (long-term %s) on http://%s:%d", uri, args.longterm, args.host, args.port)
+    uvicorn.run(create_app(memory), host=args.host, port=args.port, log_level="warning")
+    if replica is not None:
+        replica.close()
+    return 0

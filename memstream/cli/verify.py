@@ -1,0 +1,114 @@
+"""``memstream verify chain|longterm``: every integrity check of stored memory."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from memstream.cli import common
+from memstream.crypto.keys import SigningKey
+from memstream.crypto.signed import SignedTreeHead
+from memstream.episodic.chain import head_at, verify_chain
+from memstream.errors import ConfigError
+from memstream.longterm.entry import GovernancePolicy
+from memstream.topics import read_summaries
+
+
+def register(sub) -> None:
+    verify = sub.add_parser("verify", help="check signatures, hash chains and Merkle proofs of stored memory")
+    verbs = verify.add_subparsers(dest="what", required=True, metavar="WHAT")
+    _register_chain(verbs)
+    _register_longterm(verbs)
+
+
+def _register_chain(verbs) -> None:
+    chain = verbs.add_parser("chain", help="check a session's hash chain and signatures")
+    chain.add_argument("--session", required=True)
+    chain.add_argument("--at", help="reconstruct the chain head as of this time (ISO 8601 or epoch seconds)")
+    chain.add_argument("--from", dest="source", choices=["kafka", "store"], default="kafka")
+    common.add_bootstrap(chain)
+    chain.add_argument("--topic", default=None, help="summaries topic (default: memstream.summaries)")
+    common.add_episodic(chain)
+    common.add_public_keys(chain)
+    chain.add_argument("--key-file", help="derive the public key from this signing key file")
+    chain.add_argument("--json", action="store_true")
+    chain.set_defaults(func=_verify_chain)
+
+
+def _parse_time(text: str) -> int:
+    try:
+        return int(float(text) * 1_000_000)
+    except ValueError:
+        dt = datetime.fromisoformat(text)
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return int(dt.timestamp() * 1_000_000)
+
+
+def _verify_chain(args) -> int:
+    ring = common.keyring(args.public_key)
+    if args.key_file:
+        ring.add(SigningKey.from_file(args.key_file, role="validator"))
+    if not len(ring):
+        raise ConfigError("no public key to verify with: pass --public-key FILE (or --key-file)")
+    if args.source == "kafka":
+        records = read_summaries(common.bootstrap(args), args.session,
+                                 **({"topic": args.topic} if args.topic else {}))
+    else:
+        from memstream.episodic.store import EpisodicStore
+
+        uri, options = common.episodic(args)
+        records = EpisodicStore(uri, options).records(args.session)
+    if args.at:
+        cutoff = _parse_time(args.at)
+        records = [r for r in records if r.processing_time_us <= cutoff]
+    report = verify_chain(args.session, records, ring, anchored=args.source == "kafka" or
+                          bool(records) and records[0].window_index == 0)
+    head = head_at(records, _parse_time(args.at)) if args.at else None
+    out = {"session": args.session, "source": args.source, "ok": report.ok, "records": report.records,
+           "duplicates": report.duplicates, "first_window": report.first_index, "head_window": report.head_index,
+           "head_hash": report.head_hash.hex(), "key_ids": sorted(report.key_ids),
+           "fault": str(report.fault) if report.fault else None}
+    if head is not None:
+        out["head_at"] = {"time": args.at, "window": head.window_index, "hash": head.hash.hex()}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    elif report.ok:
+        print(f"session {args.session}: {report.records} summaries verify "
+              f"(windows {report.first_index}..{report.head_index}, head {report.head_hash.hex()[:16]}…)")
+    else:
+        print(f"session {args.session}: BROKEN at {report.fault}")
+    return 0 if report.ok else 1
+
+
+def _register_longterm(verbs) -> None:
+    p = verbs.add_parser("longterm", help="check every row's signature and its inclusion under the latest "
+                                          "signed tree head; list the rows that fail")
+    p.add_argument("uri", help="store root: a folder or s3://bucket/prefix")
+    common.add_public_keys(p, required=True)
+    p.add_argument("--governance-key", action="append", default=[],
+                   help="a governance public key (to accept approved removals); repeat")
+    p.add_argument("--governance-threshold", type=int, default=None, help="M of the M-of-N removal policy")
+    p.add_argument("--cold-uri", default=None, help="cold tier root (default: <uri>/cold)")
+    common.add_storage(p)
+    p.add_argument("--tree-head", type=Path, default=None,
+                   help="a signed tree head (JSON, as published to Kafka) to verify against instead of the stored one")
+    p.add_argument("--workers", type=int, default=None, help="verification processes (default: by table size)")
+    p.set_defaults(func=_verify_longterm)
+
+
+def _verify_longterm(args) -> int:
+    from memstream.longterm.store import LongTermStore
+
+    options = common.storage_options(args, args.uri)
+    governance = None
+    if args.governance_key:
+        gk = common.keyring(args.governance_key)
+        governance = GovernancePolicy(gk, args.governance_threshold or len(gk))
+    store = LongTermStore(args.uri, keyring=common.keyring(args.public_key), storage_options=options,
+                          cold_uri=args.cold_uri, governance=governance)
+    head = SignedTreeHead.from_json(args.tree_head.read_text()) if args.tree_head else None
+    report = store.verify(workers=args.workers, trusted_head=head)
+    print(json.dumps(report.to_json(), indent=2))
+    return 0 if report.ok else 1

@@ -1,0 +1,483 @@
+"""The unified read interface: one ``read(query_latent, session_id, k)`` over both timescales.
+
+    query latent ──▶ routing policy ──▶ episodic: the decoder cross-attends over the session's
+                     (learned, small)     summary window, each summary's decay bias added to
+                                          its tokens' logits; fragments = the summaries that
+                                          drew the most attention
+                                    ──▶ long-term: nearest signed entries (hot, optionally cold)
+                                    ──▶ both
+
+Every read is accounted: the session's query and the summaries it returned go to the
+:class:`~memstream.episodic.ledger.ReadLedger` (staleness and decay, DAG ``episodic_decay``), long-term
+hits to the store's access log (demotion). A configurable fraction of reads runs a second
+time against a replica (:class:`Memory` over replica stores); a disagreement is published to
+``memstream.read-divergence`` and counted.
+
+The episodic read is the compressor's own decoder (:meth:`Compressor.attend
+<memstream.operators.model.Compressor.attend>`) over the session's summary tokens, which are
+decoded from storage once and cached with their slot norms (keyed by the stored windows and
+their hashes).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+from memstream.crypto.keys import KeyRing
+from memstream.episodic.chain import check_summary
+from memstream.episodic.ledger import ReadLedger
+from memstream.episodic.store import EpisodicStore
+from memstream.errors import ConfigError, IntegrityError, InvalidQueryError, ServiceError, SessionNotFoundError
+from memstream.longterm.store import LongTermStore
+from memstream.read.routing import RoutePolicy, centroids_of
+from memstream.schemas.records import ReadDivergence
+from memstream.settings import LEDGER_FLUSH_EVERY, MAX_READ_K, NPROBES, READ_CACHE_BYTES, READ_DIVERGENCE_TOPIC
+
+log = logging.getLogger(__name__)
+
+ROUTES = ("episodic", "longterm", "both")
+Route = Literal["episodic", "longterm", "both"]
+MAX_K = MAX_READ_K
+
+
+# ------------------------------------------------------------------------------ results
+
+@dataclass(frozen=True)
+class EpisodicProvenance:
+    session_id: str
+    window_index: int
+    hash: str  # hex of the summary's chain hash
+    prev_hash: str
+    key_id: str  # the validator key that signed it
+    seq_start: int  # latents summarized: [seq_start, seq_end)
+    seq_end: int
+    partial: bool
+    operator_version: str
+    verified: bool  # hash recomputed and signature checked against the key ring
+
+
+@dataclass(frozen=True)
+class LongTermProvenance:
+    entry_id: str
+    validator_key_hash: str
+    query_hash: str
+    timestamp_ns: int
+    supersedes: str | None
+    key_id: str
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """What one read returned from one place.
+
+    Episodic: ``score`` is the share of the decoder's attention the summary drew (0..1, summed
+    over its slots, averaged over the query), ``bias`` the decay bias applied to it,
+    ``latent`` the decoder's reconstruction of the query from that summary alone.
+    Long-term: ``score`` is the cosine similarity of the entry to the query, ``payload`` its
+    stored content."""
+
+    source: Literal["episodic", "longterm"]
+    tier: Literal["hot", "cold"]
+    score: float
+    provenance: EpisodicProvenance | LongTermProvenance
+    latent: np.ndarray | None = None
+    payload: bytes | None = None
+    payload_kind: str | None = None
+    bias: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """A stable name: ``episodic:<window>:<hash hex>`` or ``longterm:<entry id>``."""
+        p = self.provenance
+        if isinstance(p, EpisodicProvenance):
+            return f"episodic:{p.window_index}:{p.hash}"
+        return f"longterm:{p.entry_id}"
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    route: Route
+    probabilities: dict[str, float]  # the policy's, per route; empty when the caller chose
+    chosen_by: Literal["policy", "caller"]
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    read_id: str
+    session_id: str
+    route: RouteDecision
+    fragments: list[Fragment]
+    reconstruction: np.ndarray | None  # decoder output over the whole window (episodic routes)
+    sampled: bool = False  # executed a second time against the replica
+    divergent: bool | None = None  # None when not sampled
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ReadStats:
+    reads: int = 0
+    by_route: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROUTES, 0))
+    sampled: int = 0
+    divergent: int = 0
+    published: int = 0  # divergence records Kafka acknowledged
+
+
+# ------------------------------------------------------------------------------ session window
+
+@dataclass
+class SessionMemory:
+    """One session's stored summaries, decoded once: tokens [N, d] fp32 (summaries in window
+    order, ``counts[i]`` tokens each), their provenance, and a mean token per summary."""
+
+    session_id: str
+    hashes: dict[int, bytes]
+    windows: list[int]
+    counts: torch.Tensor
+    tokens: torch.Tensor
+    provenance: dict[int, EpisodicProvenance]
+    centroids: torch.Tensor  # [n_summaries, rank]: mean slot of each summary (routing features)
+    slot_norms: torch.Tensor  # [N * slots_per_token]: saves the decoder a pass over the tokens per read
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.numel() * self.tokens.element_size()
+
+    def offsets(self) -> list[int]:
+        return [0, *np.cumsum(self.counts.numpy()).tolist()]
+
+
+# ------------------------------------------------------------------------------ the API
+
+class Memory:
+    """``Memory(episodic_uri, longterm_uri)``: reads over a session's episodic window and the
+    long-term store, with accounting, routing and read sampling.
+
+    ``keyring``: validator keys; summaries are verified (hash and signature) when first
+    loaded, and the long-term store is opened with it. ``replica`` and ``sample_rate``: that
+    fraction of reads also runs on ``replica`` (another Memory, e.g. over replica stores),
+    and a divergence is published to ``divergence_topic`` on ``kafka_bootstrap``.
+    Thread-safe; each process opens its own. ``close()`` flushes the accounting."""
+
+    def __init__(self, episodic_uri: str, longterm_uri: str | None = None, *,
+                 storage_options: dict[str, str] | None = None,
+                 longterm_storage_options: dict[str, str] | None = None, keyring=None, model=None,
+                 router=None, include_cold: bool = False, nprobes: int = NPROBES, cache_bytes: int = READ_CACHE_BYTES,
+                 flush_every: int = LEDGER_FLUSH_EVERY, replica: "Memory | None" = None, sample_rate: float = 0.0,
+                 kafka_bootstrap: str | None = None, divergence_topic: str = READ_DIVERGENCE_TOPIC,
+                 score_tolerance: float = 1e-3, seed: int | None = None):
+        if not 0.0 <= sample_rate <= 1.0:
+            raise ConfigError(f"sample_rate is a fraction of reads, 0..1; got {sample_rate}")
+        if sample_rate > 0 and replica is None:
+            raise ConfigError("read sampling needs a replica: pass replica=Memory(<replica stores>)")
+        if sample_rate > 0 and not kafka_bootstrap:
+            raise ConfigError("read sampling publishes divergences to Kafka: pass kafka_bootstrap")
+        if model is None:
+            from memstream.operators.checkpoint import load_default  # torch weights: loaded only when needed
+
+            model = load_default()
+        self.model = model.eval()
+        self.dim = model.config.dim
+        self.uri = episodic_uri
+        self.store = EpisodicStore(episodic_uri, storage_options)
+        self.ledger = ReadLedger(episodic_uri, storage_options, flush_every=flush_every)
+        self.keyring = keyring
+        self.longterm = None
+        if longterm_uri is not None:
+            self.longterm = LongTermStore(longterm_uri, keyring=keyring if keyring is not None else KeyRing(),
+                                          storage_options=longterm_storage_options, dim=self.dim)
+            if self.longterm.dim != self.dim:
+                raise ConfigError(f"the long-term store holds {self.longterm.dim}-d vectors, the compressor reads "
+                                  f"{self.dim}-d latents: open a store of the same width")
+        if router is None:
+            router = RoutePolicy.load()
+        self.router = router
+        self.include_cold, self.nprobes = include_cold, nprobes
+        self.cache_bytes = cache_bytes
+        self.replica, self.sample_rate = replica, sample_rate
+        self.kafka_bootstrap, self.divergence_topic = kafka_bootstrap, divergence_topic
+        self.score_tolerance = score_tolerance
+        self.stats = ReadStats()
+        self._rng = random.Random(seed)
+        self._cache: collections.OrderedDict[str, SessionMemory] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+        self._lt_lock = threading.Lock()  # the store's access-log buffer is not thread-safe
+        self._stats_lock = threading.Lock()
+        self._producer = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Write the buffered accounting (read ledger and long-term access log)."""
+        self.ledger.flush()
+        if self.longterm is not None:
+            with self._lt_lock:
+                self.longterm.flush_access_log()
+        if self._producer is not None:
+            self._producer.close(timeout=10)
+            self._producer = None
+
+    def __enter__(self) -> "Memory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the read ----------------------------------------------------------------------
+    def read(self, query, session_id: str, k: int = 8, *, route: Route | None = None,
+             account: bool = True) -> ReadResult:
+        """Read ``k`` fragments (per store consulted) for ``query_latent`` [d] in ``session_id``.
+        ``route`` overrides the routing policy; ``account=False`` leaves the accounting alone
+        (the replica's side of a sampled read)."""
+        started = time.perf_counter()
+        q = self._check_query(query)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+            raise InvalidQueryError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
+        if route is not None and route not in ROUTES:
+            raise InvalidQueryError(f"route must be one of {', '.join(ROUTES)} (or omitted), got {route!r}")
+        if not isinstance(session_id, str) or not session_id:
+            raise InvalidQueryError("session_id must be a non-empty string")
+        window = self.session_memory(session_id)
+        t_window = time.perf_counter()
+        timings = {"window_ms": (t_window - started) * 1e3}
+        probe = None
+        if route is None and self.longterm is None:
+            decision = RouteDecision("episodic", {}, "policy")  # nothing else to read
+        elif route is None:
+            # The policy reads the similarity of the nearest long-term entries: a probe search,
+            # accounted only if its hits are returned.
+            t0 = time.perf_counter()
+            with self._lt_lock:
+                probe = self.longterm.search(q.numpy(), int(k), include_cold=self.include_cold,
+                                             nprobes=self.nprobes, record_access=False)
+            sims = [1.0 - h.distance for h in probe[:2]] + [float("nan")] * (2 - len(probe[:2]))
+            probs = self.router.probabilities(q, window.centroids.numpy(), self.model, sims)
+            decision = RouteDecision(max(probs, key=probs.get), probs, "policy")
+            timings["route_ms"] = (time.perf_counter() - t0) * 1e3
+        else:
+            decision = RouteDecision(route, {}, "caller")
+        if decision.route in ("longterm", "both") and self.longterm is None:
+            raise InvalidQueryError("this memory has no long-term store: route 'episodic' only")
+        fragments: list[Fragment] = []
+        reconstruction = None
+        if decision.route in ("episodic", "both"):
+            t0 = time.perf_counter()
+            eps, reconstruction = self._episodic(q, window, int(k))
+            fragments += eps
+            timings["episodic_ms"] = (time.perf_counter() - t0) * 1e3
+        if decision.route in ("longterm", "both"):
+            t0 = time.perf_counter()
+            fragments += self._longterm(q, int(k), account, probe)
+            timings["longterm_ms"] = (time.perf_counter() - t0) * 1e3
+        read_id = uuid.uuid4().hex
+        if account:
+            self.ledger.record(session_id, [f.provenance.window_index for f in fragments if f.source == "episodic"])
+        result = ReadResult(read_id, session_id, decision, fragments,
+                            None if reconstruction is None else reconstruction.numpy(), timings_ms=timings)
+        with self._stats_lock:
+            self.stats.reads += account
+            self.stats.by_route[decision.route] += account
+            sample = account and self.replica is not None and self._rng.random() < self.sample_rate
+        if sample:
+            result = self._sample(result, q)
+        result.timings_ms["total_ms"] = (time.perf_counter() - started) * 1e3
+        log.info("read %s session=%s route=%s (%s%s) fragments=%s", read_id, session_id, decision.route,
+                 decision.chosen_by, "".join(f" {r}={p:.2f}" for r, p in decision.probabilities.items()),
+                 [f.key for f in fragments])
+        return result
+
+    def _check_query(self, query) -> torch.Tensor:
+        try:
+            a = np.asarray(query, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise InvalidQueryError(f"the query latent must be a vector of {self.dim} numbers: {e}") from None
+        if a.ndim == 2 and a.shape[0] == 1:
+            a = a[0]
+        if a.shape != (self.dim,):
+            raise InvalidQueryError(f"the query latent must have {self.dim} values (the compressor's latent width), "
+                                    f"got shape {list(a.shape)}")
+        if not np.isfinite(a).all():
+            raise InvalidQueryError("the query latent holds NaN or Inf: pass finite values")
+        return torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
+
+    # -- episodic ----------------------------------------------------------------------
+    def _episodic(self, q: torch.Tensor, window: SessionMemory, k: int) -> tuple[list[Fragment], torch.Tensor]:
+        stored = self.ledger.biases(window.session_id)
+        per_summary = torch.tensor([stored.get(w, 0.0) for w in window.windows], dtype=torch.float32)
+        bias = torch.repeat_interleave(per_summary, window.counts) if per_summary.any() else None
+        with torch.no_grad():
+            out, p = self.model.attend(q[None], window.tokens, bias, window.slot_norms)
+        weights = p.mean(0).view(-1, self.model.config.slots_per_token).sum(1)  # per memory token, sums to 1
+        offs = window.offsets()
+        mass = torch.segment_reduce(weights, "sum", lengths=window.counts)
+        top = torch.topk(mass, min(k, len(window.windows))).indices.tolist()
+        fragments = []
+        for i in top:
+            w = window.windows[i]
+            with torch.no_grad():
+                own = self.model.attend(q[None], window.tokens[offs[i]:offs[i + 1]])[0][0]
+            fragments.append(Fragment("episodic", "hot", float(mass[i]), window.provenance[w],
+                                      latent=own.numpy(), bias=float(per_summary[i])))
+        return fragments, out[0]
+
+    def session_memory(self, session_id: str) -> SessionMemory:
+        """The session's decoded summaries, from the cache while the store still holds exactly
+        the summaries (window indices and hashes) it was built from."""
+        current = self.store.hashes(session_id)
+        if not current:
+            raise SessionNotFoundError(f"no summaries stored for session {session_id!r} in {self.uri}: publish its "
+                                       "latents and run the pipeline (`memstream run`) first")
+        with self._cache_lock:
+            cached = self._cache.get(session_id)
+            if cached is not None and cached.hashes == current:
+                self._cache.move_to_end(session_id)
+                return cached
+        with self._loading[session_id]:  # one loader per session; other sessions go on
+            with self._cache_lock:
+                cached = self._cache.get(session_id)
+            if cached is not None and cached.hashes == current:
+                return cached
+            window = self._load(session_id, current, cached)
+            with self._cache_lock:
+                self._cache[session_id] = window
+                self._cache.move_to_end(session_id)
+                total = sum(w.nbytes for w in self._cache.values())
+                while total > self.cache_bytes and len(self._cache) > 1:
+                    _, dropped = self._cache.popitem(last=False)
+                    total -= dropped.nbytes
+            return window
+
+    def _load(self, session_id: str, current: dict[int, bytes], cached: SessionMemory | None) -> SessionMemory:
+        keep = {w for w, h in current.items() if cached is not None and cached.hashes.get(w) == h}
+        new = sorted(set(current) - keep)
+        records = {r.window_index: r for r in self.store.records(session_id, since_window=new[0])
+                   if r.window_index in new} if new else {}
+        parts: dict[int, torch.Tensor] = {}
+        provenance: dict[int, EpisodicProvenance] = {}
+        if cached is not None:
+            offs = cached.offsets()
+            for i, w in enumerate(cached.windows):
+                if w in keep:
+                    parts[w] = cached.tokens[offs[i]:offs[i + 1]]
+                    provenance[w] = cached.provenance[w]
+        for w in new:
+            r = records.get(w)
+            if r is None or r.hash != current[w]:
+                raise ServiceError(f"session {session_id!r} changed while it was being read (window {w}); read again")
+            if r.dim != self.dim:
+                raise IntegrityError(f"summary {session_id}/{w} has {r.dim}-d tokens, the compressor reads {self.dim}")
+            verified = check_summary(r, self.keyring)
+            try:
+                parts[w] = torch.from_numpy(r.token_array())
+            except ValueError as e:
+                raise IntegrityError(str(e)) from None
+            provenance[w] = EpisodicProvenance(session_id, w, r.hash.hex(), r.prev_hash.hex(), r.key_id, r.seq_start,
+                                               r.seq_end, r.partial, r.operator_version, verified)
+        windows = sorted(current)
+        for a, b in zip(windows, windows[1:]):  # links between neighbours still stored
+            if b == a + 1 and provenance[b].prev_hash != provenance[a].hash:
+                raise IntegrityError(f"session {session_id!r}: window {b} does not chain to window {a}")
+        tokens = torch.cat([parts[w] for w in windows])
+        counts = torch.tensor([len(parts[w]) for w in windows])
+        centroids = torch.from_numpy(np.stack([centroids_of(self.model, parts[w]) for w in windows]))
+        return SessionMemory(session_id, dict(current), windows, counts, tokens, provenance, centroids,
+                             self.model.slots_of(tokens).norm(dim=-1).clamp_min(1e-12))
+
+    # -- long-term ---------------------------------------------------------------------
+    def _longterm(self, q: torch.Tensor, k: int, account: bool, hits=None) -> list[Fragment]:
+        with self._lt_lock:
+            if hits is None:
+                hits = self.longterm.search(q.numpy(), k, include_cold=self.include_cold, nprobes=self.nprobes,
+                                            record_access=account)
+            elif account:
+                self.longterm.record_access(hits)
+        out = []
+        for h in hits:  # the search returns the provenance columns: no second lookup by id
+            prov = LongTermProvenance(h.entry_id, h.validator_key_hash, h.query_hash, h.timestamp_ns, h.supersedes,
+                                      h.key_id)
+            out.append(Fragment("longterm", h.tier, 1.0 - h.distance, prov, payload=h.payload,
+                                payload_kind=h.payload_kind))
+        return out
+
+    # -- read sampling -----------------------------------------------------------------
+    def _sample(self, result: ReadResult, q: torch.Tensor) -> ReadResult:
+        reasons: list[str] = []
+        replica_keys: list[str] = []
+        delta = 0.0
+        try:
+            other = self.replica.read(q.numpy(), result.session_id, max(1, _k_of(result)),
+                                      route=result.route.route, account=False)
+            replica_keys = [f.key for f in other.fragments]
+            reasons, delta = compare(result.fragments, other.fragments, self.score_tolerance)
+        except Exception as e:  # a replica that cannot answer diverges too
+            reasons = [f"the replica failed: {type(e).__name__}: {e}"]
+        divergent = bool(reasons)
+        with self._stats_lock:
+            self.stats.sampled += 1
+            self.stats.divergent += divergent
+        if divergent:
+            log.warning("read %s diverged on the replica: %s", result.read_id, "; ".join(reasons))
+            self._publish_divergence(result, replica_keys, delta, reasons)
+        return ReadResult(result.read_id, result.session_id, result.route, result.fragments, result.reconstruction,
+                          True, divergent, result.timings_ms)
+
+    def _publish_divergence(self, result: ReadResult, replica_keys: list[str], delta: float,
+                            reasons: list[str]) -> None:
+        from kafka import KafkaProducer
+        from kafka.errors import KafkaError
+
+        record = ReadDivergence(ReadDivergence.SCHEMA_VERSION, result.read_id, result.session_id, result.route.route,
+                                self.uri, self.replica.uri, [f.key for f in result.fragments], replica_keys,
+                                float(delta), reasons, time.time_ns() // 1000)
+        try:
+            with self._stats_lock:
+                if self._producer is None:
+                    self._producer = KafkaProducer(bootstrap_servers=self.kafka_bootstrap, acks="all")
+                producer = self._producer
+            producer.send(self.divergence_topic, key=result.session_id.encode(),
+                          value=record.to_json()).get(timeout=30)
+        except KafkaError as e:
+            raise ServiceError(f"publishing the divergence of read {result.read_id} to {self.divergence_topic} at "
+                               f"{self.kafka_bootstrap} failed ({e}); it is counted in Memory.stats and logged") from e
+        with self._stats_lock:
+            self.stats.published += 1
+
+
+def _k_of(result: ReadResult) -> int:
+    by_source = collections.Counter(f.source for f in result.fragments)
+    return max(by_source.values(), default=1)
+
+
+def compare(first: Sequence[Fragment], second: Sequence[Fragment], tolerance: float) -> tuple[list[str], float]:
+    """The differences between two executions of one read (fragments, order, scores, content),
+    in words, and the largest score difference over the fragments both returned."""
+    reasons = []
+    a, b = {f.key: f for f in first}, {f.key: f for f in second}
+    if set(a) != set(b):
+        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        reasons.append(f"fragments differ: only first {only_a[:4]}, only replica {only_b[:4]}")
+    elif [f.key for f in first] != [f.key for f in second]:
+        reasons.append("the same fragments in another order")
+    delta = 0.0
+    for key in set(a) & set(b):
+        fa, fb = a[key], b[key]
+        delta = max(delta, abs(fa.score - fb.score))
+        if fa.payload != fb.payload:
+            reasons.append(f"{key}: payloads differ")
+        if fa.latent is not None and fb.latent is not None and not np.allclose(fa.latent, fb.latent, atol=tolerance,
+                                                                               rtol=tolerance):
+            reasons.append(f"{key}: reconstructed latents differ")
+        if fa.tier != fb.tier:
+            reasons.append(f"{key}: tier {fa.tier} vs {fb.tier}")
+    if delta > tolerance:
+        reasons.append(f"scores differ by up to {delta:.3g} (tolerance {tolerance:g})")
+    return reasons, delta

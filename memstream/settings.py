@@ -1,0 +1,196 @@
+"""Every setting of memstream, with its one default, read from the environment and an optional
+``memstream.toml``.
+
+Defaults are the constants below; each setting class names them, and every module that
+needs a default imports it from here, so no number is written twice.
+
+Sources, later ones winning:
+
+1. the defaults below;
+2. ``memstream.toml`` in the working directory, or the file named by ``$MEMSTREAM_CONFIG``:
+   one table per section, e.g. ``[kafka] bootstrap = "broker:9092"``;
+3. environment variables ``MEMSTREAM_<SECTION>_<NAME>``, e.g. ``MEMSTREAM_KAFKA_BOOTSTRAP``.
+
+A value that does not parse as the setting's type raises :class:`~memstream.errors.ConfigError`
+naming the source. Only the standard library is imported here: this module is below everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memstream.errors import ConfigError
+
+# -- the numbers of the design ----------------------------------------------------------------
+WINDOW = 4096  # latents per episodic window
+SUMMARY_TOKENS = 256  # summary tokens per window
+LATENT_DIM = 384  # width of the latents the default compressor reads (MiniLM)
+HORIZON = 1220  # summaries kept per session in the episodic store (1,220 x 4,096: about 5M latents)
+DECAY_K = 64  # queries a summary may go unread before it decays
+DECAY_SLOPE = 0.125  # attention bias lost per query beyond DECAY_K
+DECAY_CUTOFF = -8.0  # summaries whose bias falls below this leave the window
+SESSION_RETENTION_HOURS = 24.0 * 7  # idle sessions are collected after this long
+COLD_AFTER_DAYS = 90.0  # long-term entries not retrieved for this long go cold
+
+# -- Kafka -------------------------------------------------------------------------------------
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the broker, topics and clients accept messages up to this
+CHUNK_BYTES = 1 << 20  # the largest latent chunk a publisher sends by default
+IN_FLIGHT_BYTES = 64 << 20  # unacknowledged bytes a publisher keeps in flight at most
+PARTITIONS = 4
+RETENTION_MS = 7 * 24 * 3600 * 1000
+
+LATENTS_TOPIC = "memstream.latents"  # latent chunks and session events, key = session id
+SUMMARIES_TOPIC = "memstream.summaries"
+DEADLETTER_TOPIC = "memstream.deadletter"
+ATTESTATIONS_TOPIC = "memstream.attestations"
+FORGET_TOPIC = "memstream.forget"
+READ_DIVERGENCE_TOPIC = "memstream.read-divergence"  # sampled reads whose replica disagreed
+
+# -- pipeline, reads, long-term ----------------------------------------------------------------
+BATCH_SIZE = 16  # windows per compressor call
+READ_K = 8  # fragments per store consulted
+MAX_READ_K = 64
+READ_CACHE_BYTES = 2 << 30  # decoded session windows the read path keeps in memory
+LEDGER_FLUSH_EVERY = 32  # reads per append to the read ledger
+HOST = "127.0.0.1"  # every service memstream starts binds this machine only
+SERVE_PORT = 8765
+LONGTERM_METRIC = "cosine"
+NPROBES = 20
+LEASE_TTL_S = 600.0
+
+
+def cache_dir() -> Path:
+    """``$MEMSTREAM_CACHE``, default ``~/.cache/memstream``: services, stores, latents, keys."""
+    return Path(os.environ.get("MEMSTREAM_CACHE") or Path.home() / ".cache" / "memstream")
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap: str | None = None  # None: $MEMSTREAM_KAFKA_BOOTSTRAP, else the local stack's broker
+    latents_topic: str = LATENTS_TOPIC
+    summaries_topic: str = SUMMARIES_TOPIC
+    deadletter_topic: str = DEADLETTER_TOPIC
+    attestations_topic: str = ATTESTATIONS_TOPIC
+    forget_topic: str = FORGET_TOPIC
+    read_divergence_topic: str = READ_DIVERGENCE_TOPIC
+    partitions: int = PARTITIONS
+    retention_ms: int = RETENTION_MS
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+    def topics(self) -> tuple[str, ...]:
+        return (self.latents_topic, self.summaries_topic, self.deadletter_topic, self.attestations_topic,
+                self.forget_topic, self.read_divergence_topic)
+
+
+@dataclass(frozen=True)
+class EpisodicSettings:
+    store: str | None = None  # a folder or s3://bucket/prefix; None: <cache>/episodic
+    window: int = WINDOW
+    horizon: int = HORIZON
+    decay_k: int = DECAY_K
+    decay_slope: float = DECAY_SLOPE
+    decay_cutoff: float = DECAY_CUTOFF
+    retention_hours: float = SESSION_RETENTION_HOURS
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    runner: str = "prism"  # prism or flink
+    batch_size: int = BATCH_SIZE
+    device: str = "auto"  # auto: CUDA when present
+    checkpoint: str | None = None  # None: the committed compressor checkpoint
+
+
+@dataclass(frozen=True)
+class LongTermSettings:
+    store: str | None = None  # a folder or s3://bucket/prefix; None: no long-term store
+    dim: int = LATENT_DIM
+    metric: str = LONGTERM_METRIC
+    nprobes: int = NPROBES
+    cold_after_days: float = COLD_AFTER_DAYS
+    lease_ttl_s: float = LEASE_TTL_S
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    k: int = READ_K
+    max_k: int = MAX_READ_K
+    cache_bytes: int = READ_CACHE_BYTES
+    ledger_flush_every: int = LEDGER_FLUSH_EVERY
+    host: str = HOST
+    port: int = SERVE_PORT
+
+
+@dataclass(frozen=True)
+class Settings:
+    """``Settings.load()``: the defaults, then ``memstream.toml``, then ``MEMSTREAM_*`` variables."""
+
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    episodic: EpisodicSettings = field(default_factory=EpisodicSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    longterm: LongTermSettings = field(default_factory=LongTermSettings)
+    read: ReadSettings = field(default_factory=ReadSettings)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, environ: typing.Mapping[str, str] | None = None) -> "Settings":
+        environ = os.environ if environ is None else environ
+        path = Path(path) if path else Path(environ.get("MEMSTREAM_CONFIG") or "memstream.toml")
+        tables: dict = {}
+        if path.is_file():
+            try:
+                tables = tomllib.loads(path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise ConfigError(f"{path}: not a readable TOML file: {e}") from None
+        elif environ.get("MEMSTREAM_CONFIG"):
+            raise ConfigError(f"MEMSTREAM_CONFIG names {path}, which does not exist")
+        unknown = set(tables) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; known: "
+                              f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        sections = {}
+        for f in dataclasses.fields(cls):
+            section_cls = f.default_factory  # type: ignore[misc]
+            sections[f.name] = _section(section_cls, f.name, tables.get(f.name, {}), environ, path)
+        return cls(**sections)
+
+
+def _section(section_cls, name: str, table: dict, environ: typing.Mapping[str, str], path: Path):
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table")
+    hints = typing.get_type_hints(section_cls)
+    known = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{path}: [{name}] has unknown setting(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+    values = {}
+    for key in known:
+        if key in table:
+            values[key] = _coerce(hints[key], table[key], f"{path} [{name}] {key}")
+        var = f"MEMSTREAM_{name}_{key}".upper()
+        if environ.get(var) not in (None, ""):
+            values[key] = _coerce(hints[key], environ[var], var)
+    return section_cls(**values)
+
+
+def _coerce(tp, value, where: str):
+    optional = typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType"))
+    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if optional else tp
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if base is int and isinstance(value, bool):
+            raise ValueError(value)
+        return base(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {base.__name__}") from None

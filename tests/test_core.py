@@ -1,0 +1,135 @@
+"""The pure core without services: chain linking and verification, decay arithmetic, routing
+features, settings. Every input here is made in memory."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from memstream.crypto.keys import KeyRing, SigningKey
+from memstream.episodic.chain import check_summary, head_at, seal, summary_hash, verify_chain
+from memstream.episodic.decay import decay_bias, staleness
+from memstream.errors import ConfigError, IntegrityError
+from memstream.read.routing import features
+from memstream.schemas.records import SummaryRecord
+from memstream.settings import DECAY_K, DECAY_SLOPE, Settings
+
+KEY = SigningKey.generate()
+RING = KeyRing([KEY])
+
+
+def chain(n: int, session: str = "s", key: SigningKey = KEY, start: int = 0, prev: bytes = b"") -> list[SummaryRecord]:
+    out = []
+    for i in range(start, start + n):
+        rec = seal(SummaryRecord(1, session, i, i * 10, i * 10 + 10, False, 2, 4, "fp16", bytes(16), "op-1",
+                                 1_000 + i, 2_000 + i, prev, b"", b"", ""), key)
+        out.append(rec)
+        prev = rec.hash
+    return out
+
+
+# -- chains -----------------------------------------------------------------------------------
+
+def test_a_sealed_chain_links_and_verifies():
+    records = chain(5)
+    assert records[0].prev_hash == b"" and all(b.prev_hash == a.hash for a, b in zip(records, records[1:]))
+    report = verify_chain("s", records, RING)
+    assert report.ok and report.records == 5 and (report.first_index, report.head_index) == (0, 4)
+    assert report.head_hash == records[-1].hash and report.key_ids == {KEY.key_id}
+    assert all(check_summary(r, RING) for r in records)
+
+
+def test_each_kind_of_break_is_named_at_its_record():
+    records = chain(4)
+    cases = {
+        "window index": records[:1] + records[2:],  # a window missing
+        "prev_hash": records[:2] + [dataclasses.replace(records[2], prev_hash=b"\x00" * 32)],
+        "hash mismatch": records[:3] + [dataclasses.replace(records[3], seq_end=99)],
+        "bad signature": records[:1] + [dataclasses.replace(records[1], signature=bytes(64))],
+        "belongs to session": records[:1] + [dataclasses.replace(records[1], session_id="other")],
+    }
+    for problem, broken in cases.items():
+        report = verify_chain("s", broken, RING)
+        assert not report.ok and problem in report.fault.problem, (problem, report.fault)
+    assert not verify_chain("s", records, KeyRing()).ok  # an unknown key
+
+
+def test_a_byte_identical_redelivery_is_a_duplicate_not_a_fork():
+    records = chain(3)
+    report = verify_chain("s", [records[0], records[1], records[1], records[2]], RING)
+    assert report.ok and report.duplicates == 1 and report.records == 3
+    other = chain(1, key=SigningKey.generate(), start=1, prev=records[0].hash)[0]  # same window, other bytes
+    assert not verify_chain("s", [records[0], other, records[1]], RING).ok
+
+
+def test_a_chain_whose_oldest_windows_were_evicted_verifies_unanchored():
+    tail = chain(6)[3:]
+    assert not verify_chain("s", tail, RING).ok
+    assert verify_chain("s", tail, RING, anchored=False).ok
+
+
+def test_the_head_at_a_time_is_the_last_record_by_then():
+    records = chain(4)
+    assert head_at(records, records[2].processing_time_us).window_index == 2
+    assert head_at(records, 0) is None
+
+
+def test_check_summary_recomputes_the_hash_even_without_keys():
+    rec = chain(1)[0]
+    assert check_summary(rec, None) is False
+    with pytest.raises(IntegrityError):
+        check_summary(dataclasses.replace(rec, tokens=b"\x01" * 16), None)
+    assert summary_hash(rec) == rec.hash
+
+
+# -- decay ------------------------------------------------------------------------------------
+
+def test_decay_bias_is_zero_within_k_then_falls_by_slope():
+    assert decay_bias(DECAY_K) == 0.0 and decay_bias(DECAY_K + 8) == pytest.approx(-8 * DECAY_SLOPE)
+    with pytest.raises(ConfigError):
+        decay_bias(1, k=-1)
+
+
+def test_staleness_counts_the_sessions_queries_since_a_summary_was_read_or_stored():
+    reads = [(10, [0]), (20, []), (30, [1]), (40, [])]  # (time, windows returned), in query order
+    st = staleness(reads, {0: 5, 1: 5, 2: 25, 3: 50})
+    assert st.queries == 4
+    assert st.by_window == {0: 3, 1: 1, 2: 2, 3: 0}  # 2: stored at 25, queries at 30 and 40 since
+
+
+# -- routing features -------------------------------------------------------------------------
+
+def test_routing_features_follow_the_centroids_and_the_probe():
+    rng = np.random.default_rng(0)
+    centroids = rng.standard_normal((5, 8)).astype(np.float32)
+    query = rng.standard_normal((1, 16)).astype(np.float32)
+    near = features(query, centroids[2:3] * 3, centroids, [[0.9, 0.2]])  # projected query on a centroid
+    far = features(query, -centroids[2:3], centroids, [[0.1, 0.05]])
+    assert near.shape == (1, 8) and near[0, 1] == pytest.approx(1.0, abs=1e-5)  # max cosine to a centroid
+    assert far[0, 1] < near[0, 1]
+    assert near[0, 6] == pytest.approx(0.9) and near[0, 7] == pytest.approx(0.7)  # nearest, and its margin
+    missing = features(query, centroids[:1], centroids, [[np.nan, np.nan]])  # an empty long-term store
+    assert missing[0, 6] == -1.0
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+def test_settings_come_from_defaults_then_the_file_then_the_environment(tmp_path):
+    assert Settings.load(tmp_path / "none.toml", {}).episodic.window == 4096
+    f = tmp_path / "memstream.toml"
+    f.write_text('[kafka]\nbootstrap = "b:1"\npartitions = 8\n[episodic]\nhorizon = 10\n')
+    s = Settings.load(f, {"MEMSTREAM_KAFKA_PARTITIONS": "16", "MEMSTREAM_READ_PORT": "9000"})
+    assert (s.kafka.bootstrap, s.kafka.partitions, s.episodic.horizon, s.read.port) == ("b:1", 16, 10, 9000)
+
+
+def test_a_bad_setting_says_where_it_came_from(tmp_path):
+    with pytest.raises(ConfigError, match="MEMSTREAM_EPISODIC_HORIZON"):
+        Settings.load(tmp_path / "none.toml", {"MEMSTREAM_EPISODIC_HORIZON": "many"})
+    f = tmp_path / "memstream.toml"
+    f.write_text("[kafka]\nbootstrapp = 1\n")
+    with pytest.raises(ConfigError, match="bootstrapp"):
+        Settings.load(f, {})
+    with pytest.raises(ConfigError, match="does not exist"):
+        Settings.load(None, {"MEMSTREAM_CONFIG": str(tmp_path / "missing.toml")})
