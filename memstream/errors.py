@@ -13,13 +13,16 @@ says what to do about it::
     │   ├── ServiceNotReadyError
     │   ├── PublishError
     │   ├── LeaseError
+    │   ├── FencedError              a newer pipeline instance took over
+    │   ├── StateLostError           the runner lost keyed state: the bundle fails, not the windows
     │   └── TextLatentsError         the MiniLM model or a text could not be loaded
     ├── SessionInUseError
     ├── InvalidInputError (ValueError)   bad latents or records: one class per dead-letter reason
     │   ├── BadKeyError, TruncatedError, OversizeError, BadMagicError, UnknownVersionError,
     │   │   UnsupportedDTypeError, ShapeError, ChecksumError, BadEventError, NonFiniteError
-    │   └── DTypeMismatchError, DimMismatchError, SequenceGapError, ReorderedError,
-    │       UnknownSessionError, ClosedSessionError
+    │   └── DTypeMismatchError, DimMismatchError, ReorderedError,
+    │       UnknownSessionError, ClosedSessionError, OperatorWidthError, OutOfRangeError,
+    │       WindowTooLargeError, ForeignProducerError, ConflictingContentError, CollectedSessionError
     ├── IntegrityError               stored or received data failed a cryptographic check
     │   ├── SignatureError
     │   ├── VerificationError
@@ -158,11 +161,6 @@ class DimMismatchError(InvalidInputError):
     reason = _R.dim_mismatch
 
 
-class SequenceGapError(InvalidInputError):
-    """Latents are missing before this chunk (or at the session's close)."""
-    reason = _R.sequence_gap
-
-
 class ReorderedError(InvalidInputError):
     """The chunk arrived after later latents of its session; it is not a retry of a seen chunk."""
     reason = _R.reordered
@@ -176,6 +174,38 @@ class UnknownSessionError(InvalidInputError):
 class ClosedSessionError(InvalidInputError):
     """The session is closed: open a new session id to publish more latents."""
     reason = _R.closed_session
+
+
+class OperatorWidthError(InvalidInputError):
+    """The latents are not as wide as the compressor's input: publish latents of its width."""
+    reason = _R.operator_width
+
+
+class OutOfRangeError(InvalidInputError):
+    """A number is out of range: a sequence or time field at or beyond 2**63, or latents too
+    large for the summary tokens to hold."""
+    reason = _R.out_of_range
+
+
+class WindowTooLargeError(InvalidInputError):
+    """A window of the session's latents would not fit the pipeline's memory limit."""
+    reason = _R.window_too_large
+
+
+class ForeignProducerError(InvalidInputError):
+    """A chunk or close event came from another producer than the one that opened the session."""
+    reason = _R.foreign_producer
+
+
+class ConflictingContentError(InvalidInputError):
+    """Latents already accepted were sent again with other bytes: a producer must resend a range
+    exactly as it first sent it."""
+    reason = _R.conflicting_content
+
+
+class CollectedSessionError(InvalidInputError):
+    """The session was collected (session GC): its memory is gone and is not made again."""
+    reason = _R.collected_session
 
 
 INVALID_INPUT_ERRORS: dict[_R, type[InvalidInputError]] = {
@@ -210,6 +240,16 @@ class LeaseError(ServiceError):
     """A storage lease (the lock that keeps cleanup and writers apart) could not be taken."""
 
 
+class FencedError(ServiceError):
+    """A newer instance of the pipeline took over its topic and store: this one stops, so that
+    two never write at once."""
+
+
+class StateLostError(ServiceError):
+    """The runner lost or forked a session's keyed state (records the state never saw were
+    found in the log): the bundle fails rather than cut wrong windows, and is run again."""
+
+
 # -- reads -----------------------------------------------------------------------------------
 # The read API's refusals; ``status`` and ``code`` are what the HTTP service answers with.
 
@@ -239,8 +279,10 @@ __all__ = [
     "TopicMissingError", "ChunkLimitError", "SessionInUseError", "PublishError", "TextLatentsError",
     "CheckpointError", "InvalidInputError", "BadKeyError", "TruncatedError", "OversizeError", "BadMagicError",
     "UnknownVersionError", "UnsupportedDTypeError", "ShapeError", "ChecksumError", "BadEventError",
-    "NonFiniteError", "DTypeMismatchError", "DimMismatchError", "SequenceGapError", "ReorderedError",
-    "UnknownSessionError", "ClosedSessionError", "IntegrityError", "SignatureError", "VerificationError",
-    "ReplayError", "AppendOnlyViolation", "GovernanceError", "LeaseError", "ReadError", "InvalidQueryError",
+    "NonFiniteError", "DTypeMismatchError", "DimMismatchError", "ReorderedError",
+    "UnknownSessionError", "ClosedSessionError", "OperatorWidthError", "OutOfRangeError",
+    "WindowTooLargeError", "ForeignProducerError", "ConflictingContentError", "CollectedSessionError",
+    "IntegrityError", "SignatureError", "VerificationError", "ReplayError", "AppendOnlyViolation",
+    "GovernanceError", "LeaseError", "FencedError", "StateLostError", "ReadError", "InvalidQueryError",
     "SessionNotFoundError", "INVALID_INPUT_ERRORS",
 ]

@@ -53,6 +53,10 @@ READ_DIVERGENCE_TOPIC = "memstream.read-divergence"  # sampled reads whose repli
 
 # -- pipeline, reads, long-term ----------------------------------------------------------------
 BATCH_SIZE = 16  # windows per compressor call
+PIPELINE_GROUP = "memstream-episodic"  # the Kafka consumer group whose offsets the pipeline commits
+IDLE_TIMEOUT_S = 600.0  # event time without a record after which a session's open window closes
+LOG_CACHE_BYTES = 1 << 30  # latents a pipeline worker keeps after reading them, before asking Kafka again
+MAX_WINDOW_BYTES = 256 << 20  # a window of a session's latents (as float32) may not exceed this
 READ_K = 8  # fragments per store consulted
 MAX_READ_K = 64
 READ_CACHE_BYTES = 2 << 30  # decoded session windows the read path keeps in memory
@@ -101,7 +105,9 @@ class EpisodicSettings:
 @dataclass(frozen=True)
 class PipelineSettings:
     runner: str = "prism"  # prism or flink
+    group: str = PIPELINE_GROUP
     batch_size: int = BATCH_SIZE
+    idle_timeout_s: float = IDLE_TIMEOUT_S
     device: str = "auto"  # auto: CUDA when present
     checkpoint: str | None = None  # None: the committed compressor checkpoint
 

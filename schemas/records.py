@@ -176,10 +176,15 @@ class DeadLetterReason(str, enum.Enum):
     non_finite = "non_finite"
     dtype_mismatch = "dtype_mismatch"
     dim_mismatch = "dim_mismatch"
-    sequence_gap = "sequence_gap"
     reordered = "reordered"
     unknown_session = "unknown_session"
     closed_session = "closed_session"
+    operator_width = "operator_width"
+    out_of_range = "out_of_range"
+    window_too_large = "window_too_large"
+    foreign_producer = "foreign_producer"
+    conflicting_content = "conflicting_content"
+    collected_session = "collected_session"
 
 
 @dataclass(frozen=True)
@@ -201,27 +206,40 @@ class SessionEvent(JsonRecord):
 
 @dataclass(frozen=True)
 class SummaryRecord(JsonRecord):
-    """One window's summary tokens, chained by hash per session."""
+    """One window's summary tokens, chained by hash per session. Every field comes from the
+    input and the operator, none from the clock of the machine that made it: the same input
+    replayed gives the same record, byte for byte. A session's last record has ``cut`` close
+    (with no tokens when the close came on a window boundary), so the chain says it ended."""
 
     SCHEMA_NAME: typing.ClassVar[str] = "summary_record"
+    SCHEMA_VERSION: typing.ClassVar[int] = 2
 
-    schema_version: int = _f("1")
+    schema_version: int = _f("2")
     session_id: str = _f("session the window belongs to")
     window_index: int = _f("0-based window number within the session")
     seq_start: int = _f("first latent sequence number summarized (inclusive)")
     seq_end: int = _f("last latent sequence number summarized (exclusive)")
-    partial: bool = _f("true when the window closed early (session close or timeout)")
-    token_count: int = _f("summary tokens, 256 for a full window")
+    cut: Literal["full", "close", "idle", "gap"] = _f(
+        "why the window ended: full (4,096 latents), close (the session closed), idle (no latent for the idle "
+        "timeout), gap (latents were missing)")
+    token_count: int = _f("summary tokens: 256, or 0 for a close on a window boundary")
     dim: int = _f("width of each summary token")
     tokens_dtype: str = _f("fp32, fp16 or bf16")
     tokens: bytes = _f("token_count x dim little-endian values of tokens_dtype")
     operator_version: str = _f("summarizer operator and checkpoint version")
-    event_time_us: int = _f("event time of the window's last latent, microseconds")
-    processing_time_us: int = _f("wall clock when the summary was produced, microseconds")
+    producer_id: bytes = _f("16-byte id of the producer that opened the session")
+    latents_dtype: str = _f("wire dtype of the session's latents: fp32, fp16 or bf16")
+    latent_dim: int = _f("width of the session's latents")
+    event_time_us: int = _f("event time of the record that closed the window, microseconds (producer clock)")
     prev_hash: bytes = _f("hash of the previous summary of the session; empty for the first")
     hash: bytes = _f("hash of this record's canonical encoding")
     signature: bytes = _f("Ed25519 signature over hash")
     key_id: str = _f("identifier of the signing key")
+
+    @property
+    def partial(self) -> bool:
+        """The window ended before it held 4,096 latents."""
+        return self.cut != "full"
 
     def token_array(self):
         """The tokens as a float32 numpy array [token_count, dim]; ValueError when they do not fit the header."""

@@ -23,8 +23,11 @@ RING = KeyRing([KEY])
 def chain(n: int, session: str = "s", key: SigningKey = KEY, start: int = 0, prev: bytes = b"") -> list[SummaryRecord]:
     out = []
     for i in range(start, start + n):
-        rec = seal(SummaryRecord(1, session, i, i * 10, i * 10 + 10, False, 2, 4, "fp16", bytes(16), "op-1",
-                                 1_000 + i, 2_000 + i, prev, b"", b"", ""), key)
+        rec = seal(SummaryRecord(
+            schema_version=2, session_id=session, window_index=i, seq_start=i * 10, seq_end=i * 10 + 10, cut="full",
+            token_count=2, dim=4, tokens_dtype="fp16", tokens=bytes(16), operator_version="op-1",
+            producer_id=b"\x01" * 16, latents_dtype="fp32", latent_dim=4, event_time_us=1_000 + i, prev_hash=prev,
+            hash=b"", signature=b"", key_id=""), key)
         out.append(rec)
         prev = rec.hash
     return out
@@ -72,7 +75,7 @@ def test_a_chain_whose_oldest_windows_were_evicted_verifies_unanchored():
 
 def test_the_head_at_a_time_is_the_last_record_by_then():
     records = chain(4)
-    assert head_at(records, records[2].processing_time_us).window_index == 2
+    assert head_at(records, records[2].event_time_us).window_index == 2
     assert head_at(records, 0) is None
 
 

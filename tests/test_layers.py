@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Module (or package prefix) -> layer. The longest matching prefix decides.
 LAYERS = {
     # 0: records, errors, settings
-    "memstream.schemas": 0, "memstream.errors": 0, "memstream.settings": 0,
+    "memstream.schemas": 0, "memstream.errors": 0, "memstream.settings": 0, "memstream.faults": 0,
     # 1: pure core: wire format, cryptography, windows, chains, decay, policies, the compressor
     "memstream.wire": 1, "memstream.crypto": 1, "memstream.episodic.window": 1, "memstream.episodic.chain": 1,
-    "memstream.episodic.decay": 1, "memstream.longterm.entry": 1, "memstream.longterm.policy": 1,
+    "memstream.episodic.decay": 1, "memstream.episodic.progress": 1, "memstream.longterm.entry": 1, "memstream.longterm.policy": 1,
     "memstream.longterm.train_policy": 1, "memstream.read.routing": 1, "memstream.read.train_routing": 1,
     "memstream.operators": 1, "memstream.kernels": 1, "memstream.text_latents": 1,
     # 2: stores and the Kafka topics

@@ -16,9 +16,9 @@ from memstream.schemas.records import HEADER, JSON_RECORDS, DeadLetterReason, La
 T = 1_700_000_000_000_000
 SAMPLES = [
     r.SessionEvent(1, "close", "s1", b"\x01" * 16, "bf16", 384, 42, T),
-    r.SummaryRecord(1, "s1", 3, 768, 1024, False, 256, 384, "fp16", b"\x00\x3c" * 8, "summarizer-1/ckpt-7",
-                    T, T + 100_000, b"\x11" * 32, b"\x22" * 32, b"\x33" * 64, "k1"),
-    r.DeadLetterRecord(1, DeadLetterReason.sequence_gap, "latents 3..5 are missing", "memstream.latents", 2, 17,
+    r.SummaryRecord(2, "s1", 3, 768, 1024, "close", 256, 384, "fp16", b"\x00\x3c" * 8, "summarizer-1/ckpt-7",
+                    b"\x01" * 16, "fp32", 384, T, b"\x11" * 32, b"\x22" * 32, b"\x33" * 64, "k1"),
+    r.DeadLetterRecord(1, DeadLetterReason.foreign_producer, "chunk 3..5 from another producer", "memstream.latents", 2, 17,
                        b"s1", b"MSLT\x01", 5, 1_700_000_000_000, T + 123),
     r.GcRecord(1, "s1", "closed", 12, 300, 11, 11, b"\xaa" * 32, T, T + 100_000_000, b"\xbb" * 64, "k1"),
     r.ReadDivergence(1, "ab" * 16, "s1", "both", "s3://b/primary", "s3://b/replica", ["episodic:3:" + "cd" * 32],
@@ -65,7 +65,7 @@ def test_json_round_trip_validates_against_its_schema(record):
     first = next(iter(data))
     if first == "schema_version":
         with pytest.raises(jsonschema.ValidationError):
-            jsonschema.Draft202012Validator(schema).validate({**data, "schema_version": 2})
+            jsonschema.Draft202012Validator(schema).validate({**data, "schema_version": data["schema_version"] + 1})
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft202012Validator(schema).validate({**data, "unknown": 1})
     missing = {k: v for k, v in data.items() if k != first}

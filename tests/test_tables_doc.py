@@ -39,8 +39,11 @@ def stores(tmp_path):
     prev, sealed = b"", []
     for w in range(3):
         tokens = rng.standard_normal((SUMMARY_TOKENS, 384)).astype("<f2").tobytes()
-        rec = seal(records.SummaryRecord(1, "doc-1", w, w * 4096, (w + 1) * 4096, False, SUMMARY_TOKENS, 384, "fp16",
-                                         tokens, "op", 10 + w, 20 + w, prev, b"", b"", ""), key)
+        rec = seal(records.SummaryRecord(
+            schema_version=2, session_id="doc-1", window_index=w, seq_start=w * 4096, seq_end=(w + 1) * 4096,
+            cut="full", token_count=SUMMARY_TOKENS, dim=384, tokens_dtype="fp16", tokens=tokens, operator_version="op",
+            producer_id=b"\x01" * 16, latents_dtype="fp32", latent_dim=384, event_time_us=10 + w, prev_hash=prev,
+            hash=b"", signature=b"", key_id=""), key)
         sealed.append(rec)
         prev = rec.hash
     EpisodicStore(episodic).append(sealed)

@@ -69,7 +69,7 @@ def test_the_wheel_holds_every_package_of_the_tree(wheel):
             assert f"{installed_as}/{rel}" in names, f"{folder}/{rel} is not in the wheel"
     for data in ("memstream/operators/checkpoints/compressor.safetensors", "memstream/read/route_policy.npz",
                  "memstream/longterm/write_policy.npz", "memstream/infra/requirements.lock",
-                 "memstream/schemas/summary_record.v1.json"):
+                 "memstream/schemas/summary_record.v2.json"):
         assert data in names, data
 
 

@@ -127,9 +127,9 @@ def verify_chain(session_id: str, records: Iterable[SummaryRecord], keyring: Key
 
 
 def head_at(records: Iterable[SummaryRecord], time_us: int) -> SummaryRecord | None:
-    """The chain head as it was at ``time_us``: the last record produced at or before it."""
+    """The chain head as it was at ``time_us`` (event time): the last window closed by then."""
     head = None
     for rec in records:
-        if rec.processing_time_us <= time_us and (head is None or rec.window_index > head.window_index):
+        if rec.event_time_us <= time_us and (head is None or rec.window_index > head.window_index):
             head = rec
     return head

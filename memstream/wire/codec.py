@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memstream.errors import (BadEventError, BadKeyError, BadMagicError, ChecksumError, NonFiniteError,
-                              OversizeError, ShapeError, TruncatedError, UnknownVersionError,
+                              OutOfRangeError, OversizeError, ShapeError, TruncatedError, UnknownVersionError,
                               UnsupportedDTypeError)
 from memstream.schemas.records import (CHUNK_MAGIC, CHUNK_VERSION, EVENT_MAGIC, HEADER, HEADER_SIZE, DType,
                                        LatentChunkHeader, SessionEvent)
@@ -24,6 +24,8 @@ from memstream.settings import MAX_MESSAGE_BYTES
 # Wire dtype -> numpy dtype of the payload; numpy has no bfloat16, so bf16 travels as its bits.
 NUMPY_DTYPES = {DType.fp32: np.dtype("<f4"), DType.fp16: np.dtype("<f2"), DType.bf16: np.dtype("<u2")}
 _CRC_OFFSET = HEADER_SIZE - 4
+# Sequence numbers and times are signed 64-bit everywhere downstream (Arrow, hashing).
+INT64_END = 1 << 63
 
 
 def chunk_crc(header_prefix: bytes | memoryview, payload: bytes | memoryview) -> int:
@@ -33,13 +35,10 @@ def chunk_crc(header_prefix: bytes | memoryview, payload: bytes | memoryview) ->
     return crc32c.crc32c(payload, crc32c.crc32c(header_prefix))
 
 
-@dataclass(frozen=True)
-class LatentChunk:
-    """A decoded chunk: ``count`` latents of ``dim`` values, numbered from ``first_seq``."""
+class _ChunkHeaderView:
+    """What a chunk's header says, for :class:`LatentChunk` and :class:`ChunkMeta` alike."""
 
-    session_id: str
     header: LatentChunkHeader
-    payload: bytes
 
     @property
     def dtype(self) -> DType:
@@ -62,12 +61,44 @@ class LatentChunk:
         """One past the last latent's sequence number."""
         return self.header.first_seq + self.header.count
 
+    @property
+    def producer_id(self) -> bytes:
+        return self.header.producer_id
+
+    @property
+    def event_time_us(self) -> int:
+        return self.header.event_time_us
+
+
+@dataclass(frozen=True)
+class ChunkMeta(_ChunkHeaderView):
+    """A chunk without its latents: its header and a CRC-32C of its payload, all that the
+    per-session rules need (a pipeline moves this, and reads the latents where it compresses)."""
+
+    session_id: str
+    header: LatentChunkHeader
+    payload_crc: int
+
+
+@dataclass(frozen=True)
+class LatentChunk(_ChunkHeaderView):
+    """A decoded chunk: ``count`` latents of ``dim`` values, numbered from ``first_seq``."""
+
+    session_id: str
+    header: LatentChunkHeader
+    payload: bytes
+
     def array(self) -> np.ndarray:
         """The payload as [count, dim] in its wire dtype (bf16 as uint16 bits), without a copy."""
         return np.frombuffer(self.payload, NUMPY_DTYPES[self.dtype]).reshape(self.count, self.dim)
 
     def to_float32(self) -> np.ndarray:
         return to_float32(self.array(), self.dtype)
+
+    def meta(self) -> ChunkMeta:
+        import crc32c
+
+        return ChunkMeta(self.session_id, self.header, crc32c.crc32c(self.payload))
 
 
 def to_float32(raw: np.ndarray, dtype: DType) -> np.ndarray:
@@ -150,6 +181,11 @@ def _decode_chunk(session_id: str, value: bytes) -> LatentChunk:
                                     f"{', '.join(f'{d.value} ({d.name})' for d in DType)}") from None
     if header.dim == 0 or header.count == 0:
         raise ShapeError(f"chunk header says {header.count} latents of dim {header.dim}; both must be >= 1")
+    if header.first_seq + header.count >= INT64_END:
+        raise OutOfRangeError(f"chunk at seq {header.first_seq} (+{header.count}) runs past 2**63 - 1, the "
+                              "largest sequence number")
+    if header.event_time_us < 0:
+        raise OutOfRangeError(f"chunk at seq {header.first_seq} has a negative event time {header.event_time_us}")
     expected = HEADER_SIZE + header.count * header.dim * dtype.itemsize
     if len(value) < expected:
         raise TruncatedError(f"chunk of {header.count} x {header.dim} {dtype.name} needs {expected} bytes, "
@@ -185,8 +221,11 @@ def _decode_event(session_id: str, value: bytes) -> SessionEvent:
         raise BadEventError(f"producer_id has {len(event.producer_id)} bytes, not 16")
     if event.dtype is not None and event.dtype not in DType.__members__:
         raise UnsupportedDTypeError(f"session event dtype {event.dtype!r} is none of {', '.join(DType.__members__)}")
-    if event.dim is not None and event.dim < 1:
-        raise ShapeError(f"session event dim {event.dim} must be >= 1")
+    for name in ("latents", "event_time_us"):
+        if not -INT64_END <= getattr(event, name) < INT64_END:
+            raise OutOfRangeError(f"session event {name}={getattr(event, name)} does not fit 64 bits")
+    if event.dim is not None and not 1 <= event.dim < 1 << 32:
+        raise ShapeError(f"session event dim {event.dim} must be in 1..2**32 - 1")
     if event.latents < 0 or (event.kind == "open" and event.latents != 0):
         raise BadEventError(f"{event.kind} event with latents={event.latents}; open has 0, close >= 0")
     if event.event_time_us < 0:

@@ -1,0 +1,14 @@
+"""Crash points for fault tests: ``MEMSTREAM_CRASH_AT=<name>`` makes the process kill itself
+(SIGKILL: no cleanup, no flush) the first time it reaches :func:`crash_point` ``(name)``, so a
+test can crash a real pipeline exactly between two of its writes. Unset, it costs a dict lookup."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get("MEMSTREAM_CRASH_AT") == name:
+        os.killpg(os.getpgrp(), signal.SIGKILL) if os.environ.get("MEMSTREAM_CRASH_GROUP") else \
+            os.kill(os.getpid(), signal.SIGKILL)
