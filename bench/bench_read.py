@@ -52,12 +52,15 @@ def build_session(uri: str, key, model, summaries: int, encoded: int, seed: int 
     with torch.inference_mode():
         base = model.encode(torch.from_numpy(rng.standard_normal((encoded, WINDOW, D), dtype=np.float32)))
     base = base.numpy()
-    store = EpisodicStore(uri, window=summaries)
+    store = EpisodicStore(uri, horizon=summaries)
     version, prev, batch = operator_version(None), b"", []
     for w in range(summaries):
         tokens = (base[w % encoded] + 0.05 * rng.standard_normal(base.shape[1:], dtype=np.float32)).astype("<f2")
-        rec = seal(SummaryRecord(1, "bench", w, w * WINDOW, (w + 1) * WINDOW, False, tokens.shape[0], D, "fp16",
-                                 tokens.tobytes(), version, w, time.time_ns() // 1000, prev, b"", b"", ""), key)
+        rec = seal(SummaryRecord(
+            schema_version=2, session_id="bench", window_index=w, seq_start=w * WINDOW, seq_end=(w + 1) * WINDOW,
+            cut="full", token_count=tokens.shape[0], dim=D, tokens_dtype="fp16", tokens=tokens.tobytes(),
+            operator_version=version, producer_id=b"\x01" * 16, latents_dtype="fp32", latent_dim=D,
+            event_time_us=time.time_ns() // 1000 + w, prev_hash=prev, hash=b"", signature=b"", key_id=""), key)
         prev = rec.hash
         batch.append(rec)
         if len(batch) == 100 or w == summaries - 1:

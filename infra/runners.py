@@ -33,10 +33,17 @@ def ensure_prism() -> Path:
     return binary
 
 
+# Prism 2.77 splits a slow stateful bundle and lets the residual's keys run in a new bundle while
+# the primary still holds them (engine/elementmanager.go, splitBundle): two bundles then read and
+# write one key's state, and state forks (tests/test_runners.py reproduces it; apache/beam#35771 is
+# where that code came from). This experiment turns off Prism's dynamic splits.
+PRISM_EXPERIMENTS = ("prism_disable_sdf_split",)
+
+
 def prism_options(streaming: bool = True, extra: list[str] | None = None) -> list[str]:
     """Pipeline arguments that run on the locally built Prism binary."""
-    args = ["--runner=PrismRunner", f"--prism_location={ensure_prism()}",
-            "--environment_type=LOOPBACK"]
+    args = ["--runner=PrismRunner", f"--prism_location={ensure_prism()}", "--prism_log_level=warn",
+            "--environment_type=LOOPBACK", *(f"--experiments={e}" for e in PRISM_EXPERIMENTS)]
     if streaming:
         args.append("--streaming")
     return args + list(extra or [])
@@ -59,9 +66,10 @@ def start_flink(data: Path, timeout: float = 120.0) -> process.ServiceProcess:
     conf = data / "flink-conf"
     conf.mkdir(exist_ok=True)
     rest = tools.free_port()
-    # Flink's REST endpoint of each job: on 127.0.0.1 and at a known port (cancel goes there).
+    # Each job runs on a Flink cluster of its own, whose REST endpoint binds 127.0.0.1; a range,
+    # since a cancelled job's cluster may still hold its port while the next one starts.
     (conf / "flink-conf.yaml").write_text(
-        f"rest.address: 127.0.0.1\nrest.bind-address: 127.0.0.1\nrest.bind-port: {rest}\n"
+        f"rest.address: 127.0.0.1\nrest.bind-address: 127.0.0.1\nrest.bind-port: {rest}-{rest + 20}\n"
         "taskmanager.memory.process.size: 1024m\n")
     job, artifact = tools.free_port(), tools.free_port()
     cmd = [java, "-Xmx1g", "-cp", f"{lib}/*", "org.apache.beam.runners.flink.FlinkJobServerDriver",
@@ -75,9 +83,37 @@ def start_flink(data: Path, timeout: float = 120.0) -> process.ServiceProcess:
         "job_endpoint": f"127.0.0.1:{job}", "rest": f"http://127.0.0.1:{rest}"}, str(data))
 
 
-def flink_options(job_endpoint: str, streaming: bool = True, extra: list[str] | None = None) -> list[str]:
-    """Pipeline arguments that submit to a running embedded-Flink job server."""
-    args = ["--runner=PortableRunner", f"--job_endpoint={job_endpoint}", "--environment_type=LOOPBACK"]
+def flink_options(job_endpoint: str, streaming: bool = True, parallelism: int = 2,
+                  checkpoint_interval_ms: int | None = 5000, worker_pool: str | None = None,
+                  extra: list[str] | None = None) -> list[str]:
+    """Pipeline arguments that submit to a running Flink job server: ``parallelism`` parallel
+    instances of every step, checkpoints of keyed state and source offsets every
+    ``checkpoint_interval_ms`` (streaming), and SDK workers from the worker pool at
+    ``worker_pool`` (host:port, :func:`start_worker_pool`), else the submitting process."""
+    args = ["--runner=PortableRunner", f"--job_endpoint={job_endpoint}", f"--parallelism={parallelism}",
+            f"--sdk_worker_parallelism={parallelism}"]  # one SDK worker per slot
+    if worker_pool:
+        args += ["--environment_type=EXTERNAL", f"--environment_config={worker_pool}"]
+    else:
+        args.append("--environment_type=LOOPBACK")
     if streaming:
         args.append("--streaming")
+        if checkpoint_interval_ms:  # FlinkPipelineOptions, passed through by the job server
+            args += [f"--checkpointing_interval={checkpoint_interval_ms}", "--execution_retry_delay=1000"]
     return args + list(extra or [])
+
+
+def start_worker_pool(data: Path, timeout: float = 60.0) -> process.ServiceProcess:
+    """Beam's SDK worker pool: the runner asks it for a Python SDK worker per stage and slot,
+    and it starts each as a process of its own (so a worker can die without the pool)."""
+    import sys
+
+    data.mkdir(parents=True, exist_ok=True)
+    port = tools.free_port()
+    log = data / "worker-pool.log"
+    # The pool starts each worker as `python -c ...`: this interpreter's, which imports memstream.
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = process.spawn("worker-pool", [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+                                         f"--service_port={port}"], log, env=env)
+    process.wait_ready("beam worker pool", proc, proc.pid, log, lambda: tools.port_open(port), timeout)
+    return process.ServiceProcess("workers", proc.pid, str(log), {"worker_pool": f"127.0.0.1:{port}"}, str(data))

@@ -16,7 +16,7 @@ from memstream.infra import kafka, runners, s3, tools
 from memstream.infra.process import ServiceProcess
 
 SERVICES = ("kafka", "s3")
-OPTIONAL = ("flink",)  # the embedded Flink job server: started only when asked for
+OPTIONAL = ("flink", "workers")  # the Flink job server and Beam's SDK worker pool: when asked for
 
 
 class Stack:
@@ -45,7 +45,8 @@ class Stack:
         running = {n: s for n, s in self.services().items() if s.alive()}
         starters = {"kafka": lambda: kafka.start(self.root / "kafka"),
                     "s3": lambda: s3.start(self.root / "s3"),
-                    "flink": lambda: runners.start_flink(self.root / "flink")}
+                    "flink": lambda: runners.start_flink(self.root / "flink"),
+                    "workers": lambda: runners.start_worker_pool(self.root / "workers")}
         try:
             for name in which:
                 if name not in starters:
@@ -91,6 +92,12 @@ class Stack:
         if not svc or not svc.alive():
             raise ServiceError("the Flink job server is not running: start it with `memstream infra up flink`")
         return svc.endpoints["job_endpoint"]
+
+    def worker_pool(self) -> str:
+        svc = self.services().get("workers")
+        if not svc or not svc.alive():
+            raise ServiceError("the Beam worker pool is not running: start it with `memstream infra up workers`")
+        return svc.endpoints["worker_pool"]
 
     def restart(self, name: str) -> ServiceProcess:
         """Stop one service and start it again on the same data and ports (fault tests)."""

@@ -79,8 +79,9 @@ def read_summaries(bootstrap: str, session_id: str | None = None, topic: str = S
     topic order, which is window order per session."""
     from kafka import KafkaConsumer, TopicPartition
 
+    # read_committed: the pipeline publishes in transactions, and an aborted one is no summary
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
+                             max_partition_fetch_bytes=MAX_MESSAGE_BYTES, isolation_level="read_committed")
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         consumer.assign(parts)

@@ -1,45 +1,68 @@
-"""The episodic pipeline, memstream's main job.
+"""The episodic pipeline, memstream's main job, on Beam's keyed state and timers.
 
-    latents topic ──▶ one reader per partition ──▶ per session, in offset order: decode,
-        (Kafka)          (splittable DoFn)          validate, cut windows of 4,096 latents
-                                                        │                 │
-                                      bad input ──▶ dead-letter topic     │ per bundle: compress
-                                                                          ▼ (batched), chain, sign
-                                            episodic store (commit point) ──▶ summaries topic
+    latents topic ─▶ Read (one reader per partition, from the group's committed offsets)
+                     ─▶ Decode: stateless checks; bad records ─────────────────────────────┐
+                     ─▶ keyed by session: CutWindows (state: the session's CutterState;     │
+                        timer: idle windows) ── acks and pins of every record ─────────────┤
+                     ─▶ Summarise: the window's latents read back by offset, compressed     │
+                     ─▶ keyed by partition: Commit ◀──────────────────────────────────────┘
+                        seal each session's windows in order (chain, sign), store them
+                        insert-if-absent, then one Kafka transaction per partition and bundle:
+                        the summaries, the dead letters and the consumer group's offsets
 
-Exactly-once effects on restart: the episodic store is the commit point. A window whose summary
-is already stored is neither recompressed nor re-chained (the cutter and the chainer both read
-the session's chain head from the store), and every stored summary not yet acknowledged by
-Kafka is published again, byte for byte, so the summaries topic never forks either.
+Only references to latent chunks cross the shuffles (:mod:`memstream.pipelines.log`). The
+committed offset of a partition is the lowest one that a stored window does not yet cover
+(:class:`~memstream.episodic.progress.PartitionProgress`), so a restart reads from there: its
+cost follows the open windows, not the history. A session whose keyed state is empty is
+resumed from its stored chain head (:meth:`CutterState.resume`), however old; a collected
+session stays collected. Summaries carry no machine clock, so a replay makes them byte for
+byte, and insert-if-absent makes a second writer harmless; a newer pipeline instance fences
+an older one (an epoch in the store, and each partition's Kafka transactional id).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import hashlib
 import logging
+import signal
 import threading
 import time
-import uuid
+import typing
 from dataclasses import dataclass, field
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.coders import BytesCoder, PickleCoder
+from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
 
 from memstream.crypto.keys import SigningKey
 from memstream.episodic.chain import seal
+from memstream.episodic.progress import PartitionProgress
 from memstream.episodic.store import EpisodicStore
 from memstream.episodic.window import CutterState, Window, WindowCutter
-from memstream.errors import ConfigError, InvalidInputError, ServiceError
+from memstream.faults import crash_point
+from memstream.errors import (CollectedSessionError, ConfigError, FencedError, IntegrityError, InvalidInputError,
+                              OperatorWidthError, OutOfRangeError, PublishError, StateLostError,
+                              UnknownSessionError, WindowTooLargeError)
 from memstream.pipelines.kafka_io import KafkaRecord, ReadFromKafka
-from memstream.schemas.records import SummaryRecord
-from memstream.settings import (BATCH_SIZE, DEADLETTER_TOPIC, HORIZON, LATENTS_TOPIC, MAX_MESSAGE_BYTES,
-                                SUMMARIES_TOPIC, WINDOW)
-from memstream.topics import write_dead_letters
-from memstream.wire.codec import LatentChunk, decode, to_float32
-from memstream.wire.deadletter import dead_letter
+from memstream.pipelines.log import LogReader, close_readers
+from memstream.schemas.records import DeadLetterReason, DeadLetterRecord, SessionEvent, SummaryRecord
+from memstream.settings import (BATCH_SIZE, DEADLETTER_TOPIC, HORIZON, IDLE_TIMEOUT_S, LATENTS_TOPIC,
+                                MAX_MESSAGE_BYTES, MAX_WINDOW_BYTES, PIPELINE_GROUP, SUMMARIES_TOPIC, WINDOW)
+from memstream.wire.codec import ChunkMeta, LatentChunk, decode, to_float32
+from memstream.wire.deadletter import fit_dead_letter
 from memstream.wire.validation import Verdict
 
 log = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+NS = "memstream"  # the namespace of the pipeline's Beam metrics
 
 
 @dataclass(frozen=True)
@@ -59,10 +82,14 @@ class EpisodicConfig:
     latents_topic: str = LATENTS_TOPIC
     summaries_topic: str = SUMMARIES_TOPIC
     deadletter_topic: str = DEADLETTER_TOPIC
+    group: str = PIPELINE_GROUP
     until_idle: bool = False
-    start: str = "earliest"
-    # Names this run's worker-side state, so two pipelines in one process never share it.
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    start: str = "committed"  # committed, earliest or latest
+    window: int = WINDOW
+    idle_timeout_s: float = IDLE_TIMEOUT_S
+    max_window_bytes: int = MAX_WINDOW_BYTES
+    epoch: int = 0  # taken by run(); the Commit step stops when a newer one exists
+    discover_s: float = 30.0
 
     def signing_key(self) -> SigningKey:
         if self.key_file:
@@ -75,148 +102,101 @@ class EpisodicConfig:
     def store(self) -> EpisodicStore:
         return EpisodicStore(self.store_uri, self.storage_options, self.horizon)
 
+    def transactional_id(self, partition: int) -> str:
+        return f"memstream.{self.group}.{self.latents_topic}.{partition}"
 
-@dataclass
-class Latents:
-    """A window the cutter closed, with its latents [n, d] (float32) assembled from its pieces."""
 
+# -- elements --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """A record of the latents topic as the session rules see it: where it is, and its header
+    or event, without its latents."""
+
+    partition: int
+    offset: int
+    first: int  # the first offset it accounts for
+    start: int  # where this run began reading the partition
+    timestamp_ms: int
+    record: ChunkMeta | SessionEvent
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A record for the dead-letter topic; its original bytes are read back by offset."""
+
+    offset: int
+    key: bytes | None
+    timestamp_ms: int
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Offsets ``first..last`` of a partition are handled; ``pin``: (session, window) needs the
+    record at ``last``; ``rejected``: it goes to the dead letters."""
+
+    start: int
+    first: int
+    last: int
+    pin: tuple[str, int] | None = None
+    rejected: Rejected | None = None
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """A window with its summary tokens, on its way to be chained, signed and stored."""
+
+    start: int
     window: Window
-    latents: np.ndarray
-
-
-@dataclass
-class Summary:
-    """A compressed window, before it is chained."""
-
-    window: Window
-    tokens: bytes  # [256, d] little-endian fp16
+    tokens: bytes  # token_count x dim little-endian fp16
     token_count: int
     dim: int
     operator_version: str
-    processing_time_us: int = field(default_factory=lambda: time.time_ns() // 1000)
+
+    @property
+    def last_offset(self) -> int:
+        return self.window.last_ref[1]
 
 
-def _dead_letter(error: InvalidInputError, rec: KafkaRecord):
-    return dead_letter(error, topic=rec.topic, partition=rec.partition, offset=rec.offset, key=rec.key,
-                       value=rec.value, timestamp_ms=rec.timestamp)
+def _rejected(error: InvalidInputError, offset: int, key: bytes | None, timestamp_ms: int) -> Rejected:
+    return Rejected(offset, key, timestamp_ms, error.reason.value, str(error))
 
 
-@dataclass
-class PartitionState:
-    """Everything the pipeline holds for one partition of the latents topic, in offset order:
-    each session's :class:`CutterState`, the chunks the open windows still need (by offset),
-    the windows cut but not yet durably written, and dead letters not yet acknowledged."""
+# -- the operator ----------------------------------------------------------------------------
 
-    lock: threading.Lock = field(default_factory=threading.Lock)  # guards the fields below
-    write_lock: threading.Lock = field(default_factory=threading.Lock)  # one writer at a time
-    last_offset: int = -1  # records at or below it were processed: a retried bundle skips them
-    sessions: dict[str, CutterState] = field(default_factory=dict)
-    chunks: dict[int, tuple] = field(default_factory=dict)  # offset -> (wire dtype, [n, d] in it)
-    ready: list[Latents] = field(default_factory=list)
-    dead: list = field(default_factory=list)
+@dataclass(frozen=True)
+class OperatorLimits:
+    """What the compressor accepts: latents of width ``dim``, and small enough that its summary
+    tokens fit fp16 (for an encoder whose slots are means of projected latents, every token
+    coordinate is at most ``max_norm``-bounded by the latents' norm)."""
+
+    dim: int
+    max_norm: float
 
 
-# Per worker process, per pipeline run: the partitions this worker reads. A partition has one
-# reader (its restriction is never split), so its records arrive here in offset order.
-_PARTITIONS: dict[tuple[str, str, int], PartitionState] = {}
-_PARTITIONS_LOCK = threading.Lock()
+def operator_version(checkpoint: str | None) -> str:
+    """``compressor-<sha256 prefix of the checkpoint file>``: which weights made a summary."""
+    from memstream.operators.checkpoint import DEFAULT_CHECKPOINT
+
+    path = checkpoint or DEFAULT_CHECKPOINT
+    return f"compressor-{hashlib.sha256(open(path, 'rb').read()).hexdigest()[:16]}"
 
 
-def _partition(run_id: str, topic: str, partition: int) -> PartitionState:
-    with _PARTITIONS_LOCK:
-        return _PARTITIONS.setdefault((run_id, topic, partition), PartitionState())
+def operator_limits(model) -> OperatorLimits:
+    import torch
 
-
-class Summarise(beam.DoFn):
-    """Per session, in partition order: decode each record and feed it to the session's
-    :class:`~memstream.episodic.window.WindowCutter`; bad input becomes a dead letter. At the
-    end of each bundle the windows cut so far, of every session, are compressed in batches,
-    chained, signed and written, and the dead letters are sent.
-
-    Session state sits with the partition's reader rather than in the runner's keyed state:
-    each session lives in one partition, which one reader consumes in offset order, so no
-    shuffle can reorder a session. A restarted pipeline re-reads the topic and rebuilds this
-    state; windows the store already holds are skipped without being compressed."""
-
-    def __init__(self, config: EpisodicConfig):
-        self.config = config
-
-    def setup(self):
-        self._store = self.config.store()
-        self._compress = WindowCompressor(self.config)
-        self._chain = ChainWriter(self.config, self._store)
-
-    def teardown(self):
-        self._chain.close()
-
-    def start_bundle(self):
-        self._touched: set = set()
-
-    def process(self, rec: KafkaRecord):
-        part = _partition(self.config.run_id, rec.topic, rec.partition)
-        self._touched.add((rec.topic, rec.partition))
-        with part.lock:
-            if rec.offset <= part.last_offset:
-                return
-            part.last_offset = rec.offset
-            self._consume(part, rec)
-
-    def _consume(self, part: PartitionState, rec: KafkaRecord) -> None:
-        try:
-            record = decode(rec.key, rec.value)
-        except InvalidInputError as e:
-            part.dead.append(_dead_letter(e, rec))
-            return
-        state = part.sessions.get(record.session_id)
-        if state is None:
-            head = self._store.heads([record.session_id]).get(record.session_id)
-            state = part.sessions[record.session_id] = CutterState.new(
-                record.session_id, stored_through=head.window_index if head else -1)
-        cutter = WindowCutter(state)
-        fed = cutter.feed(record, rec.offset)  # a chunk is named by its offset
-        if fed.error is not None:
-            part.dead.append(_dead_letter(fed.error, rec))
-        if fed.verdict is Verdict.ACCEPTED and isinstance(record, LatentChunk):
-            part.chunks[rec.offset] = (record.dtype, record.array())
-        for window in fed.windows:
-            pieces = [to_float32(part.chunks[p.ref][1][p.start:p.start + p.count], part.chunks[p.ref][0])
-                      for p in window.pieces]
-            part.ready.append(Latents(window, np.concatenate(pieces)))
-        still = cutter.referenced()
-        for ref in {rec.offset} | {p.ref for w in fed.windows for p in w.pieces}:
-            if ref not in still:  # no open window needs this chunk any more
-                part.chunks.pop(ref, None)
-
-    def finish_bundle(self):
-        for topic, partition in sorted(self._touched):
-            part = _partition(self.config.run_id, topic, partition)
-            # One writer per partition at a time keeps windows in order; the state lock is held
-            # only to take and drop them, so records keep being consumed while a batch compresses.
-            # A window is dropped only once durable: a failure leaves it for the bundle's retry,
-            # which skips the records already consumed.
-            with part.write_lock:
-                while True:
-                    with part.lock:
-                        batch = part.ready[:self.config.batch_size]
-                    if not batch:
-                        break
-                    self._chain.write(self._compress(batch))
-                    with part.lock:
-                        del part.ready[:len(batch)]
-                with part.lock:
-                    dead, part.dead = part.dead, []
-                try:
-                    if dead:
-                        self._chain.send_dead_letters(dead)
-                except BaseException:
-                    with part.lock:
-                        part.dead[:0] = dead
-                    raise
+    with torch.no_grad():
+        gain = float(torch.linalg.matrix_norm(model.proj.float(), ord=2))  # largest stretch of the projection
+        shift = float(model.shift.norm())
+    return OperatorLimits(model.config.dim, 0.95 * FP16_MAX / max(gain, 1e-6) - shift)
 
 
 class WindowCompressor:
     """The compression operator over windows of many sessions at once: one [B, 4096, d] call
-    (zero padding plus lengths for partial windows), on the GPU when one is present."""
+    (zero padding plus lengths for partial windows), on the GPU when one is present. On the CPU
+    a window's tokens do not depend on the batch it was in (checked by a test)."""
 
     def __init__(self, config: EpisodicConfig):
         import torch
@@ -229,124 +209,558 @@ class WindowCompressor:
         self.model = load_compressor(config.checkpoint, device=device).eval()
         self.device = device
         self.version = operator_version(config.checkpoint)
+        self.window = config.window
 
-    def __call__(self, windows: list[Latents]) -> list[Summary]:
+    def __call__(self, latents: list[np.ndarray]) -> np.ndarray:
+        """Windows of latents [n_i, d] -> tokens [B, 256, d] (fp16)."""
         import torch
 
         d = self.model.config.dim
-        lengths = torch.tensor([len(w.latents) for w in windows])
-        x = torch.zeros((len(windows), WINDOW, d), dtype=torch.float32)
-        for i, w in enumerate(windows):
-            x[i, :len(w.latents)] = torch.from_numpy(w.latents)
+        lengths = torch.tensor([len(x) for x in latents])
+        x = torch.zeros((len(latents), self.window, d), dtype=torch.float32)
+        for i, w in enumerate(latents):
+            x[i, :len(w)] = torch.from_numpy(w)
         with torch.inference_mode():
             tokens = self.model.encode(x.to(self.device), lengths.to(self.device)).to(torch.float16).cpu().numpy()
-        return [Summary(w.window, tokens[i].astype("<f2").tobytes(), tokens.shape[1], d, self.version)
-                for i, w in enumerate(windows)]
+        if not np.isfinite(tokens).all():  # the input checks should make this impossible
+            raise IntegrityError("the compressor made non-finite fp16 tokens: the latent norm check missed a case")
+        return tokens
 
 
-def operator_version(checkpoint: str | None) -> str:
-    """``compressor-<sha256 prefix of the checkpoint file>``: which weights made a summary."""
-    import hashlib
+# -- steps -----------------------------------------------------------------------------------
 
-    from memstream.operators.checkpoint import DEFAULT_CHECKPOINT
+class Decode(beam.DoFn):
+    """Stateless checks of every record (:func:`~memstream.wire.codec.decode`, and the operator's
+    width and range); good records go on keyed by session, bad ones to the dead letters. The
+    record's bytes stay with the log (:class:`~memstream.pipelines.log.LogReader`)."""
 
-    path = checkpoint or DEFAULT_CHECKPOINT
-    return f"compressor-{hashlib.sha256(open(path, 'rb').read()).hexdigest()[:16]}"
+    DEAD = "dead"
 
+    def __init__(self, config: EpisodicConfig):
+        self.config = config
 
-class ChainWriter:
-    """Chains summaries to each session's stored head, signs them, and writes them to the
-    store (the commit point) and then to Kafka.
+    def setup(self):
+        from memstream.operators.checkpoint import load_compressor
 
-    The store decides: a summary is inserted only if its (session, window) is absent, and is
-    published only if the stored record is this writer's. A writer that lost a race (a
-    runner retrying or overlapping bundles) raises, its bundle is retried, and the retry
-    continues from the stored head, so neither the store nor the topic ever forks."""
-
-    def __init__(self, config: EpisodicConfig, store):
-        from kafka import KafkaProducer
-
-        self.config, self.store = config, store
-        self.key = config.signing_key()
-        self.producer = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all", enable_idempotence=True,
-                                      max_request_size=MAX_MESSAGE_BYTES, linger_ms=5)
-        self._seen: set[str] = set()  # sessions whose unacknowledged summaries were re-published
-
-    def close(self):
-        self.producer.close()
-
-    def write(self, summaries: list[Summary]) -> None:
-        sessions = sorted({s.window.session_id for s in summaries})
-        for session_id in sessions:
-            if session_id not in self._seen:
-                self._republish_unacknowledged(session_id)
-                self._seen.add(session_id)
-        heads = {sid: (h.window_index, h.hash) for sid, h in self.store.heads(sessions).items()}
-        sealed = []
-        for s in sorted(summaries, key=lambda s: (s.window.session_id, s.window.window_index)):
-            index, prev_hash = heads.get(s.window.session_id, (-1, b""))
-            if s.window.window_index <= index:
-                continue  # stored already: a replay
-            if s.window.window_index != index + 1:
-                raise ServiceError(f"session {s.window.session_id!r}: window {s.window.window_index} is not "
-                                   f"next after the stored head {index}; the bundle will be retried")
-            record = self._seal(s, prev_hash)
-            sealed.append(record)
-            heads[s.window.session_id] = (record.window_index, record.hash)
-        if not sealed:
+        self._log = LogReader(self.config.bootstrap)
+        self._limits = operator_limits(load_compressor(self.config.checkpoint))
+    def process(self, rec: KafkaRecord):
+        self._log.remember(rec.topic, rec.partition, rec.offset, rec.value)
+        try:
+            record = decode(rec.key, rec.value)
+            if isinstance(record, LatentChunk):
+                self._check(record)
+                record = record.meta()
+            elif record.dim is not None:
+                self._check_width(record.dim, record.session_id)
+        except InvalidInputError as e:
+            yield beam.pvalue.TaggedOutput(self.DEAD, (rec.partition, Ack(
+                rec.start, rec.first, rec.offset, rejected=_rejected(e, rec.offset, rec.key, rec.timestamp))))
             return
-        self.store.append(sealed)
-        by_session: dict[str, list] = {}
-        for r in sealed:
-            by_session.setdefault(r.session_id, []).append(r)
-        lost = []
-        for session_id, records in by_session.items():
-            stored = self.store.hashes(session_id, since_window=records[0].window_index)
-            lost += [r for r in records if stored.get(r.window_index) != r.hash]
-        if lost:
-            raise ServiceError(f"another writer stored {len(lost)} of these summaries first (session "
-                               f"{lost[0].session_id!r}, window {lost[0].window_index}); retrying from the stored head")
-        self._publish(sealed)
-        for session_id, records in by_session.items():
-            self.store.evict(session_id, records[-1].window_index)
+        yield record.session_id, Entry(rec.partition, rec.offset, rec.first, rec.start, rec.timestamp, record)
 
-    def _seal(self, s: Summary, prev_hash: bytes) -> SummaryRecord:
-        w = s.window
+    def _check_width(self, dim: int, session_id: str) -> None:
+        if dim * 4 * self.config.window > self.config.max_window_bytes:
+            raise WindowTooLargeError(f"session {session_id!r}: a window of {self.config.window} latents of width "
+                                      f"{dim} takes {dim * 4 * self.config.window} bytes, more than the limit of "
+                                      f"{self.config.max_window_bytes}")
+        if dim != self._limits.dim:
+            raise OperatorWidthError(f"session {session_id!r} has latents of width {dim}; the compressor reads "
+                                     f"{self._limits.dim}")
+
+    def _check(self, chunk: LatentChunk) -> None:
+        self._check_width(chunk.dim, chunk.session_id)
+        raw = chunk.array()
+        peak = float(np.abs(to_float32(raw, chunk.dtype) if chunk.dtype.name == "bf16" else raw).max())
+        if peak * np.sqrt(chunk.dim) > self._limits.max_norm:  # only then is the exact norm needed
+            with np.errstate(over="ignore"):  # an overflow is an infinite norm: too large, as it should be
+                norm = float(np.linalg.norm(chunk.to_float32().astype(np.float64), axis=1).max())
+            if norm > self._limits.max_norm:
+                raise OutOfRangeError(f"chunk {chunk.first_seq}..{chunk.end_seq - 1} of session {chunk.session_id!r} "
+                                      f"holds a latent of norm {norm:.4g}; summary tokens hold fp16 values, so the "
+                                      f"compressor takes norms up to {self._limits.max_norm:.4g}")
+
+
+class CutWindows(beam.DoFn):
+    """Keyed by session: the session's :class:`CutterState` in keyed state, fed one record at a
+    time; an event-time timer closes a window left idle. Emits the windows it cuts, and for
+    every record an :class:`Ack` (with its pin or its dead letter) keyed by partition."""
+
+    CUTTER = ReadModifyWriteStateSpec("cutter", BytesCoder())
+    START = ReadModifyWriteStateSpec("start", PickleCoder())  # (partition, run start) of the session
+    IDLE = TimerSpec("idle", TimeDomain.WATERMARK)
+    ACKS = "acks"
+
+    def __init__(self, config: EpisodicConfig):
+        self.config = config
+
+    def setup(self):
+        self._store = self.config.store()
+        self._log = LogReader(self.config.bootstrap)
+        self._idle_us = int(self.config.idle_timeout_s * 1e6)
+        self._windows = Metrics.counter(NS, "windows_cut")
+        self._resumed = Metrics.counter(NS, "sessions_resumed")
+        self._gaps = Metrics.counter(NS, "sequence_gaps")
+
+    def _cutter(self, session_id: str, raw: bytes | None) -> tuple[WindowCutter, bool]:
+        """The session's cutter; on empty state, resumed from the store. True when it was."""
+        if raw is not None:
+            return WindowCutter(CutterState.from_bytes(raw), self.config.window, self._idle_us), False
+        head = self._store.head_record(session_id)
+        if head is not None:
+            self._resumed.inc()
+            state = CutterState.resume(head)
+        else:
+            state = CutterState.new(session_id)
+            if self._store.collected(session_id):
+                state.validator.state = "collected"
+        return WindowCutter(state, self.config.window, self._idle_us), True
+
+    def process(self, kv, cutter_state=beam.DoFn.StateParam(CUTTER), start_state=beam.DoFn.StateParam(START),
+                idle=beam.DoFn.TimerParam(IDLE)):
+        session_id, entry = kv
+        cutter, fresh = self._cutter(session_id, cutter_state.read())
+        state = cutter.state
+        if state.last_ref is not None and entry.offset <= state.last_ref[1]:
+            # Beam delivers a key's records once, in order; an offset at or behind the last one
+            # applied is a redelivery of a record this state has already seen.
+            yield beam.pvalue.TaggedOutput(self.ACKS, (entry.partition, Ack(entry.start, entry.first, entry.offset)))
+            return
+        if state.validator.state == "collected":
+            fed_error = CollectedSessionError(f"session {session_id!r} was collected by session GC: publish "
+                                              "under a new session id")
+            fed = None
+        else:
+            fed = cutter.feed(entry.record, (entry.partition, entry.offset))
+            fed_error = fed.error
+            if fresh and (fed.verdict is Verdict.GAP or isinstance(fed.error, UnknownSessionError)):
+                self._check_not_lost(session_id, entry)
+        rejected = None
+        if fed_error is not None:
+            rejected = _rejected(fed_error, entry.offset, session_id.encode(), entry.timestamp_ms)
+        if fed is not None and fed.verdict is Verdict.GAP:
+            self._gaps.inc()
+        pin = (session_id, fed.pin) if fed is not None and fed.pin is not None else None
+        yield beam.pvalue.TaggedOutput(self.ACKS, (entry.partition, Ack(entry.start, entry.first, entry.offset, pin,
+                                                                         rejected)))
+        for window in fed.windows if fed is not None else ():
+            self._windows.inc()
+            yield window, entry.start
+        if fresh or (fed is not None and fed.verdict.accepted):
+            cutter_state.write(cutter.state.to_bytes())
+            start_state.write((entry.partition, entry.start))
+        if fed is not None and fed.verdict.accepted and not self.config.until_idle:
+            # Streaming only: at the end of a bounded run the watermark jumps to the end of time,
+            # which is not idleness (the next record's time decides then, in feed()).
+            idle.set(Timestamp(micros=entry.timestamp_ms * 1000 + self._idle_us))
+
+    @on_timer(IDLE)
+    def on_idle(self, timer_ts=beam.DoFn.TimestampParam, cutter_state=beam.DoFn.StateParam(CUTTER),
+                start_state=beam.DoFn.StateParam(START), idle=beam.DoFn.TimerParam(IDLE)):
+        raw = cutter_state.read()
+        if raw is None:
+            return
+        cutter = WindowCutter(CutterState.from_bytes(raw), self.config.window, self._idle_us)
+        if cutter.state.closed:
+            cutter_state.clear()  # a closed session: its stored close resumes it, if it is ever needed
+            start_state.clear()
+            return
+        windows = cutter.idle(timer_ts.micros)
+        _, start = start_state.read()
+        for window in windows:
+            self._windows.inc()
+            yield window, start
+        if not windows and cutter.state.filled:  # the records' clock lags the log's: look again later
+            idle.set(Timestamp(micros=max(timer_ts.micros, cutter.state.event_time_us) + self._idle_us))
+        cutter_state.write(cutter.state.to_bytes())
+
+    def _check_not_lost(self, session_id: str, entry: Entry) -> None:
+        """A fresh state whose first record looks like a gap (or a session never opened): were
+        there records of this session earlier in this run? Then the runner lost the state."""
+        earlier = self._log.session_records(self.config.latents_topic, entry.partition, entry.start,
+                                            entry.offset - 1, session_id.encode())
+        if earlier:
+            raise StateLostError(f"session {session_id!r}: its keyed state is empty at offset {entry.offset}, but "
+                                 f"this run already read its records at {earlier[:3]}: the runner lost or forked "
+                                 "the state (Prism: see --experiments=prism_disable_sdf_split)")
+
+
+class Summarise(beam.DoFn):
+    """Reads each window's latents back by offset (:class:`LogReader`), compresses windows in
+    batches, and sends them on keyed by partition."""
+
+    def __init__(self, config: EpisodicConfig):
+        self.config = config
+
+    def setup(self):
+        self._log = LogReader(self.config.bootstrap)
+        self._compress = WindowCompressor(self.config)
+        self._operator_ms = Metrics.distribution(NS, "operator_ms")
+
+    def start_bundle(self):
+        self._pending: list[tuple[Window, int, np.ndarray]] = []
+
+    def process(self, item):
+        window, start = item
+        if not window.pieces:  # a close or idle mark with no latents: nothing to compress
+            yield window.last_ref[0], Compressed(start, window, b"", 0, self._dim(), self._compress.version)
+            return
+        self._pending.append((window, start, self._latents(window)))
+        if len(self._pending) >= self.config.batch_size:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for out in self._flush():
+            yield WindowedValue(out, Timestamp.of(time.time()), [GlobalWindow()])
+
+    def _dim(self) -> int:
+        return self._compress.model.config.dim
+
+    def _latents(self, window: Window) -> np.ndarray:
+        positions = sorted({p.ref for p in window.pieces})
+        values = self._log.values(self.config.latents_topic, positions)
+        parts = []
+        for p in window.pieces:
+            chunk = decode(window.session_id.encode(), values[p.ref])
+            parts.append(to_float32(chunk.array()[p.start:p.start + p.count], chunk.dtype))
+        return np.concatenate(parts)
+
+    def _flush(self):
+        if not self._pending:
+            return
+        started = time.perf_counter()
+        tokens = self._compress([x for _, _, x in self._pending])
+        self._operator_ms.update(int((time.perf_counter() - started) * 1000))
+        dim = self._dim()
+        for (window, start, _), t in zip(self._pending, tokens):
+            yield window.last_ref[0], Compressed(start, window, t.astype("<f2").tobytes(), t.shape[0], dim,
+                                                 self._compress.version)
+        self._pending = []
+
+
+# -- the commit --------------------------------------------------------------------------------
+
+_PRODUCERS: dict[str, object] = {}  # transactional id -> KafkaProducer, one per worker process
+_PRODUCERS_LOCK = threading.Lock()
+
+
+def _transactional_producer(bootstrap: str, transactional_id: str, fresh: bool = False):
+    from kafka import KafkaProducer
+
+    with _PRODUCERS_LOCK:
+        producer = _PRODUCERS.get(transactional_id)
+        if producer is not None and not fresh:
+            return producer
+        if producer is not None:
+            producer.close(timeout=5)
+        producer = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=transactional_id,
+                                 enable_idempotence=True, acks="all", max_request_size=MAX_MESSAGE_BYTES,
+                                 linger_ms=5)
+        producer.init_transactions()  # fences any older producer of this partition
+        _PRODUCERS[transactional_id] = producer
+        return producer
+
+
+@dataclass
+class _Work:
+    """What one bundle leaves for a partition: records to store and publish, dead letters, and
+    the offset the group may then commit."""
+
+    sealed: list[SummaryRecord] = field(default_factory=list)
+    replayed: list[tuple[str, int]] = field(default_factory=list)  # stored windows seen again
+    rejected: list[Rejected] = field(default_factory=list)
+    commit: int | None = None
+    acked: int = 0  # every offset below it is handled, its dead letter (if any) sent with this work
+
+
+class Commit(beam.DoFn):
+    """Keyed by partition: chains and signs each session's windows in order, tracks the
+    partition's progress, and makes a bundle's work durable in ``finish_bundle``: the store
+    first (insert-if-absent), then one Kafka transaction with the summaries, the dead letters and
+    the consumer group's offset. A failure fails the bundle, whose state changes the runner then
+    drops, and the retry makes the same records (they are deterministic)."""
+
+    PROGRESS = ReadModifyWriteStateSpec("progress", BytesCoder())
+    HEADS = ReadModifyWriteStateSpec("heads", PickleCoder())  # session -> (window index, hash)
+    WAITING = BagStateSpec("waiting", PickleCoder())  # windows ahead of their predecessor
+    # Offsets below this had their dead letters sent already: the committed offset's metadata
+    # says so (it travels in the same transaction), so a restart does not send them twice.
+    LETTERS_SENT = ReadModifyWriteStateSpec("letters_sent", PickleCoder())
+
+    def __init__(self, config: EpisodicConfig):
+        self.config = config
+
+    def setup(self):
+        self._store = self.config.store()
+        self._key = self.config.signing_key()
+        self._log = LogReader(self.config.bootstrap)
+        self._sink_ms = Metrics.distribution(NS, "sink_ms")
+        self._sealed = Metrics.counter(NS, "summaries_stored")
+        # Counted here, where they become final, not where they are read: a replayed record
+        # or dead letter is not counted twice. (Prism reports no counters of the steps fused
+        # with its Kafka read either.)
+        self._records = Metrics.counter(NS, "records")
+        self._committed = {}
+
+    def start_bundle(self):
+        self._work: dict[int, _Work] = collections.defaultdict(_Work)
+
+    def process(self, kv, progress_state=beam.DoFn.StateParam(PROGRESS), heads_state=beam.DoFn.StateParam(HEADS),
+                waiting=beam.DoFn.StateParam(WAITING), letters_state=beam.DoFn.StateParam(LETTERS_SENT)):
+        partition, msg = kv
+        raw = progress_state.read()
+        progress = PartitionProgress.from_bytes(raw) if raw else PartitionProgress(msg.start)
+        sent = letters_state.read()
+        if sent is None:
+            sent = self._letters_sent(partition)
+            letters_state.write(sent)
+        work = self._work[partition]
+        if isinstance(msg, Ack):
+            if msg.pin is not None:
+                progress.pin(msg.pin[0], msg.pin[1], msg.last)
+            if msg.last >= progress.frontier:  # not a repeat of records handled before
+                self._records.inc(msg.last - max(msg.first, progress.frontier) + 1)
+            progress.ack(msg.first, msg.last)
+            if msg.rejected is not None and msg.rejected.offset >= sent:
+                work.rejected.append(msg.rejected)
+        else:
+            heads = heads_state.read() or {}
+            self._chain(msg, heads, progress, work, waiting)
+            heads_state.write(heads)
+        progress_state.write(progress.to_bytes())
+        work.commit, work.acked = progress.committable(), progress.frontier
+
+    def _chain(self, msg: Compressed, heads: dict, progress: PartitionProgress, work: _Work, waiting) -> None:
+        sid = msg.window.session_id
+        if sid not in heads:
+            head = self._store.heads([sid]).get(sid)
+            heads[sid] = (head.window_index, head.hash) if head else (-1, b"")
+        index, prev = heads[sid]
+        w = msg.window.window_index
+        if w <= index:  # stored already (a replay after a restore): make sure it was published
+            work.replayed.append((sid, w))
+            progress.seal(sid, w, msg.last_offset)
+            return
+        if w > index + 1:  # its predecessor is still on its way
+            waiting.add(msg)
+            return
+        ready = [msg]
+        held = list(waiting.read())
+        while ready:
+            m = ready.pop()
+            record = self._seal(m, prev)
+            work.sealed.append(record)
+            progress.seal(sid, m.window.window_index, m.last_offset)
+            index, prev = m.window.window_index, record.hash
+            ready = [h for h in held if h.window.session_id == sid and h.window.window_index == index + 1]
+            held = [h for h in held if h not in ready]
+        heads[sid] = (index, prev)
+        waiting.clear()
+        for h in held:
+            waiting.add(h)
+
+    def _letters_sent(self, partition: int) -> int:
+        """Where the last transaction of this partition's group said its dead letters stood (a
+        run that starts from the committed offsets resumes; a replay from the earliest or latest
+        offset is a new reading, whose dead letters are all sent)."""
+        import json
+
+        if self.config.start != "committed":
+            return -1
+
+        from kafka import KafkaConsumer, TopicPartition
+
+        c = KafkaConsumer(bootstrap_servers=self.config.bootstrap, group_id=self.config.group,
+                          enable_auto_commit=False)
+        try:
+            meta = c.committed(TopicPartition(self.config.latents_topic, partition), metadata=True)
+        finally:
+            c.close()
+        try:
+            return int(json.loads(meta.metadata)["acked"]) if meta is not None and meta.metadata else -1
+        except (ValueError, KeyError, TypeError):
+            return -1
+
+    def _seal(self, m: Compressed, prev_hash: bytes) -> SummaryRecord:
+        w = m.window
         return seal(SummaryRecord(
             schema_version=SummaryRecord.SCHEMA_VERSION, session_id=w.session_id, window_index=w.window_index,
-            seq_start=w.seq_start, seq_end=w.seq_end, partial=w.partial, token_count=s.token_count, dim=s.dim,
-            tokens_dtype="fp16", tokens=s.tokens, operator_version=s.operator_version,
-            event_time_us=w.event_time_us, processing_time_us=s.processing_time_us, prev_hash=prev_hash,
-            hash=b"", signature=b"", key_id=""), self.key)
+            seq_start=w.seq_start, seq_end=w.seq_end, cut=w.cut, token_count=m.token_count, dim=m.dim,
+            tokens_dtype="fp16", tokens=m.tokens, operator_version=m.operator_version, producer_id=w.producer_id,
+            latents_dtype=w.latents_dtype, latent_dim=w.latent_dim, event_time_us=w.event_time_us,
+            prev_hash=prev_hash, hash=b"", signature=b"", key_id=""), self._key)
 
-    def _publish(self, records) -> None:
-        futures = [self.producer.send(self.config.summaries_topic, key=r.session_id.encode(), value=r.to_json())
-                   for r in records]
-        self.producer.flush()
-        for f in futures:
-            f.get(timeout=60)
-        self.store.mark_published(records)
+    def finish_bundle(self):
+        started = time.perf_counter()
+        for partition, work in sorted(self._work.items()):
+            self._make_durable(partition, work)
+        if self._work:
+            self._sink_ms.update(int((time.perf_counter() - started) * 1000))
 
-    def send_dead_letters(self, letters) -> None:
-        write_dead_letters(self.producer, letters, topic=self.config.deadletter_topic)
+    def _make_durable(self, partition: int, work: _Work) -> None:
+        self._store.check_epoch(self.config.group, self.config.epoch)
+        if work.sealed:
+            self._store.append(work.sealed)
+            for sid in {r.session_id for r in work.sealed}:
+                mine = {r.window_index: r.hash for r in work.sealed if r.session_id == sid}
+                stored = self._store.hashes(sid, since_window=min(mine))
+                forked = [w for w, h in mine.items() if stored.get(w) != h]
+                if forked:
+                    raise FencedError(f"session {sid!r}: the store holds other summaries for windows {forked} than "
+                                      "this pipeline made: another writer is at work; this one stops")
+            self._sealed.inc(len(work.sealed))
+            crash_point("after-store")  # fault tests: stored, not yet published
+        publish = list(work.sealed)
+        by_session = collections.defaultdict(list)
+        for sid, w in work.replayed:
+            by_session[sid].append(w)
+        for sid, windows in by_session.items():
+            done = self._store.published(sid, windows)
+            publish += [r for r in self._store.records(sid, since_window=min(windows))
+                        if r.window_index in windows and r.window_index not in done]
+        letters = self._letters(partition, work.rejected)
+        mark = (work.commit, work.acked)
+        offset = mark if mark != self._committed.get(partition) else None
+        if publish or letters or offset is not None:
+            self._transact(partition, publish, letters, offset)
+            for d in letters:
+                Metrics.counter(NS, f"dead_letters_{DeadLetterReason(d.reason).value}").inc()
+            if offset is not None:
+                self._committed[partition] = mark
+        if publish:
+            self._store.mark_published(publish)
+            for sid in {r.session_id for r in publish}:
+                self._store.evict(sid, max(r.window_index for r in publish if r.session_id == sid))
 
-    def _republish_unacknowledged(self, session_id: str) -> None:
-        """Stored summaries whose Kafka write was never acknowledged (a crash between the two
-        writes) go out again, byte for byte."""
-        records = self.store.unpublished(session_id)
-        if records:
-            log.info("re-publishing %d stored summaries of session %s", len(records), session_id)
-            self._publish(records)
+    def _letters(self, partition: int, rejected: list[Rejected]) -> list[DeadLetterRecord]:
+        if not rejected:
+            return []
+        topic = self.config.latents_topic
+        values = self._log.values(topic, [(partition, r.offset) for r in rejected])
+        return [DeadLetterRecord(DeadLetterRecord.SCHEMA_VERSION, r.reason, r.message, topic, partition, r.offset,
+                                 r.key, values[(partition, r.offset)], len(values[(partition, r.offset)] or b""),
+                                 r.timestamp_ms, time.time_ns() // 1000) for r in rejected]
 
+    def _transact(self, partition: int, publish: list[SummaryRecord], letters: list[DeadLetterRecord],
+                  offset: tuple[int, int] | None) -> None:
+        import json
+
+        from kafka import TopicPartition
+        from kafka.errors import KafkaError, ProducerFencedError
+        from kafka.structs import OffsetAndMetadata
+
+        txn_id = self.config.transactional_id(partition)
+        fresh = False
+        for attempt in range(6):
+            producer = _transactional_producer(self.config.bootstrap, txn_id, fresh)
+            try:
+                producer.begin_transaction()
+                for r in publish:
+                    producer.send(self.config.summaries_topic, key=r.session_id.encode(), value=r.to_json())
+                for d in letters:
+                    producer.send(self.config.deadletter_topic, key=d.key, value=fit_dead_letter(d))
+                if offset is not None:
+                    commit, acked = offset
+                    meta = json.dumps({"acked": acked})  # dead letters below it are sent
+                    producer.send_offsets_to_transaction(
+                        {TopicPartition(self.config.latents_topic, partition): OffsetAndMetadata(commit, meta, -1)},
+                        self.config.group)
+                producer.commit_transaction()
+                return
+            except ProducerFencedError:
+                self._store.check_epoch(self.config.group, self.config.epoch)  # a newer instance: FencedError
+                fresh = True  # our own older producer (another worker of this pipeline): take the id back
+            except KafkaError as e:
+                log.warning("partition %d: transaction failed (%s), retrying", partition, e)
+                try:
+                    producer.abort_transaction()
+                except KafkaError:
+                    fresh = True
+                time.sleep(min(0.2 * 2 ** attempt, 5))
+        raise PublishError(f"partition {partition}: the Kafka transaction of this bundle failed 6 times; the bundle "
+                           "fails and is run again")
+
+
+# -- the pipeline ----------------------------------------------------------------------------
 
 def build(p: beam.Pipeline, config: EpisodicConfig):
     """Wire the pipeline onto ``p``."""
-    return (p
-            | "ReadLatents" >> ReadFromKafka(config.bootstrap, [config.latents_topic], start=config.start,
-                                             until_idle=config.until_idle)
-            | "Summarise" >> beam.ParDo(Summarise(config)))
+    records = p | "ReadLatents" >> ReadFromKafka(config.bootstrap, [config.latents_topic], start=config.start,
+                                                 until_idle=config.until_idle, group_id=config.group,
+                                                 discover_s=config.discover_s)
+    decoded = records | "Decode" >> beam.ParDo(Decode(config)).with_outputs(Decode.DEAD, main="entries")
+    cut = (decoded.entries
+           | "CutWindows" >> beam.ParDo(CutWindows(config)).with_input_types(typing.Tuple[str, typing.Any])
+           .with_outputs(CutWindows.ACKS, main="windows"))
+    summaries = cut.windows | "Summarise" >> beam.ParDo(Summarise(config))
+    return ((summaries, cut[CutWindows.ACKS], decoded[Decode.DEAD])
+            | "Merge" >> beam.Flatten()
+            | "Commit" >> beam.ParDo(Commit(config)).with_input_types(typing.Tuple[int, typing.Any]))
 
 
-def run(config: EpisodicConfig, runner_args: list[str]):
-    with beam.Pipeline(options=PipelineOptions(runner_args)) as p:
-        build(p, config)
+def close_clients() -> None:
+    """Close this process's Kafka clients of the pipeline's steps, once its job has ended."""
+    with _PRODUCERS_LOCK:
+        for producer in _PRODUCERS.values():
+            producer.close(timeout=5)
+        _PRODUCERS.clear()
+    close_readers()
+
+
+def republish_unacknowledged(config: EpisodicConfig, store: EpisodicStore) -> int:
+    """Stored summaries that Kafka never acknowledged (a crash between the store and the
+    transaction) go out again, byte for byte, before the pipeline starts."""
+    from kafka import KafkaProducer
+
+    records = store.unpublished_all()
+    if not records:
+        return 0
+    producer = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all", enable_idempotence=True,
+                             max_request_size=MAX_MESSAGE_BYTES)
+    try:
+        futures = [producer.send(config.summaries_topic, key=r.session_id.encode(), value=r.to_json())
+                   for r in records]
+        producer.flush()
+        for f in futures:
+            f.get(timeout=60)
+    finally:
+        producer.close()
+    store.mark_published(records)
+    log.info("re-published %d stored summaries Kafka had not acknowledged", len(records))
+    return len(records)
+
+
+def run(config: EpisodicConfig, runner_args: list[str], on_started=None):
+    """Run the pipeline to its end (bounded) or until it fails or is stopped (streaming).
+    ``on_started(result)`` is called once the job runs (the CLI serves metrics from it)."""
+    store = config.store()
+    config = dataclasses.replace(config, epoch=store.claim_epoch(config.group))
+    republish_unacknowledged(config, store)
+    p = beam.Pipeline(options=PipelineOptions(runner_args))
+    build(p, config)
+    result = p.run()
+    if on_started is not None:
+        on_started(result)
+    stopping = []
+
+    def stop(signum, frame):  # a SIGTERM or ^C cancels the job, and run() returns
+        stopping.append(signum)
+        result.cancel()
+
+    main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        result.wait_until_finish()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    close_clients()
+    state = str(result.state)
+    if "DONE" not in state and not stopping:
+        raise PublishError(f"the pipeline ended in state {state}: the runner's log above says why")
+    return result
+
+

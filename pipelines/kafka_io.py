@@ -3,12 +3,22 @@
 Beam's own ``ReadFromKafka`` is a cross-language Java transform that needs an expansion
 service jar; this splittable DoFn needs nothing but kafka-python.
 
-Offset semantics: each topic partition is one restriction ``[start, stop)`` of offsets.
-The runner checkpoints the unclaimed remainder (``defer_remainder``) and the source itself
-commits nothing to Kafka: exactly-once effects come from idempotent sinks keyed by
-(session, window index) downstream. ``start`` is where the read begins (earliest, latest,
-or committed offsets of a consumer group); ``stop`` is unbounded in streaming mode, or the
-high-water mark at start-up in bounded (``until_idle``) mode.
+Offsets: each topic partition is one restriction ``[start, stop)`` of offsets, read by one
+reader in offset order (the runner may checkpoint the unclaimed remainder, ``defer_remainder``,
+but never splits it). ``start`` is where the read begins: the consumer group's committed offset
+(``start="committed"``, falling back to the earliest retained offset), the earliest, or the
+latest. ``stop`` is unbounded when streaming, or the high-water mark at start-up in bounded
+(``until_idle``) mode. The source itself commits nothing: a downstream step commits the group's
+offsets once what they cover is durable (the episodic pipeline does it in a Kafka transaction).
+
+Each record says which offsets it accounts for (``first`` .. ``offset``: offsets without a
+record, such as transaction markers, belong to the record after them), so a downstream
+tracker can tell when every offset below one is handled. Element timestamps are the records'
+Kafka timestamps, made strictly increasing within a partition (ties broken by a microsecond),
+so a runner that orders pending elements by time keeps each partition's order.
+
+In streaming mode the partitions are listed again every ``discover_s`` seconds
+(:class:`WatchPartitions`), and a partition added to the topic is read from its start.
 """
 
 from __future__ import annotations
@@ -18,23 +28,28 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import apache_beam as beam
+from apache_beam.coders import BytesCoder
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.transforms.periodicsequence import PeriodicImpulse
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-from memstream.errors import ServiceError
+from memstream.errors import ServiceError, TopicMissingError
 from memstream.settings import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
 # Largest offset a partition can have; an unbounded read's restriction ends here.
 UNBOUNDED = 2**63 - 1
+STARTS = ("committed", "earliest", "latest")
 
 
 @dataclass(frozen=True)
 class KafkaRecord:
-    """One consumed message, with where it came from (dead letters need all of it)."""
+    """One consumed message, with where it came from (dead letters need all of it). The record
+    accounts for the offsets ``first`` .. ``offset`` of its partition."""
 
     topic: str
     partition: int
@@ -42,6 +57,8 @@ class KafkaRecord:
     key: bytes | None
     value: bytes
     timestamp: int  # milliseconds since the epoch, as kafka-python names it
+    first: int = -1  # the first offset this record accounts for (-1: not known)
+    start: int = -1  # where this run began reading the partition
 
 
 @dataclass(frozen=True)
@@ -52,42 +69,43 @@ class PartitionSpec:
     stop: int
 
 
-def _consumer(bootstrap: str, **extra):
+def consumer(bootstrap: str, **extra):
+    """A kafka-python consumer that commits nothing by itself and fetches large messages."""
     from kafka import KafkaConsumer
 
     return KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                         max_partition_fetch_bytes=32 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
+                         max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES, fetch_max_bytes=4 * MAX_MESSAGE_BYTES,
                          consumer_timeout_ms=1000, **extra)
 
 
-def list_partitions(bootstrap: str, topics: Iterable[str], start: str = "earliest",
-                    until_idle: bool = False, group_id: str | None = None) -> list[PartitionSpec]:
+def list_partitions(bootstrap: str, topics: Iterable[str], start: str = "committed", until_idle: bool = False,
+                    group_id: str | None = None) -> list[PartitionSpec]:
     """Partitions of ``topics`` with their start (and, when bounded, stop) offsets."""
     from kafka import TopicPartition
 
-    consumer = _consumer(bootstrap, group_id=group_id)
+    if start not in STARTS:
+        raise ServiceError(f"start must be one of {', '.join(STARTS)}, not {start!r}")
+    c = consumer(bootstrap, group_id=group_id)
     try:
         tps = []
         for topic in topics:
-            parts = consumer.partitions_for_topic(topic)
+            parts = c.partitions_for_topic(topic)
             if not parts:
-                raise ServiceError(f"topic {topic!r} does not exist on {bootstrap}: create it first "
-                                   "(memstream topics create)")
+                raise TopicMissingError(topic, bootstrap)
             tps += [TopicPartition(topic, p) for p in sorted(parts)]
-        begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+        begin, end = c.beginning_offsets(tps), c.end_offsets(tps)
         specs = []
         for tp in tps:
+            first = begin[tp]
             if start == "committed" and group_id:
-                committed = consumer.committed(tp)
-                first = committed if committed is not None else begin[tp]
+                committed = c.committed(tp)
+                first = max(committed, begin[tp]) if committed is not None else begin[tp]
             elif start == "latest":
                 first = end[tp]
-            else:
-                first = begin[tp]
             specs.append(PartitionSpec(tp.topic, tp.partition, first, end[tp] if until_idle else UNBOUNDED))
         return specs
     finally:
-        consumer.close()
+        c.close()
 
 
 class PartitionTracker(OffsetRestrictionTracker):
@@ -117,13 +135,13 @@ class _PartitionRestrictions(RestrictionProvider):
 class ReadPartitionFn(beam.DoFn):
     """Reads one partition from its restriction's start offset, claiming each offset it emits."""
 
-    def __init__(self, bootstrap: str, poll_ms: int = 200, max_records: int = 500):
+    def __init__(self, bootstrap: str, poll_ms: int = 200, max_records: int = 64):
         self.bootstrap, self.poll_ms, self.max_records = bootstrap, poll_ms, max_records
         self._consumers: dict = {}
 
     def teardown(self):
-        for consumer in self._consumers.values():
-            consumer.close()
+        for c in self._consumers.values():
+            c.close()
         self._consumers.clear()
 
     def _assigned(self, spec: PartitionSpec):
@@ -131,7 +149,7 @@ class ReadPartitionFn(beam.DoFn):
 
         key = (spec.topic, spec.partition)
         if key not in self._consumers:
-            c = _consumer(self.bootstrap)
+            c = consumer(self.bootstrap)
             c.assign([TopicPartition(spec.topic, spec.partition)])
             self._consumers[key] = c
         return self._consumers[key], TopicPartition(spec.topic, spec.partition)
@@ -143,42 +161,82 @@ class ReadPartitionFn(beam.DoFn):
         restriction = tracker.current_restriction()
         if restriction.start >= restriction.stop:
             return
-        consumer, tp = self._assigned(spec)
-        if consumer.position(tp) != restriction.start:  # a seek drops the prefetched batch: only when needed
-            consumer.seek(tp, restriction.start)
-        records = consumer.poll(timeout_ms=self.poll_ms, max_records=self.max_records).get(tp, [])
+        c, tp = self._assigned(spec)
+        if c.position(tp) != restriction.start:  # a seek drops the prefetched batch: only when needed
+            c.seek(tp, restriction.start)
+        records = c.poll(timeout_ms=self.poll_ms, max_records=self.max_records).get(tp, [])
+        first = restriction.start
         for rec in records:
             if not tracker.try_claim(rec.offset):
                 return
-            ts = Timestamp(micros=rec.timestamp * 1000)
-            watermark.set_watermark(max(watermark.current_watermark() or Timestamp(0), ts))
+            # Strictly increasing within the partition: a runner ordering by time keeps offset order.
+            last = watermark.current_watermark()
+            ts = Timestamp(micros=max(rec.timestamp * 1000, last.micros + 1 if last is not None else 0))
+            watermark.set_watermark(ts)
             yield beam.window.TimestampedValue(
-                KafkaRecord(rec.topic, rec.partition, rec.offset, rec.key, rec.value, rec.timestamp), ts)
-        if restriction.stop != UNBOUNDED and consumer.position(tp) >= restriction.stop:
+                KafkaRecord(rec.topic, rec.partition, rec.offset, rec.key, rec.value, rec.timestamp, first,
+                            spec.start), ts)
+            first = rec.offset + 1
+        if restriction.stop != UNBOUNDED and c.position(tp) >= restriction.stop:
             tracker.try_claim(restriction.stop)  # nothing left below stop: the restriction is done
             return
         if not records:
             # Idle partition: the event-time clock follows the wall clock, so timers downstream fire.
-            watermark.set_watermark(max(watermark.current_watermark() or Timestamp(0),
-                                        Timestamp.now() - Duration(seconds=1)))
+            now = Timestamp.now() - Duration(seconds=1)
+            current = watermark.current_watermark()
+            if current is None or now > current:
+                watermark.set_watermark(now)
         tracker.defer_remainder(Duration(seconds=0 if records else self.poll_ms / 1000))
 
 
-class ReadFromKafka(beam.PTransform):
-    """``p | ReadFromKafka(bootstrap, topics)`` → PCollection[KafkaRecord], unbounded unless
-    ``until_idle`` (then it ends at the topics' high-water marks taken at pipeline start)."""
+class WatchPartitions(beam.DoFn):
+    """Keyed by topic: emits each partition the first time a listing shows it (from where the
+    consumer group stands, or from the partition's start when it is new), and remembers the
+    partitions it emitted in keyed state."""
 
-    def __init__(self, bootstrap: str, topics: list[str], start: str = "earliest",
-                 until_idle: bool = False, group_id: str | None = None):
+    SEEN = ReadModifyWriteStateSpec("seen", BytesCoder())
+
+    def __init__(self, bootstrap: str, start: str, group_id: str | None):
+        self.bootstrap, self.start, self.group_id = bootstrap, start, group_id
+
+    def process(self, kv, seen=beam.DoFn.StateParam(SEEN)):
+        topic, _ = kv
+        known = set(int(p) for p in (seen.read() or b"").split(b",") if p)
+        first_listing = not known
+        specs = list_partitions(self.bootstrap, [topic], self.start if first_listing else "committed",
+                                group_id=self.group_id)
+        new = [s for s in specs if s.partition not in known]
+        if new:
+            if not first_listing:
+                log.info("topic %s has new partitions %s: reading them", topic, [s.partition for s in new])
+            seen.write(b",".join(str(p).encode() for p in sorted(known | {s.partition for s in new})))
+        yield from new
+
+
+class ReadFromKafka(beam.PTransform):
+    """``p | ReadFromKafka(bootstrap, topics)`` → PCollection[KafkaRecord]. Bounded when
+    ``until_idle`` (it ends at the topics' high-water marks taken at pipeline start); else it
+    streams, and picks up partitions added while it runs."""
+
+    def __init__(self, bootstrap: str, topics: list[str], start: str = "committed", until_idle: bool = False,
+                 group_id: str | None = None, discover_s: float = 30.0):
         super().__init__()
         self.bootstrap, self.topics, self.start = bootstrap, list(topics), start
-        self.until_idle, self.group_id = until_idle, group_id
+        self.until_idle, self.group_id, self.discover_s = until_idle, group_id, discover_s
 
     def expand(self, pbegin):
-        specs = list_partitions(self.bootstrap, self.topics, self.start, self.until_idle, self.group_id)
-        return (pbegin
-                | "Partitions" >> beam.Create(specs)
-                | "Read" >> beam.ParDo(ReadPartitionFn(self.bootstrap)))
+        if self.until_idle:
+            specs = list_partitions(self.bootstrap, self.topics, self.start, True, self.group_id)
+            partitions = pbegin | "Partitions" >> beam.Create(specs)
+        else:
+            list_partitions(self.bootstrap, self.topics, self.start, False, self.group_id)  # fail now if missing
+            topics = self.topics
+            partitions = (pbegin
+                          | "Every" >> PeriodicImpulse(fire_interval=self.discover_s)
+                          | "Topics" >> beam.FlatMap(lambda _: [(t, None) for t in topics])
+                          | "WatchPartitions" >> beam.ParDo(WatchPartitions(self.bootstrap, self.start,
+                                                                            self.group_id)))
+        return partitions | "Read" >> beam.ParDo(ReadPartitionFn(self.bootstrap))
 
 
 class WriteToKafkaFn(beam.DoFn):

@@ -76,3 +76,10 @@ def flink_job_endpoint(stack) -> str:
     """The embedded Flink job server, started on first use and stopped with the stack."""
     stack.up(("flink",))
     return stack.flink_job_endpoint()
+
+
+@pytest.fixture(scope="session")
+def worker_pool(stack) -> str:
+    """Beam's SDK worker pool (EXTERNAL environment), started on first use."""
+    stack.up(("workers",))
+    return stack.worker_pool()

@@ -29,9 +29,12 @@ def sealed_summaries(model, key, session_id: str, latents: np.ndarray, first_win
     out, version = [], operator_version(None)
     for i, s in enumerate(starts):
         w = first_window + i
-        rec = seal(SummaryRecord(1, session_id, w, w * WINDOW, w * WINDOW + int(lengths[i]), bool(lengths[i] < WINDOW),
-                                 tokens.shape[1], d, "fp16", tokens[i].astype("<f2").tobytes(), version,
-                                 1_700_000_000_000_000 + w, time.time_ns() // 1000, prev_hash, b"", b"", ""), key)
+        rec = seal(SummaryRecord(
+            schema_version=2, session_id=session_id, window_index=w, seq_start=w * WINDOW,
+            seq_end=w * WINDOW + int(lengths[i]), cut="full" if lengths[i] == WINDOW else "close",
+            token_count=tokens.shape[1], dim=d, tokens_dtype="fp16", tokens=tokens[i].astype("<f2").tobytes(),
+            operator_version=version, producer_id=b"\x01" * 16, latents_dtype="fp32", latent_dim=d,
+            event_time_us=time.time_ns() // 1000 + w, prev_hash=prev_hash, hash=b"", signature=b"", key_id=""), key)
         out.append(rec)
         prev_hash = rec.hash
     return out

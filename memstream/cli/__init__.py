@@ -27,10 +27,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries whose routine chatter means nothing to a user: their warnings of lost connections
+# that they retry, services they start and stop, optional cloud modules that are not installed.
+_CHATTY = {"kafka": logging.ERROR, "apache_beam": logging.ERROR, "PrismRunner": logging.ERROR,
+           "root": logging.ERROR, "urllib3": logging.ERROR}
+
+
+def quiet() -> None:
+    for name, level in _CHATTY.items():
+        (logging.getLogger() if name == "root" else logging.getLogger(name)).setLevel(level)
+    logging.getLogger("memstream").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        quiet()
     try:
         return int(args.func(args) or 0)
     except MemstreamError as e:

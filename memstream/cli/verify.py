@@ -62,7 +62,7 @@ def _verify_chain(args) -> int:
         records = EpisodicStore(uri, options).records(args.session)
     if args.at:
         cutoff = _parse_time(args.at)
-        records = [r for r in records if r.processing_time_us <= cutoff]
+        records = [r for r in records if r.event_time_us <= cutoff]
     report = verify_chain(args.session, records, ring, anchored=args.source == "kafka" or
                           bool(records) and records[0].window_index == 0)
     head = head_at(records, _parse_time(args.at)) if args.at else None

@@ -18,16 +18,24 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from memstream.errors import ConfigError
-from memstream.storage.lance import connect, quote
-from memstream.schemas.generate import arrow_schema
-from memstream.schemas.records import PublishMark, SummaryRecord
+import json
+import os
+import time
+
+from memstream.errors import ConfigError, FencedError
+from memstream.schemas.generate import arrow_schema, to_arrow
+from memstream.schemas.records import GcRecord, PublishMark, SummaryRecord
 from memstream.settings import HORIZON
+from memstream.storage.lance import connect, quote
+from memstream.storage.objects import object_store
 
 TABLE = "summaries"
 PUBLISHED = "published"  # (session_id, window_index) of summaries Kafka acknowledged
+GC_RECORDS = "gc_records"  # signed records of collected sessions: they are never made again
 SCHEMA = arrow_schema(SummaryRecord)
 PUBLISHED_SCHEMA = arrow_schema(PublishMark)
+GC_SCHEMA = arrow_schema(GcRecord)
+_FENCE = "_pipelines"  # <store>/_pipelines/<group>/<epoch>: who may write, newest first
 _FIELDS = [f.name for f in dataclasses.fields(SummaryRecord)]
 
 
@@ -36,6 +44,7 @@ class ChainHead:
     window_index: int
     hash: bytes
     seq_end: int
+    cut: str = "full"
 
 
 class EpisodicStore:
@@ -44,7 +53,7 @@ class EpisodicStore:
     def __init__(self, uri: str, storage_options: dict[str, str] | None = None, horizon: int = HORIZON):
         if horizon < 1:
             raise ConfigError(f"the horizon must hold at least one summary, got {horizon}")
-        self.uri, self.horizon = uri, horizon
+        self.uri, self.horizon, self.storage_options = uri, horizon, storage_options
         # Every read sees the latest committed version: a chain continues from what is stored.
         self._db = connect(uri, storage_options)
         self._table = None
@@ -54,6 +63,34 @@ class EpisodicStore:
         if self._table is None:
             self._table = self._db.create_table(TABLE, schema=SCHEMA, exist_ok=True)
         return self._table
+
+    @property
+    def gc_table(self):
+        if getattr(self, "_gc", None) is None:
+            self._gc = self._db.create_table(GC_RECORDS, schema=GC_SCHEMA, exist_ok=True)
+        return self._gc
+
+    # -- fencing -------------------------------------------------------------------------
+    def claim_epoch(self, group: str) -> int:
+        """Take the next epoch of pipeline ``group`` (a conditional put: two starting instances
+        get two epochs). The instance with the highest epoch is the one that may write."""
+        objects = object_store(self.uri, self.storage_options)
+        while True:
+            epoch = self.current_epoch(group) + 1
+            body = json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "at_ns": time.time_ns()}).encode()
+            if objects.put_if_absent(f"{_FENCE}/{group}/{epoch:012d}", body):
+                return epoch
+
+    def current_epoch(self, group: str) -> int:
+        names = object_store(self.uri, self.storage_options).list(f"{_FENCE}/{group}")
+        return max((int(n.rsplit("/", 1)[1]) for n in names), default=0)
+
+    def check_epoch(self, group: str, epoch: int) -> None:
+        """FencedError when a newer instance of ``group`` has started."""
+        current = self.current_epoch(group)
+        if current > epoch:
+            raise FencedError(f"pipeline {group!r}: instance {current} started after this one ({epoch}) on "
+                              f"{self.uri}; this one stops so that only one writes")
 
     # -- writes --------------------------------------------------------------------------
     def append(self, records: list[SummaryRecord]) -> int:
@@ -91,6 +128,10 @@ class EpisodicStore:
         self.published_table.delete(pred)
         return n
 
+    def closed_sessions(self) -> list[str]:
+        """Sessions whose stored head closes them (``cut`` close)."""
+        return sorted(sid for sid, h in self.heads(self.sessions()).items() if h.cut == "close")
+
     @property
     def published_table(self):
         if getattr(self, "_published", None) is None:
@@ -110,19 +151,61 @@ class EpisodicStore:
                 .select(["window_index"]).limit(None).to_arrow()["window_index"].to_pylist())
         return self.records(session_id, since_window=max(rows, default=-1) + 1)
 
+    def unpublished_all(self) -> list[SummaryRecord]:
+        """Every stored summary Kafka has not acknowledged, of every session, in window order."""
+        marked = self.published_table.search().select(["session_id", "window_index"]).limit(None).to_arrow()
+        newest: dict[str, int] = {}
+        for sid, w in zip(marked["session_id"].to_pylist(), marked["window_index"].to_pylist()):
+            newest[sid] = max(w, newest.get(sid, -1))
+        stored = self.table.search().select(["session_id", "window_index"]).limit(None).to_arrow()
+        behind = sorted({sid for sid, w in zip(stored["session_id"].to_pylist(), stored["window_index"].to_pylist())
+                         if w > newest.get(sid, -1)})
+        return [r for sid in behind for r in self.unpublished(sid)]
+
+    def published(self, session_id: str, windows: list[int]) -> set[int]:
+        """Which of these windows of the session Kafka acknowledged."""
+        if not windows:
+            return set()
+        rows = (self.published_table.search().where(
+            f"session_id = {quote(session_id)} AND window_index IN ({', '.join(str(int(w)) for w in windows)})")
+            .select(["window_index"]).limit(None).to_arrow()["window_index"].to_pylist())
+        return set(rows)
+
+    # -- collected sessions --------------------------------------------------------------
+    def record_gc(self, record: GcRecord) -> None:
+        """Keep a session's signed GC record (insert-if-absent on the session and its head)."""
+        (self.gc_table.merge_insert(["session_id", "head_hash"]).when_not_matched_insert_all()
+         .execute(to_arrow([record], GcRecord)))
+
+    def gc_records(self) -> list[GcRecord]:
+        rows = self.gc_table.search().limit(None).to_arrow().to_pylist()
+        return [GcRecord(**r) for r in sorted(rows, key=lambda r: (r["collected_at_us"], r["session_id"]))]
+
+    def collected(self, session_id: str) -> bool:
+        """Whether session GC collected this session: its memory is not made again."""
+        return self.gc_table.count_rows(f"session_id = {quote(session_id)}") > 0
+
     # -- reads ---------------------------------------------------------------------------
+    def head_record(self, session_id: str) -> SummaryRecord | None:
+        """The session's newest stored summary, whole."""
+        head = self.heads([session_id]).get(session_id)
+        if head is None:
+            return None
+        found = self.records(session_id, since_window=head.window_index)
+        return found[-1] if found else None
+
     def heads(self, session_ids: list[str]) -> dict[str, ChainHead]:
         """The newest stored summary of each session that has one."""
         if not session_ids:
             return {}
         where = f"session_id IN ({', '.join(quote(s) for s in session_ids)})"
-        rows = (self.table.search().where(where).select(["session_id", "window_index", "hash", "seq_end"])
+        rows = (self.table.search().where(where).select(["session_id", "window_index", "hash", "seq_end", "cut"])
                 .limit(None).to_arrow().to_pylist())
         heads: dict[str, ChainHead] = {}
         for row in rows:
             cur = heads.get(row["session_id"])
             if cur is None or row["window_index"] > cur.window_index:
-                heads[row["session_id"]] = ChainHead(row["window_index"], row["hash"], row["seq_end"])
+                heads[row["session_id"]] = ChainHead(row["window_index"], row["hash"], row["seq_end"], row["cut"])
         return heads
 
     def records(self, session_id: str, since_window: int = 0) -> list[SummaryRecord]:
@@ -139,10 +222,11 @@ class EpisodicStore:
         return {r["window_index"]: r["hash"] for r in rows}
 
     def stored_at_ns(self, session_id: str) -> dict[int, int]:
-        """window_index -> when the summary was produced (ns), for read accounting."""
+        """window_index -> the event time of the summary's window (ns), for read accounting: the
+        records carry no machine's clock, so that a replay makes them byte for byte."""
         rows = (self.table.search().where(f"session_id = {quote(session_id)}")
-                .select(["window_index", "processing_time_us"]).limit(None).to_arrow().to_pylist())
-        return {r["window_index"]: r["processing_time_us"] * 1000 for r in rows}
+                .select(["window_index", "event_time_us"]).limit(None).to_arrow().to_pylist())
+        return {r["window_index"]: r["event_time_us"] * 1000 for r in rows}
 
     def sessions(self) -> list[str]:
         """Sessions with at least one stored summary."""
