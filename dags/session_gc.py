@@ -1,6 +1,7 @@
 """Airflow DAG ``session_gc``: garbage collection of the episodic memory of sessions that
-closed (a close event on the latents topic) or stayed idle past the retention; each leaves
-a signed GC record (see memstream.maintenance.episodic)."""
+closed (their stored chain ends in their close) or stayed idle past the retention; each leaves
+a signed GC record, and the pipeline never summarises a collected session again (see
+memstream.maintenance.episodic)."""
 
 from __future__ import annotations
 
@@ -16,29 +17,23 @@ from memstream.dags import dagkit
          "episodic_uri": dagkit.episodic_uri(), **dagkit.storage_params(),
          "retention_hours": Param(settings.SESSION_RETENTION_HOURS, type="number", exclusiveMinimum=0,
                                   description="sessions with no summary and no query for this long are collected"),
-         "kafka_bootstrap": dagkit.bootstrap_param(),
-         "latents_topic": Param(settings.LATENTS_TOPIC, type="string", minLength=1,
-                                description="topic whose close events mark sessions closed"),
          **dagkit.key_params(),
          "dry_run": dagkit.dry_run(),
      })
 def session_gc():
     @task
-    def closed_sessions(**context) -> dict[str, int]:
+    def closed_sessions(**context) -> list[str]:
         import logging
 
-        from memstream.maintenance.episodic import closed_sessions as read_closes
+        from memstream.maintenance.episodic import closed_sessions as stored_closes
 
         p = context["params"]
-        if not p["kafka_bootstrap"]:
-            logging.getLogger(__name__).info("no Kafka bootstrap: only idle sessions are collected")
-            return {}
-        closed = read_closes(p["kafka_bootstrap"], p["latents_topic"])
-        logging.getLogger(__name__).info("%d closed sessions on %s", len(closed), p["latents_topic"])
+        closed = stored_closes(p["episodic_uri"], dagkit.options(p))
+        logging.getLogger(__name__).info("%d closed sessions in %s", len(closed), p["episodic_uri"])
         return closed
 
     @task(outlets=[dagkit.EPISODIC_STORE])
-    def collect(closed: dict[str, int], **context) -> dict:
+    def collect(closed: list[str], **context) -> dict:
         from memstream.maintenance.episodic import collect_sessions
 
         p = context["params"]

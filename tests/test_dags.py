@@ -94,7 +94,7 @@ def test_dag_integrity(airflow_db):
                                                       "k", "slope", "cutoff", "dry_run"}
     assert bag.dags["episodic_decay"].params["k"] == 64
     assert bag.dags["longterm_cold_demotion"].params["not_retrieved_days"] == 90
-    assert {"retention_hours", "kafka_bootstrap", "key_env", "key_file", "dry_run"} <= set(
+    assert {"retention_hours", "key_env", "key_file", "dry_run"} <= set(
         bag.dags["session_gc"].params)
     assert [t.task_id for t in bag.dags["forget_purge"].topological_sort()] == ["plan", "erase", "scan_storage",
                                                                                "attest"]
@@ -109,7 +109,7 @@ def test_dag_integrity(airflow_db):
     ("episodic_decay", {"episodic_uri": "relative/folder"}),
     ("episodic_decay", {"storage_options": {"allow_http": True}}),
     ("session_gc", {"retention_hours": 0}),
-    ("session_gc", {"kafka_bootstrap": "host a:9092"}),
+    ("session_gc", {"episodic_uri": "relative/folder"}),
     ("longterm_cold_demotion", {"not_retrieved_days": "ninety"}),
     ("forget_purge", {"longterm_uri": "http://example.org/store"}),
     ("longterm_compaction", {"reindex_unindexed_fraction": 2}),
@@ -124,12 +124,14 @@ def test_params_reject_bad_values(airflow_db, dag_id, bad):
 
 # -- episodic ----------------------------------------------------------------------------
 
-def summaries(key: SigningKey, session: str, n: int, produced_us: int) -> list[SummaryRecord]:
+def summaries(key: SigningKey, session: str, n: int, produced_us: int, closed: bool = False) -> list[SummaryRecord]:
     out, prev = [], b""
     for w in range(n):
-        r = seal(SummaryRecord(1, session, w, w * 4096, (w + 1) * 4096, False, 4, 8, "fp32",
-                               np.full((4, 8), w, np.float32).tobytes(), "test", produced_us, produced_us,
-                               prev, b"", b"", ""), key)
+        r = seal(SummaryRecord(
+            schema_version=2, session_id=session, window_index=w, seq_start=w * 4096, seq_end=(w + 1) * 4096,
+            cut="close" if closed and w == n - 1 else "full", token_count=4, dim=8, tokens_dtype="fp32", tokens=np.full((4, 8), w, np.float32).tobytes(),
+            operator_version="test", producer_id=b"\x01" * 16, latents_dtype="fp32", latent_dim=8,
+            event_time_us=produced_us, prev_hash=prev, hash=b"", signature=b"", key_id=""), key)
         out.append(r)
         prev = r.hash
     return out
@@ -176,25 +178,20 @@ def test_episodic_decay(airflow_db, backend, key):
     print(f"episodic_decay dag.test: {took:.2f}s")
 
 
-def test_session_gc(airflow_db, backend, key, kafka_bootstrap, topic_name):
-    from memstream import Publisher, topics
+def test_session_gc(airflow_db, backend, key):
     from memstream.episodic.store import EpisodicStore
     from memstream.crypto.signed import verify_record
     from memstream.maintenance.episodic import gc_records
     from memstream.episodic.ledger import ReadLedger
 
     uri, so = backend
-    topics.create_topics(kafka_bootstrap, [topic_name], partitions=2)
-    with Publisher(kafka_bootstrap, topic=topic_name) as pub:
-        with pub.session("gc-closed") as s:
-            s.publish(np.ones((5, 8), np.float32))  # chunks before the close event are skipped
     now_us = time.time_ns() // 1000
     old_us = now_us - 10 * 86400 * 10**6
     store, ledger = EpisodicStore(uri, so or None), ReadLedger(uri, so or None)
     sessions = {"gc-closed": now_us, "gc-idle": old_us, "gc-active": old_us, "gc-unpublished": old_us}
     heads = {}
     for sid, produced in sessions.items():
-        recs = summaries(key, sid, 3, produced)
+        recs = summaries(key, sid, 3, produced, closed=sid == "gc-closed")  # its chain ends in the close
         store.append(recs)
         heads[sid] = recs[-1].hash
         if sid != "gc-unpublished":
@@ -204,8 +201,7 @@ def test_session_gc(airflow_db, backend, key, kafka_bootstrap, topic_name):
     ledger.record("gc-reads-only", [], ts_ns=old_us * 1000)
     ledger.record("gc-closed", [0], ts_ns=time.time_ns())
     ledger.flush()
-    conf = {"episodic_uri": uri, "storage_options": so, "retention_hours": 24.0, "kafka_bootstrap": kafka_bootstrap,
-            "latents_topic": topic_name, "key_env": KEY_ENV}
+    conf = {"episodic_uri": uri, "storage_options": so, "retention_hours": 24.0, "key_env": KEY_ENV}
 
     run_dag("session_gc", {**conf, "dry_run": True})
     assert gc_records(uri, so or None) == [] and len(store.sessions()) == 4

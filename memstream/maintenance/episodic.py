@@ -2,14 +2,14 @@
 
 **Decay.** For each session, the read ledger gives every stored summary's staleness (the
 session's queries since the summary was last read, or since it was stored). Its attention
-bias is :func:`memstream.reads.decay_bias` (0 within the last ``k`` queries, then ``-slope``
+bias is :func:`memstream.episodic.decay.decay_bias` (0 within the last ``k`` queries, then ``-slope``
 per query); summaries whose bias falls below ``cutoff`` are evicted from the window. The
 chain head is never evicted (the pipeline continues the chain from it); the summaries topic
 keeps the records for its retention.
 
-**Session GC.** A session is collected when it closed (a ``close`` session event on the
-latents topic) or when it was idle (no summary produced and no query) for longer than the
-retention. Collecting removes its whole window, its chain head, its publish marks and its
+**Session GC.** A session is collected when it closed (its stored chain ends in a summary cut
+by the session's close) or when it was idle (no summary produced and no query) for longer than
+the retention. Collecting removes its whole window, its chain head, its publish marks and its
 read accounting, and leaves a signed :class:`GcRecord` in the ``gc_records`` table of the
 episodic database. A session whose newest summaries Kafka has not acknowledged is skipped:
 the store still holds the only copy.
@@ -17,28 +17,20 @@ the store still holds the only copy.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-
-import pyarrow as pa
 
 from memstream.crypto.keys import SigningKey
 from memstream.crypto.signed import sign_record
 from memstream.episodic.decay import decay_bias
 from memstream.episodic.ledger import ReadLedger
 from memstream.episodic.store import EpisodicStore
-from memstream.errors import ConfigError, TopicMissingError
-from memstream.schemas.generate import arrow_schema
-from memstream.schemas.records import EVENT_MAGIC, GcRecord
+from memstream.errors import ConfigError
+from memstream.schemas.records import GcRecord
 from memstream.settings import DECAY_CUTOFF, DECAY_K, DECAY_SLOPE
-from memstream.storage.lance import connect
-from memstream.wire.codec import decode
 
 log = logging.getLogger(__name__)
 
-GC_RECORDS = "gc_records"
-GC_SCHEMA = arrow_schema(GcRecord)
 
 
 def _open(uri: str, storage_options: dict[str, str] | None):
@@ -78,67 +70,28 @@ def decay(uri: str, storage_options: dict[str, str] | None = None, *, k: int = D
     return out
 
 
-def closed_sessions(bootstrap: str, topic: str, timeout_s: float = 60.0) -> dict[str, int]:
-    """Session id -> event time (us) of every ``close`` event on the latents topic.
-
-    Reads every partition from the start of retention to its end offset without a consumer
-    group (nothing is committed); latent chunks are skipped by their magic bytes."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                             request_timeout_ms=30000)
-    try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise TopicMissingError(topic, bootstrap)
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        ends = consumer.end_offsets(tps)
-        closed: dict[str, int] = {}
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < ends[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} to its end took more than {timeout_s:.0f}s")
-            for records in consumer.poll(timeout_ms=500).values():
-                for r in records:
-                    if r.value is None or bytes(r.value[:4]) != EVENT_MAGIC:
-                        continue
-                    try:
-                        event = decode(r.key, r.value)
-                    except ValueError:
-                        continue  # a malformed event: the pipeline dead-letters it
-                    if event.kind == "close":
-                        closed[event.session_id] = event.event_time_us
-        return closed
-    finally:
-        consumer.close()
-
-
-def gc_table(uri: str, storage_options: dict[str, str] | None = None):
-    """The episodic database's ``gc_records`` table (created on first use)."""
-    return connect(uri, storage_options).create_table(GC_RECORDS, schema=GC_SCHEMA, exist_ok=True)
+def closed_sessions(uri: str, storage_options: dict[str, str] | None = None) -> list[str]:
+    """Sessions whose stored chain ends in their close."""
+    return EpisodicStore(uri, storage_options).closed_sessions()
 
 
 def gc_records(uri: str, storage_options: dict[str, str] | None = None) -> list[GcRecord]:
-    rows = gc_table(uri, storage_options).search().limit(None).to_arrow().to_pylist()
-    return [GcRecord(**r) for r in sorted(rows, key=lambda r: (r["collected_at_us"], r["session_id"]))]
+    return EpisodicStore(uri, storage_options).gc_records()
 
 
 def collect_sessions(uri: str, storage_options: dict[str, str] | None = None, *, retention_s: float,
-                     key: SigningKey | None, closed: dict[str, int] | None = None, now_ns: int | None = None,
+                     key: SigningKey | None, closed=None, now_ns: int | None = None,
                      dry_run: bool = False) -> dict:
     """Garbage-collect closed sessions and those idle past ``retention_s``; returns counts
-    and the collected session ids. ``closed`` maps session ids to their close time (see
-    :func:`closed_sessions`)."""
+    and the collected session ids. ``closed``: the closed sessions (default: those whose stored
+    chain ends in their close, :func:`closed_sessions`)."""
     if retention_s <= 0:
         raise ConfigError(f"the retention must be positive, got {retention_s}s")
     if key is None and not dry_run:
         raise ConfigError("session GC signs a GC record per session: pass the maintenance key")
-    closed = closed or {}
     now_ns = time.time_ns() if now_ns is None else now_ns
     store, ledger = _open(uri, storage_options)
-    table = gc_table(uri, storage_options)
+    closed = set(store.closed_sessions() if closed is None else closed)
     out = {"sessions": 0, "collected_closed": 0, "collected_idle": 0, "skipped_unpublished": 0,
            "summaries_removed": 0, "reads_removed": 0, "collected": [], "dry_run": dry_run}
     for session in sorted(set(store.sessions()) | set(ledger.sessions())):
@@ -168,11 +121,10 @@ def collect_sessions(uri: str, storage_options: dict[str, str] | None = None, *,
         out["collected"].append(session)
         if dry_run:
             continue
-        signed = sign_record(record, key)
         # The record first (insert-if-absent on the session and its head), then the removal:
-        # a retry after a crash in between finds the record and finishes the removal.
-        (table.merge_insert(["session_id", "head_hash"]).when_not_matched_insert_all()
-         .execute(pa.Table.from_pylist([dataclasses.asdict(signed)], schema=GC_SCHEMA)))
+        # a retry after a crash in between finds the record and finishes the removal. The
+        # pipeline reads the record too: a collected session is never summarised again.
+        store.record_gc(sign_record(record, key))
         store.drop_session(session)
         ledger.drop_session(session)
         log.info("session %s collected (%s): %d summaries, %d reads", session, reason,
