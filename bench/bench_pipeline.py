@@ -37,7 +37,7 @@ def main() -> None:
     from memstream.crypto import SigningKey
     from memstream.infra import runners
     from memstream.infra.stack import Stack
-    from memstream.pipelines.episodic import WINDOW, EpisodicConfig, Window, WindowCompressor, run
+    from memstream.pipelines.episodic import WINDOW, EpisodicConfig, WindowCompressor, run
     from memstream.sdk import Publisher
 
     root = Path(tempfile.mkdtemp(prefix="memstream-bench-"))
@@ -79,8 +79,7 @@ def main() -> None:
                                 batch_size=args.batch_size, until_idle=True,
                                 **{f"{t}_topic": names[t] for t in ("latents", "summaries", "deadletter")})
         compress = WindowCompressor(config)
-        windows = [Window(sid, i, i * WINDOW, x[i * WINDOW:(i + 1) * WINDOW].astype(np.float32), False, 0)
-                   for sid, x in data.items() for i in range(args.windows)]
+        windows = [x[i * WINDOW:(i + 1) * WINDOW].astype(np.float32) for x in data.values() for i in range(args.windows)]
         compress(windows[:1])  # warm-up: first-call allocations
         t0 = time.perf_counter()
         for i in range(0, len(windows), args.batch_size):
@@ -91,7 +90,7 @@ def main() -> None:
         # (which later runs in this process reuse), once timed
         for attempt in range(2):
             empty = EpisodicConfig(**{**config.__dict__, "latents_topic": names["empty"],
-                                      "store_uri": str(root / f"empty{attempt}"), "run_id": f"empty{attempt}"})
+                                      "store_uri": str(root / f"empty{attempt}")})
             t0 = time.perf_counter()
             run(empty, runners.prism_options(streaming=False))
             startup_s = time.perf_counter() - t0
