@@ -35,6 +35,7 @@ def main() -> None:
 
     from memstream import topics
     from memstream.crypto import SigningKey
+    from memstream.crypto.keys import write_key_file
     from memstream.infra import runners
     from memstream.infra.stack import Stack
     from memstream.pipelines.episodic import WINDOW, EpisodicConfig, WindowCompressor, run
@@ -48,7 +49,7 @@ def main() -> None:
         names = {t: f"bench.{t}" for t in ("latents", "summaries", "deadletter", "empty")}
         topics.create_topics(bootstrap, list(names.values()))
         key_file = root / "validator.pem"
-        key_file.write_bytes(SigningKey.generate().private_pem())
+        write_key_file(key_file, SigningKey.generate(), "validator")
         n = args.windows * WINDOW
         rng = np.random.default_rng(0)
         data = {f"b{i}": rng.standard_normal((n, 384)).astype(np.float16) for i in range(args.sessions)}

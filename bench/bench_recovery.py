@@ -43,6 +43,7 @@ def main() -> None:
 
     from memstream import topics
     from memstream.crypto import SigningKey
+    from memstream.crypto.keys import write_key_file
     from memstream.infra.stack import Stack
     from memstream.pipelines.episodic import WINDOW
     from memstream.sdk import Publisher
@@ -55,7 +56,7 @@ def main() -> None:
         names = {t: f"recovery.{t}" for t in ("latents", "summaries", "deadletter")}
         topics.create_topics(bootstrap, list(names.values()))
         key_file = root / "validator.pem"
-        key_file.write_bytes(SigningKey.generate().private_pem())
+        write_key_file(key_file, SigningKey.generate(), "validator")
         store = root / "episodic"
         cli = [sys.executable, "-m", "memstream.cli", "run", "--until-idle", "--bootstrap", bootstrap,
                "--episodic", str(store), "--key-file", str(key_file),

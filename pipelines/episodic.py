@@ -504,6 +504,7 @@ class Commit(beam.DoFn):
         # with its Kafka read either.)
         self._records = Metrics.counter(NS, "records")
         self._committed = {}
+        self._meta: dict[int, dict] = {}  # partition -> its committed offset's metadata when first seen
 
     def start_bundle(self):
         self._work: dict[int, _Work] = collections.defaultdict(_Work)
@@ -513,9 +514,12 @@ class Commit(beam.DoFn):
         partition, msg = kv
         raw = progress_state.read()
         progress = PartitionProgress.from_bytes(raw) if raw else PartitionProgress(msg.start)
+        if partition not in self._meta:
+            self._meta[partition] = committed_metadata(self.config, partition)
         sent = letters_state.read()
         if sent is None:
-            sent = self._letters_sent(partition)
+            # a run from the earliest or latest offset is a new reading: all its dead letters go out
+            sent = self._meta[partition].get("acked", -1) if self.config.start == "committed" else -1
             letters_state.write(sent)
         work = self._work[partition]
         if isinstance(msg, Ack):
@@ -562,28 +566,6 @@ class Commit(beam.DoFn):
         for h in held:
             waiting.add(h)
 
-    def _letters_sent(self, partition: int) -> int:
-        """Where the last transaction of this partition's group said its dead letters stood (a
-        run that starts from the committed offsets resumes; a replay from the earliest or latest
-        offset is a new reading, whose dead letters are all sent)."""
-        import json
-
-        if self.config.start != "committed":
-            return -1
-
-        from kafka import KafkaConsumer, TopicPartition
-
-        c = KafkaConsumer(bootstrap_servers=self.config.bootstrap, group_id=self.config.group,
-                          enable_auto_commit=False)
-        try:
-            meta = c.committed(TopicPartition(self.config.latents_topic, partition), metadata=True)
-        finally:
-            c.close()
-        try:
-            return int(json.loads(meta.metadata)["acked"]) if meta is not None and meta.metadata else -1
-        except (ValueError, KeyError, TypeError):
-            return -1
-
     def _seal(self, m: Compressed, prev_hash: bytes) -> SummaryRecord:
         w = m.window
         return seal(SummaryRecord(
@@ -594,46 +576,61 @@ class Commit(beam.DoFn):
             prev_hash=prev_hash, hash=b"", signature=b"", key_id=""), self._key)
 
     def finish_bundle(self):
+        """The bundle's work, durable in order: every partition's new summaries in one store
+        write, one Kafka transaction per partition, then one publish mark for all of them (the
+        store's costs are per bundle, not per partition or session)."""
+        if not self._work:
+            return
         started = time.perf_counter()
-        for partition, work in sorted(self._work.items()):
-            self._make_durable(partition, work)
-        if self._work:
-            self._sink_ms.update(int((time.perf_counter() - started) * 1000))
-
-    def _make_durable(self, partition: int, work: _Work) -> None:
         self._store.check_epoch(self.config.group, self.config.epoch)
-        if work.sealed:
-            self._store.append(work.sealed)
-            for sid in {r.session_id for r in work.sealed}:
-                mine = {r.window_index: r.hash for r in work.sealed if r.session_id == sid}
-                stored = self._store.hashes(sid, since_window=min(mine))
-                forked = [w for w, h in mine.items() if stored.get(w) != h]
-                if forked:
-                    raise FencedError(f"session {sid!r}: the store holds other summaries for windows {forked} than "
-                                      "this pipeline made: another writer is at work; this one stops")
-            self._sealed.inc(len(work.sealed))
+        sealed = [r for work in self._work.values() for r in work.sealed]
+        if sealed:
+            self._store.append(sealed)
+            stored = self._store.stored_hashes([(r.session_id, r.window_index) for r in sealed])
+            forked = sorted((r.session_id, r.window_index) for r in sealed
+                            if stored.get((r.session_id, r.window_index)) != r.hash)
+            if forked:
+                raise FencedError(f"the store holds other summaries for {forked[:5]} than this pipeline made: "
+                                  "another writer is at work; this one stops")
+            self._sealed.inc(len(sealed))
             crash_point("after-store")  # fault tests: stored, not yet published
+        published: list[SummaryRecord] = []
+        for partition, work in sorted(self._work.items()):
+            published += self._send(partition, work)
+        if published:
+            self._store.mark_published(published)
+            heads: dict[str, int] = {}
+            for r in published:
+                heads[r.session_id] = max(r.window_index, heads.get(r.session_id, -1))
+            self._store.evict_beyond_horizon(heads)
+        self._sink_ms.update(int((time.perf_counter() - started) * 1000))
+
+    def _send(self, partition: int, work: _Work) -> list[SummaryRecord]:
+        """One partition's transaction: its new summaries, replayed ones Kafka never got, its
+        dead letters and its offset. Returns the summaries it sent."""
         publish = list(work.sealed)
         by_session = collections.defaultdict(list)
         for sid, w in work.replayed:
             by_session[sid].append(w)
+        unmarked = []
         for sid, windows in by_session.items():
             done = self._store.published(sid, windows)
-            publish += [r for r in self._store.records(sid, since_window=min(windows))
-                        if r.window_index in windows and r.window_index not in done]
+            unmarked += [r for r in self._store.records(sid, since_window=min(windows))
+                         if r.window_index in windows and r.window_index not in done]
+        if unmarked:  # stored, maybe sent by a transaction that committed just before a crash
+            sent = on_topic(self.config, unmarked, self._meta[partition].get("summaries"))
+            self._store.mark_published([r for r in unmarked if r.hash in sent])
+            publish += [r for r in unmarked if r.hash not in sent]
         letters = self._letters(partition, work.rejected)
         mark = (work.commit, work.acked)
-        offset = mark if mark != self._committed.get(partition) else None
-        if publish or letters or offset is not None:
-            self._transact(partition, publish, letters, offset)
+        if publish or letters or mark != self._committed.get(partition):
+            self._transact(partition, publish, letters, mark)
             for d in letters:
                 Metrics.counter(NS, f"dead_letters_{DeadLetterReason(d.reason).value}").inc()
-            if offset is not None:
-                self._committed[partition] = mark
-        if publish:
-            self._store.mark_published(publish)
-            for sid in {r.session_id for r in publish}:
-                self._store.evict(sid, max(r.window_index for r in publish if r.session_id == sid))
+            self._committed[partition] = mark
+            if publish:
+                crash_point("after-transaction")  # fault tests: summaries sent, not yet marked in the store
+        return publish
 
     def _letters(self, partition: int, rejected: list[Rejected]) -> list[DeadLetterRecord]:
         if not rejected:
@@ -645,7 +642,7 @@ class Commit(beam.DoFn):
                                  r.timestamp_ms, time.time_ns() // 1000) for r in rejected]
 
     def _transact(self, partition: int, publish: list[SummaryRecord], letters: list[DeadLetterRecord],
-                  offset: tuple[int, int] | None) -> None:
+                  offset: tuple[int, int]) -> None:
         import json
 
         from kafka import TopicPartition
@@ -658,17 +655,23 @@ class Commit(beam.DoFn):
             producer = _transactional_producer(self.config.bootstrap, txn_id, fresh)
             try:
                 producer.begin_transaction()
-                for r in publish:
-                    producer.send(self.config.summaries_topic, key=r.session_id.encode(), value=r.to_json())
+                sent = [producer.send(self.config.summaries_topic, key=r.session_id.encode(), value=r.to_json())
+                        for r in publish]
                 for d in letters:
                     producer.send(self.config.deadletter_topic, key=d.key, value=fit_dead_letter(d))
-                if offset is not None:
-                    commit, acked = offset
-                    meta = json.dumps({"acked": acked})  # dead letters below it are sent
-                    producer.send_offsets_to_transaction(
-                        {TopicPartition(self.config.latents_topic, partition): OffsetAndMetadata(commit, meta, -1)},
-                        self.config.group)
+                commit, acked = offset
+                # The metadata travels with the offset, atomically: the dead letters below
+                # ``acked`` are sent, and where on the summaries topic this transaction's
+                # records begin (a restart looks there before sending unmarked ones again).
+                meta = {"acked": acked, "summaries": self._meta[partition].get("summaries", {})}
+                if sent:
+                    producer.flush()  # the records' offsets, before the commit that makes them visible
+                    meta["summaries"] = first_offsets(f.get(timeout=60) for f in sent)
+                producer.send_offsets_to_transaction(
+                    {TopicPartition(self.config.latents_topic, partition):
+                     OffsetAndMetadata(commit, json.dumps(meta), -1)}, self.config.group)
                 producer.commit_transaction()
+                self._meta[partition]["summaries"] = {int(k): v for k, v in meta["summaries"].items()}
                 return
             except ProducerFencedError:
                 self._store.check_epoch(self.config.group, self.config.epoch)  # a newer instance: FencedError
@@ -710,12 +713,96 @@ def close_clients() -> None:
     close_readers()
 
 
+def committed_metadata(config: EpisodicConfig, partition: int) -> dict:
+    """The metadata of the group's committed offset of a latents partition, as the last
+    transaction of that partition wrote it: ``acked`` (dead letters below it are sent) and
+    ``summaries`` (summaries partition -> the offset where that transaction's records begin).
+    Empty when none is committed."""
+    import json
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=config.bootstrap, group_id=config.group, enable_auto_commit=False)
+    try:
+        meta = c.committed(TopicPartition(config.latents_topic, partition), metadata=True)
+    finally:
+        c.close()
+    try:
+        out = json.loads(meta.metadata) if meta is not None and meta.metadata else {}
+        return {"acked": int(out.get("acked", -1)),
+                "summaries": {int(k): int(v) for k, v in out.get("summaries", {}).items()}}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+def first_offsets(metadata) -> dict[str, int]:
+    """Summaries partition -> the lowest offset among these sends' RecordMetadata."""
+    first: dict[str, int] = {}
+    for md in metadata:
+        first[str(md.partition)] = min(md.offset, first.get(str(md.partition), md.offset))
+    return first
+
+
+def on_topic(config: EpisodicConfig, records: list[SummaryRecord], since: dict[int, int] | None) -> set[bytes]:
+    """Hashes of ``records`` already on the summaries topic (committed), looked for from
+    ``since`` (summaries partition -> offset) to the end; nothing is looked for without it."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    if not records or not since:
+        return set()
+    wanted = {r.hash for r in records}
+    c = KafkaConsumer(bootstrap_servers=config.bootstrap, enable_auto_commit=False, isolation_level="read_committed",
+                      max_partition_fetch_bytes=MAX_MESSAGE_BYTES, auto_offset_reset="earliest")
+    found: set[bytes] = set()
+    try:
+        parts = [TopicPartition(config.summaries_topic, p) for p in sorted(since)]
+        c.assign(parts)
+        end = c.end_offsets(parts)  # read_committed: the last stable offset
+        for tp in parts:
+            c.seek(tp, since[tp.partition])
+        while any(c.position(tp) < end[tp] for tp in parts):
+            batches = c.poll(timeout_ms=5000)
+            if not batches:
+                break
+            for tp, msgs in batches.items():
+                for m in msgs:
+                    if m.offset < end[tp]:
+                        h = SummaryRecord.from_json(m.value).hash
+                        if h in wanted:
+                            found.add(h)
+    finally:
+        c.close()
+    return found
+
+
 def republish_unacknowledged(config: EpisodicConfig, store: EpisodicStore) -> int:
-    """Stored summaries that Kafka never acknowledged (a crash between the store and the
-    transaction) go out again, byte for byte, before the pipeline starts."""
+    """Stored summaries that Kafka never acknowledged go out again, byte for byte, before the
+    pipeline starts, unless the transaction that sent them committed just before a crash
+    (they are then on the topic, after where the committed offsets' metadata says)."""
     from kafka import KafkaProducer
 
     records = store.unpublished_all()
+    if not records:
+        return 0
+    from kafka import KafkaConsumer
+
+    c = KafkaConsumer(bootstrap_servers=config.bootstrap, enable_auto_commit=False)
+    try:
+        partitions = sorted(c.partitions_for_topic(config.latents_topic) or ())
+    finally:
+        c.close()
+    since: dict[int, int] = {}
+    for partition in partitions:
+        # Taking each partition's transactional id aborts what a killed instance left open, so
+        # the topic's last stable offset moves past it; then the lowest start of any partition's
+        # last transaction bounds where a sent-but-unmarked summary can be.
+        _transactional_producer(config.bootstrap, config.transactional_id(partition))
+        for sp, offset in committed_metadata(config, partition).get("summaries", {}).items():
+            since[sp] = min(offset, since.get(sp, offset))
+    sent = on_topic(config, records, since)
+    if sent:
+        store.mark_published([r for r in records if r.hash in sent])
+        records = [r for r in records if r.hash not in sent]
     if not records:
         return 0
     producer = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all", enable_idempotence=True,

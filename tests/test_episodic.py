@@ -98,8 +98,7 @@ def keyring(config: EpisodicConfig) -> KeyRing:
     return KeyRing([config.signing_key()])
 
 
-def assert_complete(config: EpisodicConfig, sessions: dict[str, int], store: EpisodicStore | None = None,
-                    duplicates_ok: bool = False):
+def assert_complete(config: EpisodicConfig, sessions: dict[str, int], store: EpisodicStore | None = None):
     """Every window exactly once in the store and (committed) on the topic, every chain
     verifies, every latent accounted for."""
     store = store or config.store()
@@ -114,8 +113,7 @@ def assert_complete(config: EpisodicConfig, sessions: dict[str, int], store: Epi
         topic_report = verify_chain(sid, from_topic, keyring(config))
         assert topic_report.ok, topic_report.fault
         assert topic_report.records == len(stored)
-        if not duplicates_ok:
-            assert topic_report.duplicates == 0 and len(from_topic) == len(stored), sid
+        assert topic_report.duplicates == 0 and len(from_topic) == len(stored), sid
 
 
 def committed(config: EpisodicConfig) -> dict[int, int]:
@@ -292,11 +290,18 @@ def _cli(config: EpisodicConfig, log: Path, *extra: str, env: dict | None = None
                                 env={**os.environ, **(env or {})})
 
 
+def _published(config: EpisodicConfig, sessions: dict[str, int]) -> bool:
+    """Every window of every session stored, and marked as sent to Kafka."""
+    store = config.store()
+    return all(len(store.records(s)) == len(expected_windows(n)) and not store.unpublished(s)
+               for s, n in sessions.items())
+
+
 def _wait_for(config: EpisodicConfig, sessions: dict[str, int], proc: subprocess.Popen, log: Path,
               timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while not all(len(config.store().records(s)) == len(expected_windows(n)) for s, n in sessions.items()):
-        assert time.monotonic() < deadline, f"not stored in {timeout}s:\n{process.tail(log, 30)}"
+    while not _published(config, sessions):
+        assert time.monotonic() < deadline, f"not stored and sent in {timeout}s:\n{process.tail(log, 30)}"
         assert proc.poll() is None, process.tail(log, 30)
         time.sleep(1)
 
@@ -315,17 +320,23 @@ def _stop(proc: subprocess.Popen) -> int:
         process.stop_pid(proc.pid, timeout=5)
 
 
-def test_a_crash_between_the_store_and_kafka_publishes_after_the_restart(env, tmp_path):
+@pytest.mark.parametrize("crash_at", ["after-store", "after-transaction"])
+def test_a_crash_between_the_store_and_kafka_publishes_after_the_restart(env, tmp_path, crash_at):
+    """Killed after the store write (nothing sent) or after the transaction (sent, not marked
+    in the store): either way the restart leaves every window on the topic exactly once."""
     publish(env, {"c": WINDOW + 5})
     log = tmp_path / "pipeline.log"
-    crashed = _cli(env, log, "--until-idle", env={"MEMSTREAM_CRASH_AT": "after-store", "MEMSTREAM_CRASH_GROUP": "1"})
+    crashed = _cli(env, log, "--until-idle", env={"MEMSTREAM_CRASH_AT": crash_at, "MEMSTREAM_CRASH_GROUP": "1"})
     assert crashed.wait(timeout=300) == -signal.SIGKILL, process.tail(log, 30)
     process.stop_pid(crashed.pid, timeout=5)
     stored = env.store().records("c")
-    assert stored and not [r for r in read_summaries(env.bootstrap, topic=env.summaries_topic) if r.session_id == "c"]
+    sent = [r for r in read_summaries(env.bootstrap, topic=env.summaries_topic) if r.session_id == "c"]
+    assert stored and env.store().unpublished("c")
+    assert len(sent) == (0 if crash_at == "after-store" else len(stored))
     drain = _cli(env, log, "--until-idle")
     assert drain.wait(timeout=300) == 0, process.tail(log, 30)
     assert_complete(env, {"c": WINDOW + 5})
+    assert not env.store().unpublished("c")
 
 
 def test_two_instances_at_once_never_fork_and_the_older_stops(env, tmp_path):
@@ -344,7 +355,7 @@ def test_two_instances_at_once_never_fork_and_the_older_stops(env, tmp_path):
         if first.poll() is None:
             _kill9(first)
         _stop(second)
-    assert_complete(env, {"t1": WINDOW + 100, "t2": 2 * WINDOW, "t3": 700}, duplicates_ok=True)
+    assert_complete(env, {"t1": WINDOW + 100, "t2": 2 * WINDOW, "t3": 700})
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -376,11 +387,11 @@ def test_new_partitions_are_read_while_the_pipeline_runs_and_metrics_are_served(
             m = _scrape(port)
             lags = {k: v for k, v in m.items() if k.startswith("memstream_consumer_lag{")}
             if (len(lags) == 4 and not any(lags.values()) and m["memstream_windows_cut_total"] >= 12
-                    and m.get('memstream_dead_letters_total{reason="bad_magic"}') == 1):
+                    and m.get('memstream_dead_letters_total{reason="bad_magic"}') == 1
+                    and m["memstream_summaries_stored_total"] >= 12 and m["memstream_records_total"] >= 25):
                 break
             assert time.monotonic() < deadline, json.dumps(m)
             time.sleep(2)
-        assert m["memstream_summaries_stored_total"] >= 12 and m["memstream_records_total"] >= 25
         assert m["memstream_operator_ms_count"] >= 1 and m["memstream_sink_ms_count"] >= 1
     finally:
         _stop(proc)
@@ -510,7 +521,7 @@ def test_20_kills_and_a_broker_restart_lose_and_duplicate_nothing(env, stack, tm
         _kill9(pipeline)
     drain = _cli(env, log, "--until-idle")
     assert drain.wait(timeout=600) == 0, process.tail(log, 40)
-    assert_complete(env, sessions, duplicates_ok=True)  # a kill between a transaction and its mark
+    assert_complete(env, sessions)
     on_topic = [r for r in read_summaries(env.bootstrap, topic=env.summaries_topic)]
     assert len({(r.session_id, r.window_index) for r in on_topic}) == sum(len(expected_windows(n))
                                                                        for n in sessions.values())
@@ -539,8 +550,7 @@ def test_flink_parallelism_2_with_a_worker_killed(kafka_bootstrap, topic_name, t
         assert len(workers) >= 2, workers  # at least two SDK workers serve the job
         os.kill(workers[0], signal.SIGKILL)  # a worker dies mid-run; Flink restores from its checkpoint
         publish(env, dict(list(sessions.items())[8:]), seed=1)
-        while time.monotonic() < deadline and not all(len(env.store().records(s)) == len(expected_windows(n))
-                                                      for s, n in sessions.items()):
+        while time.monotonic() < deadline and not _published(env, sessions):
             assert proc.poll() is None, process.tail(log, 40)
             time.sleep(3)
     finally:

@@ -102,11 +102,13 @@ class EpisodicStore:
                   .when_not_matched_insert_all().execute(data))
         return int(getattr(result, "num_inserted_rows", len(records)))
 
-    def evict(self, session_id: str, head_index: int) -> None:
-        """Drop the session's summaries that fell beyond its horizon, given its head."""
-        if head_index >= self.horizon:
-            self.table.delete(f"session_id = {quote(session_id)} AND window_index <= "
-                              f"{head_index - self.horizon}")
+    def evict_beyond_horizon(self, heads: dict[str, int]) -> None:
+        """Drop the summaries that fell beyond their session's horizon, given each session's
+        head index; one delete for all the sessions."""
+        beyond = [f"(session_id = {quote(sid)} AND window_index <= {head - self.horizon})"
+                  for sid, head in sorted(heads.items()) if head >= self.horizon]
+        if beyond:
+            self.table.delete(" OR ".join(beyond))
 
     def evict_windows(self, session_id: str, windows: list[int]) -> list[int]:
         """Evict chosen summaries of a session (decay). The newest stored
@@ -220,6 +222,19 @@ class EpisodicStore:
         rows = (self.table.search().where(f"session_id = {quote(session_id)} AND window_index >= {since_window}")
                 .select(["window_index", "hash"]).limit(None).to_arrow().to_pylist())
         return {r["window_index"]: r["hash"] for r in rows}
+
+    def stored_hashes(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], bytes]:
+        """(session, window) -> hash of the stored summary, for these keys, in one query."""
+        by_session: dict[str, list[int]] = {}
+        for sid, w in keys:
+            by_session.setdefault(sid, []).append(int(w))
+        if not by_session:
+            return {}
+        pred = " OR ".join(f"(session_id = {quote(sid)} AND window_index IN ({', '.join(map(str, sorted(ws)))}))"
+                           for sid, ws in sorted(by_session.items()))
+        rows = (self.table.search().where(pred).select(["session_id", "window_index", "hash"]).limit(None)
+                .to_arrow().to_pylist())
+        return {(r["session_id"], r["window_index"]): r["hash"] for r in rows}
 
     def stored_at_ns(self, session_id: str) -> dict[int, int]:
         """window_index -> the event time of the summary's window (ns), for read accounting: the
