@@ -16,20 +16,24 @@ from memstream.schemas.records import SummaryRecord
 
 
 def sealed_summaries(model, key, session_id: str, latents: np.ndarray, first_window: int = 0,
-                     prev_hash: bytes = b"") -> list[SummaryRecord]:
-    """The session's windows of ``latents`` compressed, chained and signed as the pipeline does."""
+                     prev_hash: bytes = b"", window: int = WINDOW) -> list[SummaryRecord]:
+    """The session's windows of ``latents`` compressed, chained and signed as the pipeline does
+    (``window`` latents each: smaller windows give more summaries of real text)."""
     d = model.config.dim
-    starts = list(range(0, len(latents), WINDOW))
-    x = torch.zeros((len(starts), WINDOW, d))
-    lengths = torch.tensor([min(WINDOW, len(latents) - s) for s in starts])
+    starts = list(range(0, len(latents), window))
+    x = torch.zeros((len(starts), window, d))
+    lengths = torch.tensor([min(window, len(latents) - s) for s in starts])
     for i, s in enumerate(starts):
-        x[i, :lengths[i]] = torch.from_numpy(latents[s:s + WINDOW])
+        x[i, :lengths[i]] = torch.from_numpy(latents[s:s + window])
+    tokens = []
     with torch.inference_mode():
-        tokens = model.encode(x, lengths).to(torch.float16).numpy()
+        for b in range(0, len(starts), 16):
+            tokens.append(model.encode(x[b:b + 16], lengths[b:b + 16]).to(torch.float16).numpy())
+    tokens = np.concatenate(tokens)
     out, version = [], operator_version(None)
     for i, s in enumerate(starts):
         w = first_window + i
-        rec = seal(SummaryRecord(1, session_id, w, w * WINDOW, w * WINDOW + int(lengths[i]), bool(lengths[i] < WINDOW),
+        rec = seal(SummaryRecord(1, session_id, w, w * window, w * window + int(lengths[i]), bool(lengths[i] < WINDOW),
                                  tokens.shape[1], d, "fp16", tokens[i].astype("<f2").tobytes(), version,
                                  1_700_000_000_000_000 + w, time.time_ns() // 1000, prev_hash, b"", b"", ""), key)
         out.append(rec)
@@ -37,8 +41,9 @@ def sealed_summaries(model, key, session_id: str, latents: np.ndarray, first_win
     return out
 
 
-def write_session(uri: str, options, model, key, session_id: str, latents: np.ndarray) -> list[SummaryRecord]:
-    records = sealed_summaries(model, key, session_id, latents)
+def write_session(uri: str, options, model, key, session_id: str, latents: np.ndarray,
+                  window: int = WINDOW) -> list[SummaryRecord]:
+    records = sealed_summaries(model, key, session_id, latents, window=window)
     EpisodicStore(uri, options).append(records)
     return records
 

@@ -19,6 +19,7 @@ LAYERS = {
     "memstream.wire": 1, "memstream.crypto": 1, "memstream.episodic.window": 1, "memstream.episodic.chain": 1,
     "memstream.episodic.decay": 1, "memstream.longterm.entry": 1, "memstream.longterm.policy": 1,
     "memstream.longterm.train_policy": 1, "memstream.read.routing": 1, "memstream.read.train_routing": 1,
+    "memstream.read.window": 1,
     "memstream.operators": 1, "memstream.kernels": 1, "memstream.text_latents": 1,
     # 2: stores and the Kafka topics
     "memstream.storage": 2, "memstream.episodic.store": 2, "memstream.episodic.ledger": 2,

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -202,6 +203,7 @@ class LongTermStore:
         self._tables["entries"] = self._ensure(self._db, "entries", entries_schema(self.dim))
         self._cold = self._ensure(self._cold_db, "entries", entries_schema(self.dim))
         self._access: list[tuple[str, int, str]] = []
+        self._access_lock = threading.Lock()  # readers share a store across threads
         self._producer = None
 
     # ------------------------------------------------------------------ plumbing
@@ -405,17 +407,19 @@ class LongTermStore:
         made with ``record_access=False`` that were then returned after all."""
         if hits:
             now = time.time_ns()
-            self._access.extend((h.entry_id, now, h.tier) for h in hits)
-            if len(self._access) >= self.access_flush_every:
+            with self._access_lock:
+                self._access.extend((h.entry_id, now, h.tier) for h in hits)
+                full = len(self._access) >= self.access_flush_every
+            if full:
                 self.flush_access_log()
 
     def flush_access_log(self) -> None:
-        """Append buffered retrievals to the access log (the signed rows are never touched)."""
-        if not self._access:
-            return
-        ids, ts, tiers = zip(*self._access)
-        self._access = []
-        self._tables["access_log"].add(to_arrow([AccessRecord(*a) for a in zip(ids, ts, tiers)], AccessRecord))
+        """Append buffered retrievals to the access log (the signed rows are never touched).
+        Thread-safe: each buffered retrieval is written once, outside the lock."""
+        with self._access_lock:
+            rows, self._access = self._access, []
+        if rows:
+            self._tables["access_log"].add(to_arrow([AccessRecord(*a) for a in rows], AccessRecord))
 
     def retrieval_stats(self, entry_ids: Sequence[str]) -> dict[str, RetrievalStats]:
         self.flush_access_log()
