@@ -208,3 +208,71 @@ def test_published_latents_read_back_through_python_and_http(kafka_bootstrap, to
 
     assert ReadLedger(store).query_count("e2e") == 2  # one read each way; the server flushed on shutdown
 
+
+
+def test_concurrent_reads_over_http_agree_with_serial_ones_and_a_cold_session_blocks_no_other(tmp_path):
+    """`memstream serve`'s app on a real uvicorn server with 4 read threads: 16 clients at once
+    get the answers one client gets alone, and while one client waits for a large session to
+    load from the store, reads of a loaded session go on."""
+    import threading
+
+    import uvicorn
+
+    key, model = SigningKey.generate(), load_default()
+    rng = np.random.default_rng(8)
+    uri = str(tmp_path / "m")
+    x = rng.standard_normal((2 * WINDOW, D)).astype(np.float32)
+    write_session(uri, None, model, key, "s", x)
+    write_session(uri, None, model, key, "big", rng.standard_normal((240 * 256, D)).astype(np.float32), window=256)
+    memory = Memory(uri, keyring=KeyRing([key]), model=model)
+    memory.session_memory("s")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(memory, workers=4), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}/v1/read"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        queries = [cue(x[i * 500], 0.3, i) for i in range(16)]
+
+        def post(q, session="s"):
+            with httpx.Client(timeout=300) as c:
+                r = c.post(url, json={"query": q.tolist(), "session_id": session, "k": 2, "route": "episodic"})
+                assert r.status_code == 200, r.text
+                return r.json()
+
+        alone = [post(q) for q in queries]
+        together: list = [None] * len(queries)
+        done_at: dict[str, float] = {}
+
+        def client(i):
+            together[i] = post(queries[i])
+
+        def cold():
+            post(queries[0], "big")
+            done_at["big"] = time.monotonic()
+
+        loader = threading.Thread(target=cold)
+        loader.start()
+        time.sleep(0.05)
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(queries))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done_at["s"] = time.monotonic()
+        loader.join()
+        assert done_at["s"] < done_at["big"], "reads of a loaded session waited for a cold one to load"
+        for a, b in zip(alone, together):
+            assert [f["episodic"]["window_index"] for f in a["fragments"]] == [
+                f["episodic"]["window_index"] for f in b["fragments"]]
+            assert [f["score"] for f in a["fragments"]] == pytest.approx([f["score"] for f in b["fragments"]])
+            assert b["reconstruction"] == pytest.approx(a["reconstruction"], abs=1e-5)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert memory.stats.reads == 2 * len(queries) + 1

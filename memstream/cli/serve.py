@@ -24,10 +24,15 @@ def register(sub) -> None:
     p.add_argument("--flush-every", type=int, default=LEDGER_FLUSH_EVERY, help="reads per append to the read ledger")
     p.add_argument("--host", default=HOST, help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=SERVE_PORT)
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads that run reads (default: the read.workers setting, MEMSTREAM_READ_WORKERS)")
     p.set_defaults(func=_serve)
 
 
 def _serve(args) -> int:
+    import os
+
+    import torch
     import uvicorn
 
     from memstream.read.http import create_app
@@ -35,18 +40,25 @@ def _serve(args) -> int:
 
     uri, options = common.episodic(args)
     keyring = common.keyring(args.public_key) if args.public_key else None
+    read = common.settings().read
+    reading = {"cache_bytes": read.cache_bytes, "mode": read.mode, "groups": read.groups,
+               "probe_groups": read.probe_groups, "candidates": read.candidates}
     replica = None
-    if args.replica_store:
+    if args.replica_store:  # read as the primary reads, so that a divergence means different data
         replica = Memory(args.replica_store, args.replica_longterm, storage_options=options,
-                         longterm_storage_options=options, keyring=keyring, include_cold=args.include_cold)
+                         longterm_storage_options=options, keyring=keyring, include_cold=args.include_cold, **reading)
     bootstrap = common.bootstrap(args) if args.sample_rate > 0 else None
     if args.port < 0 or args.port > 65535:
         raise ConfigError(f"--port must be 0..65535, got {args.port}")
     memory = Memory(uri, args.longterm, storage_options=options, longterm_storage_options=options, keyring=keyring,
                     include_cold=args.include_cold, replica=replica, sample_rate=args.sample_rate,
-                    kafka_bootstrap=bootstrap, flush_every=args.flush_every)
-    log.info("serving %s (long-term %s) on http://%s:%d", uri, args.longterm, args.host, args.port)
-    uvicorn.run(create_app(memory), host=args.host, port=args.port, log_level="warning")
+                    kafka_bootstrap=bootstrap, flush_every=args.flush_every, **reading)
+    workers = args.workers or read.workers
+    # Reads run side by side on the worker threads: each gets a share of the cores for torch.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    log.info("serving %s (long-term %s) on http://%s:%d with %d read threads", uri, args.longterm, args.host,
+             args.port, workers)
+    uvicorn.run(create_app(memory, workers), host=args.host, port=args.port, log_level="warning")
     if replica is not None:
         replica.close()
     return 0

@@ -6,35 +6,45 @@ of little-endian float32 (``query_b64``), a ``session_id`` and ``k``; it answers
 ``{"error": {"code": ..., "message": ...}}``: 422 ``invalid_query`` (wrong width, NaN or
 Inf, bad k or route), 422 ``malformed_request`` (not JSON, missing or mistyped fields),
 404 ``unknown_session``. The service binds 127.0.0.1 unless told otherwise.
+
+Concurrency: the endpoint is asynchronous; each read (and the JSON of its answer) runs on a
+pool of ``workers`` threads, so the event loop keeps accepting requests, at most ``workers``
+reads compete for the cores, and no lock is held across a read (``Memory`` is thread-safe).
 """
 
 import base64
 import binascii
 import contextlib
+import functools
 import logging
 from typing import Annotated, Literal
 
 import numpy as np
 
-from memstream.errors import IntegrityError, InvalidQueryError, ReadError, ServiceError
+from memstream.errors import ConfigError, IntegrityError, InvalidQueryError, ReadError, ServiceError
+from memstream.settings import READ_WORKERS
 
 log = logging.getLogger(__name__)
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def create_app(memory):
-    """The FastAPI app serving ``memory`` (a :class:`memstream.read.Memory`); closing the app
-    flushes the memory's accounting."""
+def create_app(memory, workers: int = READ_WORKERS):
+    """The FastAPI app serving ``memory`` (a :class:`memstream.read.Memory`) with ``workers``
+    read threads; closing the app flushes the memory's accounting."""
+    import anyio
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from pydantic import BaseModel, ConfigDict, Field
 
     from memstream.read.memory import MAX_K, EpisodicProvenance, LongTermProvenance
 
     dim = memory.dim
+    if workers < 1:
+        raise ConfigError(f"the read service needs at least one worker thread, got {workers}")
+    limiter = anyio.CapacityLimiter(workers)
 
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -141,8 +151,8 @@ def create_app(memory):
                 500: {"model": ErrorBody, "description": "stored data failed verification"},
                 503: {"model": ErrorBody, "description": "a store or Kafka is unavailable"}}
 
-    @app.post("/v1/read", response_model=ReadResponse, responses=refusals)
-    def read(req: ReadRequest) -> ReadResponse:
+    def serve_read(req: ReadRequest) -> Response:
+        """One read and its JSON, on a worker thread."""
         if (req.query is None) == (req.query_b64 is None):
             raise InvalidQueryError("pass the query latent as exactly one of 'query' (numbers) or 'query_b64'")
         query = req.query if req.query is not None else decode_b64(req.query_b64, dim)
@@ -157,10 +167,15 @@ def create_app(memory):
                 latent=None if f.latent is None else f.latent.tolist(),
                 payload_b64=None if f.payload is None else base64.b64encode(f.payload).decode(),
                 payload_kind=f.payload_kind))
-        return ReadResponse(read_id=result.read_id, session_id=result.session_id,
+        body = ReadResponse(read_id=result.read_id, session_id=result.session_id,
                             route=RouteOut(**result.route.__dict__), fragments=fragments,
                             reconstruction=None if result.reconstruction is None else result.reconstruction.tolist(),
                             sampled=result.sampled, divergent=result.divergent, timings_ms=result.timings_ms)
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    @app.post("/v1/read", response_model=ReadResponse, responses=refusals)
+    async def read(req: ReadRequest) -> Response:
+        return await anyio.to_thread.run_sync(functools.partial(serve_read, req), limiter=limiter)
 
     @app.get("/v1/stats", response_model=Stats)
     def stats() -> Stats:

@@ -149,6 +149,8 @@ class SessionMemory:
     hashes: dict[int, bytes]
     provenance: dict[int, EpisodicProvenance]
     window: SessionWindow
+    version: int = -1  # of the summaries table when ``hashes`` were read
+    biases: tuple[int, dict[int, float]] = (-1, {})  # (bias table version, the session's decay biases)
 
     @property
     def windows(self) -> list[int]:
@@ -327,7 +329,11 @@ class Memory:
 
     # -- episodic ----------------------------------------------------------------------
     def _episodic(self, q: torch.Tensor, memory: SessionMemory, k: int) -> tuple[list[Fragment], torch.Tensor]:
-        stored = self.ledger.biases(memory.session_id)
+        version = self.ledger.biases_version()
+        seen, stored = memory.biases
+        if seen != version:  # read the biases again only when the table changed
+            stored = self.ledger.biases(memory.session_id)
+            memory.biases = (version, stored)
         found = memory.window.read(q, stored, k, exact=self.mode == "exact")
         fragments = [Fragment("episodic", "hot", share, memory.provenance[w], latent=latent.numpy(),
                               bias=float(stored.get(w, 0.0)))
@@ -336,8 +342,14 @@ class Memory:
 
     def session_memory(self, session_id: str) -> SessionMemory:
         """The session's summaries as held for reading: from the cache while the store holds
-        exactly the summaries (window indices and hashes) it holds; otherwise brought up to
-        date, loading only the summaries it lacks."""
+        exactly the summaries (window indices and hashes) it holds (unchanged when the table's
+        version is); otherwise brought up to date, loading only the summaries it lacks."""
+        version = self.store.version()
+        with self._cache_lock:
+            cached = self._cache.get(session_id)
+            if cached is not None and cached.version == version:  # nothing stored since: no query
+                self._cache.move_to_end(session_id)
+                return cached
         current = self.store.hashes(session_id)
         if not current:
             raise SessionNotFoundError(f"no summaries stored for session {session_id!r} in {self.uri}: publish its "
@@ -345,6 +357,7 @@ class Memory:
         with self._cache_lock:
             cached = self._cache.get(session_id)
             if cached is not None and cached.hashes == current:
+                cached.version = max(cached.version, version)
                 self._cache.move_to_end(session_id)
                 return cached
         with self._loading[session_id]:  # one loader per session; other sessions go on
@@ -352,6 +365,7 @@ class Memory:
                 cached = self._cache.get(session_id)
             if cached is None or cached.hashes != current:
                 cached = self._load(session_id, current, cached)
+            cached.version = version
             with self._cache_lock:
                 self._cache[session_id] = cached
                 self._cache.move_to_end(session_id)

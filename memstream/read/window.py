@@ -10,8 +10,8 @@ summaries that matter. The two-stage read instead:
    every group, plus the summary's decay bias, and the slots of the ``probe`` best groups are
    scored as the decoder scores them, which gives each summary a partial share;
 2. **exact**: the ``candidates`` summaries with the largest partial shares are read whole,
-   together with the probed slots of the other summaries (as whole tokens), in one pass of the
-   decoder (:meth:`Compressor.attend <memstream.operators.model.Compressor.attend>`, decay
+   together with the probed slots of the other summaries (as whole tokens; all but those whose
+   weights sum to under ``union_tail`` of theirs), in one pass of the decoder (:meth:`Compressor.attend <memstream.operators.model.Compressor.attend>`, decay
    biases added to the logits as in the exact read). The fragments are the candidates that
    drew the most of that attention; the reconstruction is that pass's output.
 
@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from memstream.errors import ConfigError, IntegrityError
-from memstream.settings import READ_CANDIDATES, READ_GROUP_ITERS, READ_GROUPS, READ_PROBE_GROUPS, SUMMARY_TOKENS
+from memstream.settings import (READ_CANDIDATES, READ_GROUP_ITERS, READ_GROUPS, READ_PROBE_GROUPS, READ_UNION_TAIL,
+                                SUMMARY_TOKENS)
 
 MIN_CHUNK = 4  # summaries in the smallest storage chunk
 SLACK = 8  # a new chunk holds at least 1/SLACK of the summaries held (bounded slack, few chunks)
@@ -90,7 +91,8 @@ class SessionWindow:
     ``exact=True`` in :meth:`read` attends over every token instead."""
 
     def __init__(self, model, *, groups: int = READ_GROUPS, probe: int = READ_PROBE_GROUPS,
-                 candidates: int = READ_CANDIDATES, tokens_per_summary: int = SUMMARY_TOKENS):
+                 candidates: int = READ_CANDIDATES, iters: int = READ_GROUP_ITERS,
+                 union_tail: float = READ_UNION_TAIL, tokens_per_summary: int = SUMMARY_TOKENS):
         if groups < 1 or probe < 1 or candidates < 1:
             raise ConfigError(f"the two-stage read needs groups, probe and candidates >= 1, got {groups}, {probe}, "
                               f"{candidates}")
@@ -100,7 +102,8 @@ class SessionWindow:
         self.kappa = float(model.log_kappa.detach().exp())
         self.T = tokens_per_summary
         self.S = tokens_per_summary * self.spt  # slots per summary
-        self.groups, self.probe, self.candidates = min(groups, self.S), probe, candidates
+        self.groups, self.probe, self.candidates, self.iters = min(groups, self.S), probe, candidates, iters
+        self.union_tail = union_tail
         self._chunks: list[torch.Tensor] = []  # [n, T, d] fp16 each
         self._first: list[int] = []  # first slab of each chunk
         self._direction = torch.zeros(0, self.rank)  # [slabs * g, r]: unit mean direction of each group
@@ -154,7 +157,7 @@ class SessionWindow:
                 by_len.setdefault(t.shape[0], []).append(i)
             for n_tok, idx in by_len.items():
                 toks = torch.stack([batch[i][1] for i in idx]).to(torch.float16)
-                order, sizes, direction = group_slots(self.model, toks, self.groups)
+                order, sizes, direction = group_slots(self.model, toks, self.groups, self.iters)
                 # Slots re-paired into tokens in group order: a summary's tokens share one bias,
                 # so the decoder's output over them does not change.
                 flat = toks.view(len(idx), -1, self.rank)
@@ -257,10 +260,12 @@ class SessionWindow:
                 cand, probed = self._coarse(v, q, bias)
             ids = torch.sort(torch.cat([_ranges(cand * self.T, v.count[cand]), probed])).values
             token_slab = ids // self.T
-            out, p = self.model.attend(q, self._rows(v, ids).float(), bias[token_slab])
+            memory = self._rows(v, ids).float()
+            norms = v.norms.view(-1)[(ids[:, None] * self.spt + torch.arange(self.spt)).view(-1)]
+            out, p = self.model.attend(q, memory, bias[token_slab], norms)
             share = torch.zeros(len(v.count)).index_add_(0, token_slab, p[0].view(-1, self.spt).sum(1))
             top = cand[torch.topk(share[cand], min(k, len(cand))).indices]
-            latents = self._own(v, q, top)
+            latents = self._own(v, q, top, ids, memory, norms)
         window_of = {s: w for w, s in v.slab_of.items()}
         return WindowRead([window_of[int(s)] for s in top], [float(share[s]) for s in top], latents, out[0],
                           len(cand), len(ids))
@@ -275,30 +280,40 @@ class SessionWindow:
         valid = sizes > 0
         direction = v.direction[:len(sizes)]
         score = torch.where(valid, (direction @ zq) * self.kappa + bias.repeat_interleave(g), -torch.inf)
-        top = torch.topk(score, min(self.probe, int(valid.sum()))).indices
+        top = torch.sort(torch.topk(score, min(self.probe, int(valid.sum()))).indices).values
         starts = (top // g) * S + (torch.cumsum(v.sizes, 1) - v.sizes).view(-1)[top]
-        slot_ids = torch.sort(_ranges(starts, sizes[top])).values
+        slot_ids = _ranges(starts, sizes[top])  # ascending: groups in order, each a run of slots
         slot_slab = slot_ids // S
         logits = ((self._rows(v, slot_ids, slots=True) @ zq.half()).float() / v.norms.view(-1)[slot_ids] * self.kappa
                   + bias[slot_slab])
-        partial = torch.zeros(len(v.count)).index_add_(0, slot_slab, torch.exp(logits - logits.max()))
+        weight = torch.exp(logits - logits.max())
+        partial = torch.zeros(len(v.count)).index_add_(0, slot_slab, weight)
         hit = torch.unique_consecutive(slot_slab)
         cand = hit[torch.topk(partial[hit], min(self.candidates, len(hit))).indices]
-        # The probed slots of the other summaries stay in the exact stage (as whole tokens):
-        # they hold most of the attention those summaries would draw.
-        token_ids = torch.unique_consecutive(slot_ids // self.spt)
-        return torch.sort(cand).values, token_ids[~torch.isin(token_ids // self.T, cand)]
+        # The probed slots of the other summaries stay in the exact stage (as whole tokens): they
+        # hold most of the attention those summaries would draw. Those whose weights together
+        # are under ``union_tail`` of it are left out.
+        others = ~torch.isin(slot_slab, cand)
+        w = weight[others]
+        if self.union_tail > 0 and len(w):
+            ranked = torch.sort(w, descending=True).values
+            cut = int((torch.cumsum(ranked, 0) < (1 - self.union_tail) * ranked.sum()).sum())
+            others &= weight >= ranked[min(cut, len(ranked) - 1)]
+        return torch.sort(cand).values, torch.unique_consecutive(slot_ids[others] // self.spt)
 
-    def _own(self, v: "_View", q: torch.Tensor, slabs: torch.Tensor) -> torch.Tensor:
-        """Each summary's own reconstruction of the query (the decoder over it alone)."""
+    def _own(self, v: "_View", q: torch.Tensor, slabs: torch.Tensor, ids: torch.Tensor, memory: torch.Tensor,
+             norms: torch.Tensor) -> torch.Tensor:
+        """Each summary's own reconstruction of the query (the decoder over it alone), from
+        the tokens the exact stage read (``memory``, rows ``ids``, slot ``norms``)."""
+        first = torch.searchsorted(ids, slabs * self.T)
         counts = v.count[slabs]
         if len(slabs) and bool((counts == counts[0]).all()):
-            ordered = torch.sort(slabs).values
-            memory = self._rows(v, _ranges(ordered * self.T, counts)).float().view(len(slabs), int(counts[0]), -1)
-            back = torch.searchsorted(ordered, slabs)  # from sorted to the given order
-            return self.model.attend(q.expand(len(slabs), 1, -1), memory[back])[0][:, 0]
-        return torch.stack([self.model.attend(q, self._rows(v, _ranges(s[None] * self.T, v.count[s[None]])).float())
-                            [0][0] for s in slabs])
+            rows = (first[:, None] + torch.arange(int(counts[0]))).view(-1)
+            slot_rows = (rows[:, None] * self.spt + torch.arange(self.spt)).view(-1)
+            return self.model.attend(q.expand(len(slabs), 1, -1), memory[rows].view(len(slabs), int(counts[0]), -1),
+                                     None, norms[slot_rows].view(len(slabs), -1))[0][:, 0]
+        return torch.stack([self.model.attend(q, memory[f:f + c], None, norms[f * self.spt:(f + c) * self.spt])[0][0]
+                            for f, c in zip(first.tolist(), counts.tolist())])
 
     def _rows(self, v: "_View", ids: torch.Tensor, slots: bool = False) -> torch.Tensor:
         """Tokens (or, with ``slots``, slots) by sorted global id, fp16 [len, width]."""
@@ -306,14 +321,13 @@ class SessionWindow:
         per = self.T * (self.spt if slots else 1)  # rows per slab
         firsts = [f * per for f in v.first]
         bounds = torch.searchsorted(ids, torch.tensor(firsts[1:] + [len(v.count) * per])).tolist()
-        parts, lo = [], 0
+        out = torch.empty(len(ids), width, dtype=torch.float16)
+        lo = 0
         for c, hi in enumerate(bounds):
             if hi > lo:
-                parts.append(v.chunks[c].view(-1, width).index_select(0, ids[lo:hi] - firsts[c]))
+                torch.index_select(v.chunks[c].view(-1, width), 0, ids[lo:hi] - firsts[c], out=out[lo:hi])
             lo = hi
-        if not parts:
-            return torch.zeros(0, width, dtype=torch.float16)
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        return out
 
 
 @dataclass(frozen=True)
