@@ -61,12 +61,17 @@ READ_GROUPS = 32  # slot groups per summary, the coarse stage's index (memstream
 READ_GROUP_ITERS = 4  # k-means steps that form them
 READ_PROBE_GROUPS = 1024  # groups whose tokens the coarse stage reads
 READ_CANDIDATES = 16  # summaries the exact stage reads whole
+READ_UNION_TAIL = 1e-3  # probed slots of other summaries left out of the exact stage: this share of their weight
 READ_WORKERS = 4  # threads of `memstream serve` that run reads
 LEDGER_FLUSH_EVERY = 32  # reads per append to the read ledger
 HOST = "127.0.0.1"  # every service memstream starts binds this machine only
 SERVE_PORT = 8765
 LONGTERM_METRIC = "cosine"
 NPROBES = 20
+LONGTERM_INDEX = "ivf_hnsw_sq"  # the hot tier's vector index (LongTermStore.build_index)
+HNSW_ROWS = 65_536  # entries per IVF partition of an ivf_hnsw_sq index
+LONGTERM_EF = 100  # HNSW candidates per probed partition
+LONGTERM_REFINE = 4  # re-rank refine * k candidates by the stored vectors
 LEASE_TTL_S = 600.0
 
 
@@ -118,6 +123,9 @@ class LongTermSettings:
     dim: int = LATENT_DIM
     metric: str = LONGTERM_METRIC
     nprobes: int = NPROBES
+    index: str = LONGTERM_INDEX
+    ef: int = LONGTERM_EF
+    refine: int = LONGTERM_REFINE
     cold_after_days: float = COLD_AFTER_DAYS
     lease_ttl_s: float = LEASE_TTL_S
 
