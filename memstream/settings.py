@@ -64,6 +64,7 @@ READ_CANDIDATES = 16  # summaries the exact stage reads whole
 READ_UNION_TAIL = 1e-3  # probed slots of other summaries left out of the exact stage: this share of their weight
 READ_WORKERS = 4  # threads of `memstream serve` that run reads
 LEDGER_FLUSH_EVERY = 32  # reads per append to the read ledger
+ACCESS_REFRESH_S = 5.0  # how soon `memstream serve` sees a new or revoked credential
 HOST = "127.0.0.1"  # every service memstream starts binds this machine only
 SERVE_PORT = 8765
 LONGTERM_METRIC = "cosine"
@@ -143,6 +144,8 @@ class ReadSettings:
     ledger_flush_every: int = LEDGER_FLUSH_EVERY
     host: str = HOST
     port: int = SERVE_PORT
+    access: str | None = None  # tenants and credentials: a folder or s3://...; None: <episodic store>/_access
+    access_refresh_s: float = ACCESS_REFRESH_S
 
 
 @dataclass(frozen=True)

@@ -52,3 +52,20 @@ def cue(latent: np.ndarray, noise: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return (latent + noise * np.linalg.norm(latent) / np.sqrt(len(latent))
             * rng.standard_normal(latent.shape)).astype(np.float32)
+
+
+def wait_healthy(port: int, server, log) -> None:
+    """Wait for a `memstream serve` subprocess to answer /v1/health (its log on failure)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.5)

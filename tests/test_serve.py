@@ -28,7 +28,7 @@ from memstream.settings import WINDOW
 from memstream.read.memory import Memory
 from memstream.sdk import Publisher
 from memstream.read.http import create_app
-from tests.read_fixtures import cue, write_session
+from tests.read_fixtures import cue, wait_healthy, write_session
 
 D = 384
 
@@ -43,7 +43,7 @@ def served(tmp_path_factory):
     lt = LongTermStore(str(root / "ltm"), keyring=KeyRing([key]), signer=key, dim=D)
     lt.append([lt.new_entry(v, f"p{i}".encode(), query=f"q{i}") for i, v in enumerate(x[:20])])
     memory = Memory(str(root / "m"), str(root / "ltm"), keyring=KeyRing([key]), model=model)
-    app = create_app(memory)
+    app = create_app(memory, insecure_no_auth=True)  # the API's shape; access is tests/test_auth.py's
     yield memory, app, x, key
     memory.close()
 
@@ -176,6 +176,12 @@ def test_published_latents_read_back_through_python_and_http(kafka_bootstrap, to
         assert p.verified and p.hash == r.hash.hex() and p.key_id == key.key_id and p.session_id == "e2e"
         assert (p.seq_start, p.seq_end) == (r.seq_start, r.seq_end) == (
             p.window_index * WINDOW, min(len(x), (p.window_index + 1) * WINDOW))
+    # Authentication is on by default: a tenant owning the session, and its credential.
+    cli = [sys.executable, "-m", "memstream.cli"]
+    subprocess.run([*cli, "tenants", "add", "t1", "--sessions", "e2e", "--episodic", store], check=True)
+    issued = subprocess.run([*cli, "credentials", "issue", "--tenant", "t1", "--episodic", store, "--json"],
+                            check=True, capture_output=True, text=True)
+    auth = {"Authorization": f"Bearer {json.loads(issued.stdout)['token']}"}
     port = _free_port()
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
@@ -184,17 +190,11 @@ def test_published_latents_read_back_through_python_and_http(kafka_bootstrap, to
                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.5)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/read", timeout=60, json={
-            "query": cue(x[WINDOW + 100], 0.3, 1).tolist(), "session_id": "e2e", "k": 3, "route": "episodic"})
+        wait_healthy(port, server, log)
+        body = {"query": cue(x[WINDOW + 100], 0.3, 1).tolist(), "session_id": "e2e", "k": 3, "route": "episodic"}
+        anonymous = httpx.post(f"http://127.0.0.1:{port}/v1/read", timeout=60, json=body)
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["type"] == "AuthenticationError"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/read", timeout=60, json=body, headers=auth)
         assert r.status_code == 200, r.text
         over_http = {f["episodic"]["window_index"]: f for f in r.json()["fragments"]}
         for f in res.fragments:
@@ -227,7 +227,7 @@ def test_concurrent_reads_over_http_agree_with_serial_ones_and_a_cold_session_bl
     memory = Memory(uri, keyring=KeyRing([key]), model=model)
     memory.session_memory("s")
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(memory, workers=4), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(memory, workers=4, insecure_no_auth=True), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

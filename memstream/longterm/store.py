@@ -394,18 +394,31 @@ class LongTermStore:
         table.create_index("vector", config=config, replace=replace)
 
     def search(self, vector, k: int = 10, *, include_cold: bool = False, nprobes: int = NPROBES,
-               ef: int = LONGTERM_EF, refine: int = LONGTERM_REFINE, record_access: bool = True) -> list[Hit]:
+               ef: int = LONGTERM_EF, refine: int = LONGTERM_REFINE, record_access: bool = True,
+               subjects: frozenset[str] | None = None) -> list[Hit]:
         """The ``k`` nearest entries; cold entries only with ``include_cold`` (slower: the
         cold tier is usually unindexed). Each hit names its tier. ``nprobes`` IVF partitions
         are searched; with an HNSW index ``ef`` candidates each; ``refine`` > 0 re-ranks
-        ``refine * k`` candidates by their stored vectors (quantized indexes only)."""
+        ``refine * k`` candidates by their stored vectors (quantized indexes only).
+        ``subjects``: only entries bound to one of these subject hashes (a tenant's scope;
+        an empty set finds nothing); None: every entry."""
         q = np.asarray(vector, np.float32).reshape(-1)
         hits: list[Hit] = []
+        if subjects is not None and not subjects:
+            return hits
+        where = None
+        if subjects is not None:
+            bad = [h for h in subjects if not (len(h) == 64 and all(c in "0123456789abcdef" for c in h))]
+            if bad:  # hashes only: nothing a caller controls reaches the predicate
+                raise ConfigError(f"subjects must be subject hashes (64 hex digits, subject_hash()), got {bad[0]!r}")
+            where = f"forget_subject IN ({', '.join(repr(h) for h in sorted(subjects))})"
         cols = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
                 "query_hash", "key_id", "_distance"]
         for tier, table in self._tier_tables(include_cold):
             query = (table.search(q, vector_column_name="vector").distance_type(self.metric).nprobes(nprobes)
                      .ef(ef).limit(k).select(cols))
+            if where is not None:  # before the vector search: a post-filter would return fewer than k
+                query = query.where(where, prefilter=True)
             if refine:
                 query = query.refine_factor(refine)
             res = query.to_arrow()

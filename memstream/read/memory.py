@@ -253,10 +253,13 @@ class Memory:
 
     # -- the read ----------------------------------------------------------------------
     def read(self, query, session_id: str, k: int = 8, *, route: Route | None = None,
-             account: bool = True) -> ReadResult:
+             account: bool = True, subjects: frozenset[str] | None = None) -> ReadResult:
         """Read ``k`` fragments (per store consulted) for ``query_latent`` [d] in ``session_id``.
         ``route`` overrides the routing policy; ``account=False`` leaves the accounting alone
-        (the replica's side of a sampled read)."""
+        (the replica's side of a sampled read). ``subjects``: long-term search (the routing
+        probe included) sees only entries of these subject hashes, the caller's tenant's;
+        None: every entry. Whether the caller may read ``session_id`` is decided before
+        (:mod:`memstream.access`), so that a refused read is never accounted."""
         started = time.perf_counter()
         q = self._check_query(query)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
@@ -276,7 +279,7 @@ class Memory:
             # accounted only if its hits are returned.
             t0 = time.perf_counter()
             probe = self.longterm.search(q.numpy(), int(k), include_cold=self.include_cold,
-                                         nprobes=self.nprobes, record_access=False)
+                                         nprobes=self.nprobes, record_access=False, subjects=subjects)
             sims = [1.0 - h.distance for h in probe[:2]] + [float("nan")] * (2 - len(probe[:2]))
             probs = self.router.probabilities(q, window.centroids, self.model, sims)
             decision = RouteDecision(max(probs, key=probs.get), probs, "policy")
@@ -294,7 +297,7 @@ class Memory:
             timings["episodic_ms"] = (time.perf_counter() - t0) * 1e3
         if decision.route in ("longterm", "both"):
             t0 = time.perf_counter()
-            fragments += self._longterm(q, int(k), account, probe)
+            fragments += self._longterm(q, int(k), account, probe, subjects)
             timings["longterm_ms"] = (time.perf_counter() - t0) * 1e3
         read_id = uuid.uuid4().hex
         if account:
@@ -306,7 +309,7 @@ class Memory:
             self.stats.by_route[decision.route] += account
             sample = account and self.replica is not None and self._rng.random() < self.sample_rate
         if sample:
-            result = self._sample(result, q)
+            result = self._sample(result, q, subjects)
         result.timings_ms["total_ms"] = (time.perf_counter() - started) * 1e3
         log.info("read %s session=%s route=%s (%s%s) fragments=%s", read_id, session_id, decision.route,
                  decision.chosen_by, "".join(f" {r}={p:.2f}" for r, p in decision.probabilities.items()),
@@ -421,10 +424,10 @@ class Memory:
         return cached
 
     # -- long-term ---------------------------------------------------------------------
-    def _longterm(self, q: torch.Tensor, k: int, account: bool, hits=None) -> list[Fragment]:
+    def _longterm(self, q: torch.Tensor, k: int, account: bool, hits=None, subjects=None) -> list[Fragment]:
         if hits is None:
             hits = self.longterm.search(q.numpy(), k, include_cold=self.include_cold, nprobes=self.nprobes,
-                                        record_access=account)
+                                        record_access=account, subjects=subjects)
         elif account:
             self.longterm.record_access(hits)
         out = []
@@ -436,13 +439,13 @@ class Memory:
         return out
 
     # -- read sampling -----------------------------------------------------------------
-    def _sample(self, result: ReadResult, q: torch.Tensor) -> ReadResult:
+    def _sample(self, result: ReadResult, q: torch.Tensor, subjects: frozenset[str] | None) -> ReadResult:
         reasons: list[str] = []
         replica_keys: list[str] = []
         delta = 0.0
         try:
             other = self.replica.read(q.numpy(), result.session_id, max(1, _k_of(result)),
-                                      route=result.route.route, account=False)
+                                      route=result.route.route, account=False, subjects=subjects)
             replica_keys = [f.key for f in other.fragments]
             reasons, delta = compare(result.fragments, other.fragments, self.score_tolerance)
         except Exception as e:  # a replica that cannot answer diverges too
