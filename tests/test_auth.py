@@ -252,3 +252,25 @@ def test_serve_is_authenticated_unless_started_with_insecure_no_auth(world, tmp_
             process.stop_pid(server.pid, timeout=10)
         if flags:
             assert "--insecure-no-auth" in log.read_text()  # it says so, loudly
+
+
+def test_authenticated_api_conforms_to_its_openapi_spec(world):
+    """schemathesis against the app with access on: the spec declares the bearer scheme, a
+    request with a generated (invalid) credential must get 401, and every answer to a valid
+    credential is one the spec documents (403 for sessions not granted)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    memory = Memory(world["uri"], keyring=KeyRing([world["key"]]), model=world["model"])
+    app = app_over(world, memory)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    assert "HTTPBearer" in json.dumps(schema.raw_schema["components"]["securitySchemes"])
+    for path, method in [("/v1/read", "POST"), ("/v1/stats", "GET")]:
+        @given(case=schema[path][method].as_strategy(generation_mode=schemathesis.GenerationMode.POSITIVE))
+        @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def check(case):
+            case.call_and_validate(headers=bearer(world["tokens"]["acme"]), excluded_checks=[positive_data_acceptance])
+
+        check()
+    memory.close()

@@ -108,7 +108,8 @@ def test_nan_and_malformed_json_are_refused(client):
     nan_b64 = base64.b64encode(np.full(D, np.nan, "<f4").tobytes()).decode()
     r = client.post("/v1/read", json={"query_b64": nan_b64, "session_id": "s"})
     assert r.status_code == 422 and r.json()["error"] == {
-        "code": "invalid_query", "message": "the query latent holds NaN or Inf: pass finite values"}
+        "code": "invalid_query", "message": "the query latent holds NaN or Inf: pass finite values",
+        "type": "InvalidQueryError"}
     r = client.post("/v1/read", content=b'{"query": [1, 2', headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "malformed_request"
 

@@ -177,12 +177,16 @@ def create_app(memory, workers: int = READ_WORKERS, *, access=None, insecure_no_
                 500: {"model": ErrorBody, "description": "stored data failed verification"},
                 503: {"model": ErrorBody, "description": "a store or Kafka is unavailable"}}
 
-    # Declares the bearer scheme in the OpenAPI spec; the check itself is AccessGuard's, so
-    # that a missing header is a typed 401 rather than FastAPI's own 403.
-    bearer = HTTPBearer(auto_error=False, description="a credential of `memstream credentials issue`")
+    if access is not None:
+        # Declares the bearer scheme in the OpenAPI spec; the check itself is AccessGuard's, so
+        # that a missing header is a typed 401 rather than FastAPI's own 403.
+        bearer = HTTPBearer(auto_error=False, description="a credential of `memstream credentials issue`")
 
-    def authorization(request: Request, _=Depends(bearer)) -> str | None:
-        return request.headers.get("authorization")
+        def authorization(request: Request, _=Depends(bearer)) -> str | None:
+            return request.headers.get("authorization")
+    else:  # open: the spec must not promise a check that is not made
+        def authorization() -> None:
+            return None
 
     def serve_read(req: ReadRequest, subjects: frozenset[str] | None) -> Response:
         """One read and its JSON, on a worker thread."""
