@@ -39,7 +39,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey
+from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey, check_distinct_roles
 from memstream.crypto.merkle import MerkleFrontier, MerkleTree
 from memstream.crypto.proof import verify_inclusion
 from memstream.crypto.signed import SignedTreeHead, verify_record
@@ -192,6 +192,7 @@ class LongTermStore:
         self.access_flush_every = access_flush_every
         if signer is not None and signer.key_id not in keyring:
             keyring.add(signer)
+        check_distinct_roles({"validator": keyring, "governance": governance.keys if governance else None})
         objects = object_store(self.uri, self.storage_options)
         self.leases = Leases(objects, ttl_s=lease_ttl_s)
         meta = {"store_id": os.urandom(16).hex(), "dim": dim, "metric": metric}
