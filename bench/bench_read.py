@@ -321,6 +321,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def concurrent_reads(url: str, bodies: list[dict], clients: int, per_client: int,
+                     headers: dict | None = None) -> tuple[list[float], list[str], float]:
+    """``clients`` threads each posting ``per_client`` reads back to back: (latencies of the
+    reads answered 200, texts of the others, wall seconds)."""
+    import httpx
+
+    lat, errors = [], []
+    lock = threading.Lock()
+
+    def client(j):
+        with httpx.Client(timeout=600, headers=headers) as c:
+            for n in range(per_client):
+                t0 = time.perf_counter()
+                r = c.post(f"{url}/v1/read", json=bodies[(j * 7 + n) % len(bodies)])
+                dt = time.perf_counter() - t0
+                with lock:
+                    (lat if r.status_code == 200 else errors).append(dt if r.status_code == 200 else r.text)
+
+    threads = [threading.Thread(target=client, args=(j,)) for j in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return lat, errors, time.perf_counter() - t0
+
+
 def http(args, model, root: Path, key, x: np.ndarray, log) -> dict:
     import httpx
 
@@ -344,7 +371,8 @@ def http(args, model, root: Path, key, x: np.ndarray, log) -> dict:
     env = {**os.environ, "MEMSTREAM_READ_WORKERS": str(args.workers)}
     with open(log_file, "wb") as fh:
         server = subprocess.Popen([sys.executable, "-m", "memstream.cli", "serve", "--episodic", uri,
-                                   "--public-key", key.verify_key.hex(), "--port", str(port)],
+                                   "--public-key", key.verify_key.hex(), "--port", str(port),
+                                   "--insecure-no-auth"],  # serving, not access: bench_auth.py prices that
                                   stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -361,26 +389,7 @@ def http(args, model, root: Path, key, x: np.ndarray, log) -> dict:
         with httpx.Client(timeout=600) as c:  # loads the session once
             assert c.post(f"{url}/v1/read", json=body[0]).status_code == 200
         for clients in args.clients:
-            per_client = max(8, args.http_reads // clients)
-            lat, errors = [], []
-            lock = threading.Lock()
-
-            def client(j):
-                with httpx.Client(timeout=600) as c:
-                    for n in range(per_client):
-                        t0 = time.perf_counter()
-                        r = c.post(f"{url}/v1/read", json=body[(j * 7 + n) % len(body)])
-                        dt = time.perf_counter() - t0
-                        with lock:
-                            (lat if r.status_code == 200 else errors).append(dt if r.status_code == 200 else r.text)
-
-            threads = [threading.Thread(target=client, args=(j,)) for j in range(clients)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
+            lat, errors, wall = concurrent_reads(url, body, clients, max(8, args.http_reads // clients))
             row = {**summary(lat), "reads_per_s": len(lat) / wall, "errors": len(errors)}
             out["clients"][str(clients)] = row
             log(json.dumps({"http_clients": clients, **row}))
