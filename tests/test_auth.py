@@ -73,7 +73,6 @@ def read_body(world, session: str, i: int = 0, route: str = "episodic", k: int =
 def test_anonymous_and_bad_credentials_get_typed_401(world):
     memory = Memory(world["uri"], keyring=KeyRing([world["key"]]), model=world["model"])
     acme = world["tokens"]["acme"]
-    cid = acme.split("_")[1]
     with TestClient(app_over(world, memory)) as c:
         for headers, words in [({}, "needs a credential"),
                                ({"Authorization": "Basic dXNlcjpwYXNz"}, "Bearer mst_"),
@@ -85,7 +84,6 @@ def test_anonymous_and_bad_credentials_get_typed_401(world):
             err = r.json()["error"]
             assert err["type"] == "AuthenticationError" and err["code"] == "unauthenticated", err
             assert words in err["message"] and r.headers["www-authenticate"] == "Bearer"
-            assert cid not in json.dumps(headers) or "not known" in err["message"]
         assert c.get("/v1/stats").status_code == 401
         assert c.get("/v1/stats", headers=bearer(acme)).status_code == 200
         assert c.get("/v1/health").status_code == 200  # liveness stays open: it reveals nothing
