@@ -229,3 +229,18 @@ def test_seaweedfs_listens_on_loopback_only_and_its_filer_refuses_anonymous_requ
     assert s3_request(s3_config, "GET", f"/{s3_config.bucket}/{key}") == (200, b"through S3")
     security = Path(svc.data_dir) / "security.toml"
     assert security.stat().st_mode & 0o077 == 0
+
+
+def test_s3_listing_follows_continuation_past_1000_keys(s3_config: S3Config, s3_prefix):
+    """An S3 listing answers at most 1,000 keys per request: S3Objects.list returns them all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memstream.storage.objects import S3Objects
+
+    objects = S3Objects(s3_config.uri(s3_prefix), s3_config.storage_options())
+    names = [f"many/k{i:04d}&.json" for i in range(1005)]  # '&' comes back XML-escaped
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(lambda n: objects.put_if_absent(n, b"{}"), names))
+    first = objects._request_list(f"{s3_prefix}/many/")[1]
+    assert b"<IsTruncated>true</IsTruncated>" in first  # one request does not hold them all
+    assert sorted(objects.list("many")) == sorted(names)
