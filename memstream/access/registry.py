@@ -12,8 +12,8 @@ subject or prefix cannot both win, and nothing is ever rewritten::
     revoked/<id>.json                     the credential is refused from now on
 
 :class:`AccessGuard` holds the loaded :class:`~memstream.access.grants.Grants` for the read
-service and reloads them every ``refresh_s`` seconds on a background thread, so a check is
-a few dictionary look-ups and one SHA-256.
+service and reloads them every ``refresh_s`` seconds on a background thread (a listing, and
+reads of the objects it has not seen), so a check is a few dictionary look-ups and one SHA-256.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class AccessRegistry:
     def __init__(self, uri: str, storage_options: dict[str, str] | None = None):
         self.uri = uri
         self._objects = object_store(uri, storage_options)
+        self._seen: dict[str, dict] = {}  # objects are written once: a reload fetches only new ones
 
     # -- writing -----------------------------------------------------------------------
     def _put(self, key: str, doc: dict) -> bool:
@@ -121,8 +122,11 @@ class AccessRegistry:
     def _docs(self, folder: str) -> dict[str, dict]:
         out = {}
         for key in self._objects.list(folder):
-            doc = self._get(key)
+            doc = self._seen.get(key)
+            if doc is None:
+                doc = self._get(key)
             if doc is not None:
+                self._seen[key] = doc
                 out[key.rsplit("/", 1)[-1].removesuffix(".json")] = doc
         return out
 
