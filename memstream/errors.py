@@ -31,7 +31,9 @@ says what to do about it::
     ├── GovernanceError
     └── ReadError                    a read memstream refuses (``status``/``code`` for HTTP)
         ├── InvalidQueryError (ValueError)
-        └── SessionNotFoundError (LookupError)
+        ├── SessionNotFoundError (LookupError)
+        ├── AuthenticationError      no credential, or one that is unknown, expired or revoked (401)
+        └── AuthorizationError       a valid credential not granted what it asked for (403)
 """
 
 from memstream.schemas.records import DeadLetterReason as _R
@@ -274,6 +276,21 @@ class SessionNotFoundError(ReadError, LookupError):
     code = "unknown_session"
 
 
+class AuthenticationError(ReadError):
+    """No credential, or one memstream does not accept (malformed, unknown, expired or revoked):
+    send ``Authorization: Bearer <credential>`` with one from `memstream credentials issue`."""
+
+    status = 401
+    code = "unauthenticated"
+
+
+class AuthorizationError(ReadError):
+    """The credential is valid but not granted this session: issue one for the tenant that owns it."""
+
+    status = 403
+    code = "forbidden"
+
+
 __all__ = [
     "MemstreamError", "ConfigError", "ServiceError", "ToolMissingError", "ServiceNotReadyError",
     "TopicMissingError", "ChunkLimitError", "SessionInUseError", "PublishError", "TextLatentsError",
@@ -284,5 +301,6 @@ __all__ = [
     "WindowTooLargeError", "ForeignProducerError", "ConflictingContentError", "CollectedSessionError",
     "IntegrityError", "SignatureError", "VerificationError", "ReplayError", "AppendOnlyViolation",
     "GovernanceError", "LeaseError", "FencedError", "StateLostError", "ReadError", "InvalidQueryError",
-    "SessionNotFoundError", "INVALID_INPUT_ERRORS",
+    "SessionNotFoundError", "AuthenticationError", "AuthorizationError",
+    "INVALID_INPUT_ERRORS",
 ]

@@ -59,12 +59,24 @@ LOG_CACHE_BYTES = 1 << 30  # latents a pipeline worker keeps after reading them,
 MAX_WINDOW_BYTES = 256 << 20  # a window of a session's latents (as float32) may not exceed this
 READ_K = 8  # fragments per store consulted
 MAX_READ_K = 64
-READ_CACHE_BYTES = 2 << 30  # decoded session windows the read path keeps in memory
+READ_CACHE_BYTES = 2 << 30  # session windows (fp16 tokens and their index) the read path keeps in memory
+READ_MODE = "two_stage"  # or "exact": attend over every token of the window
+READ_GROUPS = 32  # slot groups per summary, the coarse stage's index (memstream/read/window.py)
+READ_GROUP_ITERS = 4  # k-means steps that form them
+READ_PROBE_GROUPS = 1024  # groups whose tokens the coarse stage reads
+READ_CANDIDATES = 16  # summaries the exact stage reads whole
+READ_UNION_TAIL = 1e-3  # probed slots of other summaries left out of the exact stage: this share of their weight
+READ_WORKERS = 4  # threads of `memstream serve` that run reads
 LEDGER_FLUSH_EVERY = 32  # reads per append to the read ledger
+ACCESS_REFRESH_S = 5.0  # how soon `memstream serve` sees a new or revoked credential
 HOST = "127.0.0.1"  # every service memstream starts binds this machine only
 SERVE_PORT = 8765
 LONGTERM_METRIC = "cosine"
 NPROBES = 20
+LONGTERM_INDEX = "ivf_hnsw_sq"  # the hot tier's vector index (LongTermStore.build_index)
+HNSW_ROWS = 65_536  # entries per IVF partition of an ivf_hnsw_sq index
+LONGTERM_EF = 100  # HNSW candidates per probed partition
+LONGTERM_REFINE = 4  # re-rank refine * k candidates by the stored vectors
 LEASE_TTL_S = 600.0
 
 
@@ -118,6 +130,9 @@ class LongTermSettings:
     dim: int = LATENT_DIM
     metric: str = LONGTERM_METRIC
     nprobes: int = NPROBES
+    index: str = LONGTERM_INDEX
+    ef: int = LONGTERM_EF
+    refine: int = LONGTERM_REFINE
     cold_after_days: float = COLD_AFTER_DAYS
     lease_ttl_s: float = LEASE_TTL_S
 
@@ -127,9 +142,16 @@ class ReadSettings:
     k: int = READ_K
     max_k: int = MAX_READ_K
     cache_bytes: int = READ_CACHE_BYTES
+    mode: str = READ_MODE
+    groups: int = READ_GROUPS
+    probe_groups: int = READ_PROBE_GROUPS
+    candidates: int = READ_CANDIDATES
+    workers: int = READ_WORKERS
     ledger_flush_every: int = LEDGER_FLUSH_EVERY
     host: str = HOST
     port: int = SERVE_PORT
+    access: str | None = None  # tenants and credentials: a folder or s3://...; None: <episodic store>/_access
+    access_refresh_s: float = ACCESS_REFRESH_S
 
 
 @dataclass(frozen=True)

@@ -145,9 +145,12 @@ def test_keys_load_from_pem_hex_base64_file_and_env(tmp_path, monkeypatch):
     f.write_bytes(pem)
     f.chmod(0o600)
     assert SigningKey.from_file(f).key_id == key.key_id
-    f.chmod(0o640)  # readable by the group: refused, with what to do
-    with pytest.raises(ConfigError, match="chmod 600"):
-        SigningKey.from_file(f)
+    for mode in (0o640, 0o604, 0o620):  # readable by the group or others, or writable: refused, with what to do
+        f.chmod(mode)
+        with pytest.raises(ConfigError, match="chmod 600"):
+            SigningKey.from_file(f)
+        with pytest.raises(ConfigError, match="chmod 600"):
+            SigningKey.from_file(f, role="validator")
     monkeypatch.setenv("MS_TEST_KEY", seed_hex)
     loaded = SigningKey.from_env("MS_TEST_KEY")
     assert loaded.key_id == key.key_id
@@ -232,3 +235,30 @@ def test_keys_new_writes_an_owner_only_file_that_states_its_role(tmp_path, capsy
     assert json.loads(capsys.readouterr().out)["key_id"] == key.key_id
     assert main(["keys", "new", "--role", "validator", "--out", str(out)]) == 2  # never overwritten
     assert "never overwrites" in capsys.readouterr().err
+
+
+def test_one_key_is_refused_in_two_roles(tmp_path):
+    """Validator, governance, maintenance and witness keys are distinct: the same key under two
+    roles is refused where the roles meet, even from bare key files that state no role."""
+    from memstream.crypto.keys import ROLES, check_distinct_roles
+    from memstream.longterm import GovernancePolicy, LongTermStore
+
+    assert set(ROLES) >= {"validator", "governance", "maintenance", "witness"}
+    keys = {r: SigningKey.generate() for r in ROLES}
+    check_distinct_roles({r: [k] for r, k in keys.items()})  # distinct: accepted
+    for a, b in [("validator", "governance"), ("maintenance", "witness"), ("validator", "maintenance"),
+                 ("governance", "witness")]:
+        roles = {r: [k] for r, k in keys.items()}
+        roles[b] = [*roles[b], keys[a].verify_key]  # the public half of a's key, as a ring holds it
+        with pytest.raises(ConfigError, match=f"both a {a} key and a {b} key"):
+            check_distinct_roles(roles)
+    with pytest.raises(ConfigError, match="unknown key role"):
+        check_distinct_roles({"reader": [keys["validator"]]})
+    shared = keys["validator"]
+    gov = [SigningKey.generate(), shared]
+    with pytest.raises(ConfigError, match="both a validator key and a governance key"):
+        LongTermStore(str(tmp_path / "ltm"), keyring=KeyRing([shared]), signer=shared, dim=8,
+                      governance=GovernancePolicy(KeyRing(gov), 2))
+    store = LongTermStore(str(tmp_path / "ltm"), keyring=KeyRing([shared]), signer=shared, dim=8,
+                          governance=GovernancePolicy(KeyRing([SigningKey.generate(), keys["governance"]]), 2))
+    store.close()

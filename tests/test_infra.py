@@ -176,3 +176,71 @@ def test_built_wheel_installs_and_imports(tmp_path):
     assert out.returncode == 0, out.stderr
     location, all_inside = out.stdout.split()
     assert location.startswith(str(target)) and all_inside == "True"
+
+
+def _listening(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket ``pid`` listens on, from /proc (IPv4 and IPv6)."""
+    import ipaddress
+
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for table, width in (("tcp", 4), ("tcp6", 16)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in inodes:  # 0A: LISTEN
+                continue
+            addr, port = f[1].split(":")
+            raw = bytes.fromhex(addr)
+            # /proc writes each 32-bit word little-endian.
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+            out.append((str(ipaddress.ip_address(raw)), int(port, 16)))
+    return out
+
+
+def test_seaweedfs_listens_on_loopback_only_and_its_filer_refuses_anonymous_requests(stack, s3_config):
+    """Every port of the S3 service is on 127.0.0.1; WebDAV and the catalog ports are not
+    started; the filer and volume servers (which S3 needs) refuse requests without a JWT,
+    while S3 itself works with its credentials."""
+    import urllib.error
+    import urllib.request
+
+    svc = stack.services()["s3"]
+    ports = _listening(svc.pid)
+    assert ports and all(addr == "127.0.0.1" for addr, _ in ports), ports
+    # Master, volume, filer, S3, admin and metrics, and the gRPC ports of the first five:
+    # WebDAV (default 7333) and the Iceberg (8181) and Lance (9101) catalogs are not started.
+    assert len(ports) <= 11 and not {7333, 8181, 9101} & {p for _, p in ports}, ports
+    for url, method, data in [(f"{svc.endpoints['filer']}/buckets/{s3_config.bucket}/", "GET", None),
+                              (f"{svc.endpoints['filer']}/anonymous.txt", "PUT", b"x"),
+                              (f"{svc.endpoints['filer']}/anonymous.txt", "POST", b"x")]:
+        req = urllib.request.Request(url, data=data, method=method)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 401, (url, method, e.value.code)
+    key = f"tests/listeners-{uuid.uuid4().hex[:8]}"
+    assert s3_request(s3_config, "PUT", f"/{s3_config.bucket}/{key}", b"through S3")[0] == 200
+    assert s3_request(s3_config, "GET", f"/{s3_config.bucket}/{key}") == (200, b"through S3")
+    security = Path(svc.data_dir) / "security.toml"
+    assert security.stat().st_mode & 0o077 == 0
+
+
+def test_s3_listing_follows_continuation_past_1000_keys(s3_config: S3Config, s3_prefix):
+    """An S3 listing answers at most 1,000 keys per request: S3Objects.list returns them all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memstream.storage.objects import S3Objects
+
+    objects = S3Objects(s3_config.uri(s3_prefix), s3_config.storage_options())
+    names = [f"many/k{i:04d}&.json" for i in range(1005)]  # '&' comes back XML-escaped
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(lambda n: objects.put_if_absent(n, b"{}"), names))
+    first = objects._request_list(f"{s3_prefix}/many/")[1]
+    assert b"<IsTruncated>true</IsTruncated>" in first  # one request does not hold them all
+    assert sorted(objects.list("many")) == sorted(names)

@@ -19,16 +19,18 @@ LAYERS = {
     "memstream.wire": 1, "memstream.crypto": 1, "memstream.episodic.window": 1, "memstream.episodic.chain": 1,
     "memstream.episodic.decay": 1, "memstream.episodic.progress": 1, "memstream.longterm.entry": 1, "memstream.longterm.policy": 1,
     "memstream.longterm.train_policy": 1, "memstream.read.routing": 1, "memstream.read.train_routing": 1,
+    "memstream.read.window": 1, "memstream.access.grants": 1,
     "memstream.operators": 1, "memstream.kernels": 1, "memstream.text_latents": 1,
     # 2: stores and the Kafka topics
     "memstream.storage": 2, "memstream.episodic.store": 2, "memstream.episodic.ledger": 2,
-    "memstream.longterm.store": 2, "memstream.topics": 2,
+    "memstream.longterm.store": 2, "memstream.topics": 2, "memstream.access.registry": 2,
     # 3: processes
     "memstream.pipelines": 3, "memstream.read.memory": 3, "memstream.maintenance": 3, "memstream.sdk": 3,
     # 4: entry points
     "memstream.cli": 4, "memstream.read.http": 4, "memstream.dags": 4, "memstream.demo": 4,
     # the package's own __init__ files only describe (and lazily re-export) what is below them
     "memstream": 0, "memstream.episodic": 0, "memstream.longterm": 2, "memstream.read": 0,
+    "memstream.access": 0,
 }
 DEV = "memstream.infra"  # dev services: outside the layers, imported by entry points and tests only
 MAY_IMPORT_DEV = ("memstream.cli", "memstream.demo", DEV)

@@ -108,3 +108,61 @@ def test_scan_reports_objects_with_hits(tmp_path):
     report = scan_storage(m, [(str(tmp_path), None)])
     assert (report.files, report.bytes) == (2, 6064)
     assert {h[0] for h in report.hits} == {str(tmp_path / "a" / "x.bin")}
+
+
+def _data_files(store) -> set[str]:
+    return {df.path for f in store.table("entries").to_lance().get_fragments() for df in f.metadata.files}
+
+
+def test_erase_rewrites_only_the_fragments_that_held_forgotten_rows(tmp_path):
+    """Five appends make five fragments; the subject's entries sit in two of them. The erase
+    rewrites those two, leaves the other data files as they were, remaps the HNSW index
+    instead of rebuilding it, and the scan of every stored byte proves nothing remains."""
+    key = SigningKey.generate()
+    store = LongTermStore(str(tmp_path / "lt"), keyring=KeyRing([key]), signer=key, dim=16)
+    rng = np.random.default_rng(7)
+    for batch in range(5):
+        forget = batch in (1, 3)
+        store.append([store.new_entry(rng.standard_normal(16), f"{'SECRET' if forget and i % 5 == 0 else 'kept'}"
+                                                               f"-{batch}-{i}-padding".encode(), query="q",
+                                      forget_tag="t" if forget and i % 5 == 0 else None,
+                                      forget_subject="dana" if forget and i % 5 == 0 else None)
+                      for i in range(200)])
+    store.build_index("hot", "ivf_hnsw_sq", num_partitions=2)
+    before, index_before = _data_files(store), store.table("entries").list_indices()[0].index_uuid
+    probe = store.rows(["entry_id", "vector"], "forget_subject IS NULL").to_pylist()[:5]
+    store.request_forget("dana", ForgetRequest.create(key, store.store_id, "dana"))
+    planned = purge.plan(store)
+    assert planned["entries"] == 80
+    erased = purge.erase(store, planned["purge_id"])["removed_now"]
+    assert (erased["hot"], erased["fragments_rewritten"], erased["fragments"], erased["index_rebuilds"]) == (80, 2, 5, 0)
+    after = _data_files(store)
+    assert len(before & after) == 3 and len(after - before) >= 1  # three fragments untouched
+    index = store.table("entries").list_indices()[0]
+    assert index.index_type == "IvfHnswSq" and index.num_indexed_rows == 920 and index.index_uuid != index_before
+    for row in probe:  # the remapped index still finds what it holds
+        assert store.search(row["vector"], 1, record_access=False)[0].entry_id == row["entry_id"]
+    assert purge.check(store, planned["purge_id"])["hits"] == 0
+
+
+def test_a_centroid_that_copies_a_forgotten_vector_makes_the_erase_rebuild_the_index(tmp_path):
+    """With as many IVF partitions as rows every centroid is one of the vectors: a remap
+    would keep the forgotten one, so the erase rebuilds the index."""
+    from memstream.longterm.store import _centroid_copies
+
+    key = SigningKey.generate()
+    store = LongTermStore(str(tmp_path / "lt"), keyring=KeyRing([key]), signer=key, dim=8)
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((12, 8))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store.append([store.new_entry(v, f"entry-{i}-payload-bytes".encode(), query="q", forget_tag="t" if i == 4 else None,
+                                  forget_subject="erin" if i == 4 else None) for i, v in enumerate(vectors)])
+    store.build_index("hot", "ivf_flat", num_partitions=12)
+    forgotten = np.asarray(vectors[4:5], np.float32)
+    assert _centroid_copies(store.table("entries").to_lance(), "vector_idx", forgotten)
+    store.request_forget("erin", ForgetRequest.create(key, store.store_id, "erin"))
+    planned = purge.plan(store)
+    erased = purge.erase(store, planned["purge_id"])["removed_now"]
+    assert erased["hot"] == 1 and erased["index_rebuilds"] == 1
+    assert not _centroid_copies(store.table("entries").to_lance(), "vector_idx", forgotten)
+    assert purge.check(store, planned["purge_id"])["hits"] == 0

@@ -28,7 +28,7 @@ from memstream.settings import WINDOW
 from memstream.read.memory import Memory
 from memstream.sdk import Publisher
 from memstream.read.http import create_app
-from tests.read_fixtures import cue, write_session
+from tests.read_fixtures import cue, wait_healthy, write_session
 
 D = 384
 
@@ -43,7 +43,7 @@ def served(tmp_path_factory):
     lt = LongTermStore(str(root / "ltm"), keyring=KeyRing([key]), signer=key, dim=D)
     lt.append([lt.new_entry(v, f"p{i}".encode(), query=f"q{i}") for i, v in enumerate(x[:20])])
     memory = Memory(str(root / "m"), str(root / "ltm"), keyring=KeyRing([key]), model=model)
-    app = create_app(memory)
+    app = create_app(memory, insecure_no_auth=True)  # the API's shape; access is tests/test_auth.py's
     yield memory, app, x, key
     memory.close()
 
@@ -108,7 +108,8 @@ def test_nan_and_malformed_json_are_refused(client):
     nan_b64 = base64.b64encode(np.full(D, np.nan, "<f4").tobytes()).decode()
     r = client.post("/v1/read", json={"query_b64": nan_b64, "session_id": "s"})
     assert r.status_code == 422 and r.json()["error"] == {
-        "code": "invalid_query", "message": "the query latent holds NaN or Inf: pass finite values"}
+        "code": "invalid_query", "message": "the query latent holds NaN or Inf: pass finite values",
+        "type": "InvalidQueryError"}
     r = client.post("/v1/read", content=b'{"query": [1, 2', headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "malformed_request"
 
@@ -176,6 +177,12 @@ def test_published_latents_read_back_through_python_and_http(kafka_bootstrap, to
         assert p.verified and p.hash == r.hash.hex() and p.key_id == key.key_id and p.session_id == "e2e"
         assert (p.seq_start, p.seq_end) == (r.seq_start, r.seq_end) == (
             p.window_index * WINDOW, min(len(x), (p.window_index + 1) * WINDOW))
+    # Authentication is on by default: a tenant owning the session, and its credential.
+    cli = [sys.executable, "-m", "memstream.cli"]
+    subprocess.run([*cli, "tenants", "add", "t1", "--sessions", "e2e", "--episodic", store], check=True)
+    issued = subprocess.run([*cli, "credentials", "issue", "--tenant", "t1", "--episodic", store, "--json"],
+                            check=True, capture_output=True, text=True)
+    auth = {"Authorization": f"Bearer {json.loads(issued.stdout)['token']}"}
     port = _free_port()
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
@@ -184,17 +191,11 @@ def test_published_latents_read_back_through_python_and_http(kafka_bootstrap, to
                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.5)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/read", timeout=60, json={
-            "query": cue(x[WINDOW + 100], 0.3, 1).tolist(), "session_id": "e2e", "k": 3, "route": "episodic"})
+        wait_healthy(port, server, log)
+        body = {"query": cue(x[WINDOW + 100], 0.3, 1).tolist(), "session_id": "e2e", "k": 3, "route": "episodic"}
+        anonymous = httpx.post(f"http://127.0.0.1:{port}/v1/read", timeout=60, json=body)
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["type"] == "AuthenticationError"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/read", timeout=60, json=body, headers=auth)
         assert r.status_code == 200, r.text
         over_http = {f["episodic"]["window_index"]: f for f in r.json()["fragments"]}
         for f in res.fragments:
@@ -208,3 +209,71 @@ def test_published_latents_read_back_through_python_and_http(kafka_bootstrap, to
 
     assert ReadLedger(store).query_count("e2e") == 2  # one read each way; the server flushed on shutdown
 
+
+
+def test_concurrent_reads_over_http_agree_with_serial_ones_and_a_cold_session_blocks_no_other(tmp_path):
+    """`memstream serve`'s app on a real uvicorn server with 4 read threads: 16 clients at once
+    get the answers one client gets alone, and while one client waits for a large session to
+    load from the store, reads of a loaded session go on."""
+    import threading
+
+    import uvicorn
+
+    key, model = SigningKey.generate(), load_default()
+    rng = np.random.default_rng(8)
+    uri = str(tmp_path / "m")
+    x = rng.standard_normal((2 * WINDOW, D)).astype(np.float32)
+    write_session(uri, None, model, key, "s", x)
+    write_session(uri, None, model, key, "big", rng.standard_normal((240 * 256, D)).astype(np.float32), window=256)
+    memory = Memory(uri, keyring=KeyRing([key]), model=model)
+    memory.session_memory("s")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(memory, workers=4, insecure_no_auth=True), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}/v1/read"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        queries = [cue(x[i * 500], 0.3, i) for i in range(16)]
+
+        def post(q, session="s"):
+            with httpx.Client(timeout=300) as c:
+                r = c.post(url, json={"query": q.tolist(), "session_id": session, "k": 2, "route": "episodic"})
+                assert r.status_code == 200, r.text
+                return r.json()
+
+        alone = [post(q) for q in queries]
+        together: list = [None] * len(queries)
+        done_at: dict[str, float] = {}
+
+        def client(i):
+            together[i] = post(queries[i])
+
+        def cold():
+            post(queries[0], "big")
+            done_at["big"] = time.monotonic()
+
+        loader = threading.Thread(target=cold)
+        loader.start()
+        time.sleep(0.05)
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(queries))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done_at["s"] = time.monotonic()
+        loader.join()
+        assert done_at["s"] < done_at["big"], "reads of a loaded session waited for a cold one to load"
+        for a, b in zip(alone, together):
+            assert [f["episodic"]["window_index"] for f in a["fragments"]] == [
+                f["episodic"]["window_index"] for f in b["fragments"]]
+            assert [f["score"] for f in a["fragments"]] == pytest.approx([f["score"] for f in b["fragments"]])
+            assert b["reconstruction"] == pytest.approx(a["reconstruction"], abs=1e-5)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert memory.stats.reads == 2 * len(queries) + 1

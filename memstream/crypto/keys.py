@@ -11,7 +11,7 @@ import binascii
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -217,3 +217,20 @@ def write_key_file(path: str | Path, key: SigningKey, role: str) -> Path:
     with os.fdopen(fd, "wb") as f:
         f.write(body)
     return path
+
+
+def check_distinct_roles(roles: Mapping[str, Iterable["VerifyKey | SigningKey"] | None]) -> None:
+    """Refuse one key in two roles (``{"validator": ring, "governance": ring, ...}``): a
+    validator key that is also a governance key would let one holder both write and approve
+    removals, and M-of-N would count it twice over. A key file states its role; a bare key,
+    or the same key under two files, is caught here, where the roles meet."""
+    seen: dict[str, str] = {}
+    for role, keys in roles.items():
+        if role not in ROLES:
+            raise ConfigError(f"unknown key role {role!r}: choose one of {', '.join(ROLES)}")
+        for key in keys or ():
+            vk = key.verify_key if isinstance(key, SigningKey) else key
+            other = seen.setdefault(vk.key_id, role)
+            if other != role:
+                raise ConfigError(f"key {vk.key_id} is configured as both a {other} key and a {role} key: roles "
+                                  f"never share a key; make a {role} key with `memstream keys new --role {role}`")

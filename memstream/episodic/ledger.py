@@ -124,6 +124,10 @@ class ReadLedger:
         (self._biases.merge_insert(["session_id", "window_index"]).when_matched_update_all()
          .when_not_matched_insert_all().execute(data))
 
+    def biases_version(self) -> int:
+        """The bias table's latest version: it changes whenever biases are stored or dropped."""
+        return self._biases.version
+
     def biases(self, session_id: str, windows: Sequence[int] | None = None) -> dict[int, float]:
         """window index -> stored decay bias (summaries without one have bias 0)."""
         rows = (self._biases.search().where(f"session_id = {quote(session_id)}")

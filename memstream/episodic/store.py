@@ -217,6 +217,11 @@ class EpisodicStore:
         rows.sort(key=lambda r: r["window_index"])
         return [SummaryRecord(**{k: r[k] for k in _FIELDS}) for r in rows]
 
+    def version(self) -> int:
+        """The summaries table's latest version: it changes with every append and eviction, so
+        a reader can tell in one small read whether anything it holds may have changed."""
+        return self.table.version
+
     def hashes(self, session_id: str, since_window: int = 0) -> dict[int, bytes]:
         """window_index -> hash of the session's stored summaries (no tokens read)."""
         rows = (self.table.search().where(f"session_id = {quote(session_id)} AND window_index >= {since_window}")

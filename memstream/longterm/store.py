@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey
+from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey, check_distinct_roles
 from memstream.crypto.merkle import MerkleFrontier, MerkleTree
 from memstream.crypto.proof import verify_inclusion
 from memstream.crypto.signed import SignedTreeHead, verify_record
@@ -50,7 +51,8 @@ from memstream.longterm.policy import K, WriteDecision, WritePolicy
 from memstream.schemas.generate import arrow_schema, to_arrow
 from memstream.schemas.records import (AccessRecord, AccessStats, ForgetRequestRow, LongTermEntry, MerkleLeaf,
                                        PurgeAttestation, PurgeRecord, RemovalRecord, TreeHeadRow)
-from memstream.settings import ATTESTATIONS_TOPIC, LATENT_DIM, LEASE_TTL_S, LONGTERM_METRIC, NPROBES
+from memstream.settings import (ATTESTATIONS_TOPIC, HNSW_ROWS, LATENT_DIM, LEASE_TTL_S, LONGTERM_EF, LONGTERM_INDEX,
+                                LONGTERM_METRIC, LONGTERM_REFINE, NPROBES)
 from memstream.storage.lance import connect
 from memstream.storage.lease import Leases
 from memstream.storage.objects import object_store
@@ -190,6 +192,7 @@ class LongTermStore:
         self.access_flush_every = access_flush_every
         if signer is not None and signer.key_id not in keyring:
             keyring.add(signer)
+        check_distinct_roles({"validator": keyring, "governance": governance.keys if governance else None})
         objects = object_store(self.uri, self.storage_options)
         self.leases = Leases(objects, ttl_s=lease_ttl_s)
         meta = {"store_id": os.urandom(16).hex(), "dim": dim, "metric": metric}
@@ -202,6 +205,7 @@ class LongTermStore:
         self._tables["entries"] = self._ensure(self._db, "entries", entries_schema(self.dim))
         self._cold = self._ensure(self._cold_db, "entries", entries_schema(self.dim))
         self._access: list[tuple[str, int, str]] = []
+        self._access_lock = threading.Lock()  # readers share a store across threads
         self._producer = None
 
     # ------------------------------------------------------------------ plumbing
@@ -368,28 +372,57 @@ class LongTermStore:
 
     # ------------------------------------------------------------------ reads
 
-    def build_index(self, tier: str = "hot", num_partitions: int | None = None, replace: bool = True) -> None:
-        """IVF_FLAT over the vectors: quick to build on few cores, exact distances inside the
-        probed partitions, so recall depends only on ``nprobes``."""
-        from lancedb.index import IvfFlat
+    def build_index(self, tier: str = "hot", kind: str = LONGTERM_INDEX, num_partitions: int | None = None,
+                    replace: bool = True) -> None:
+        """A vector index over the tier: ``kind`` "ivf_hnsw_sq" (an HNSW graph over 8-bit
+        scalar-quantized vectors in each IVF partition; searches refine on the stored vectors),
+        "ivf_pq" (product quantization, 4 dimensions a code) or "ivf_flat" (exact distances in
+        the probed partitions, quick to build). See docs/longterm.md for what each costs."""
+        from lancedb.index import HnswSq, IvfFlat, IvfPq
 
         table = self._tables["entries"] if tier == "hot" else self._cold
         n = table.count_rows()
-        parts = num_partitions or max(1, int(round(n ** 0.5)))
-        table.create_index("vector", config=IvfFlat(distance_type=self.metric, num_partitions=parts),
-                           replace=replace)
+        if kind == "ivf_flat":
+            config = IvfFlat(distance_type=self.metric, num_partitions=num_partitions or max(1, round(n ** 0.5)))
+        elif kind == "ivf_pq":
+            config = IvfPq(distance_type=self.metric, num_partitions=num_partitions or max(1, round(n ** 0.5)),
+                           num_sub_vectors=max(1, self.dim // 4))
+        elif kind == "ivf_hnsw_sq":
+            # Few, large partitions: the graph does the narrowing within one.
+            config = HnswSq(distance_type=self.metric, num_partitions=num_partitions or max(1, round(n / HNSW_ROWS)))
+        else:
+            raise ConfigError(f"index kind must be ivf_hnsw_sq, ivf_pq or ivf_flat, got {kind!r}")
+        table.create_index("vector", config=config, replace=replace)
 
     def search(self, vector, k: int = 10, *, include_cold: bool = False, nprobes: int = NPROBES,
-               record_access: bool = True) -> list[Hit]:
+               ef: int = LONGTERM_EF, refine: int = LONGTERM_REFINE, record_access: bool = True,
+               subjects: frozenset[str] | None = None) -> list[Hit]:
         """The ``k`` nearest entries; cold entries only with ``include_cold`` (slower: the
-        cold tier is usually unindexed). Each hit names its tier."""
+        cold tier is usually unindexed). Each hit names its tier. ``nprobes`` IVF partitions
+        are searched; with an HNSW index ``ef`` candidates each; ``refine`` > 0 re-ranks
+        ``refine * k`` candidates by their stored vectors (quantized indexes only).
+        ``subjects``: only entries bound to one of these subject hashes (a tenant's scope;
+        an empty set finds nothing); None: every entry."""
         q = np.asarray(vector, np.float32).reshape(-1)
         hits: list[Hit] = []
+        if subjects is not None and not subjects:
+            return hits
+        where = None
+        if subjects is not None:
+            bad = [h for h in subjects if not (len(h) == 64 and all(c in "0123456789abcdef" for c in h))]
+            if bad:  # hashes only: nothing a caller controls reaches the predicate
+                raise ConfigError(f"subjects must be subject hashes (64 hex digits, subject_hash()), got {bad[0]!r}")
+            where = f"forget_subject IN ({', '.join(repr(h) for h in sorted(subjects))})"
         cols = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
                 "query_hash", "key_id", "_distance"]
         for tier, table in self._tier_tables(include_cold):
-            res = (table.search(q, vector_column_name="vector").distance_type(self.metric).nprobes(nprobes)
-                   .limit(k).select(cols).to_arrow())
+            query = (table.search(q, vector_column_name="vector").distance_type(self.metric).nprobes(nprobes)
+                     .ef(ef).limit(k).select(cols))
+            if where is not None:  # before the vector search: a post-filter would return fewer than k
+                query = query.where(where, prefilter=True)
+            if refine:
+                query = query.refine_factor(refine)
+            res = query.to_arrow()
             for r in res.to_pylist():
                 hits.append(Hit(r["entry_id"], float(r["_distance"]), tier, r["payload"], r["payload_kind"],
                                 r["supersedes"], r["timestamp_ns"], r["validator_key_hash"], r["query_hash"],
@@ -405,17 +438,19 @@ class LongTermStore:
         made with ``record_access=False`` that were then returned after all."""
         if hits:
             now = time.time_ns()
-            self._access.extend((h.entry_id, now, h.tier) for h in hits)
-            if len(self._access) >= self.access_flush_every:
+            with self._access_lock:
+                self._access.extend((h.entry_id, now, h.tier) for h in hits)
+                full = len(self._access) >= self.access_flush_every
+            if full:
                 self.flush_access_log()
 
     def flush_access_log(self) -> None:
-        """Append buffered retrievals to the access log (the signed rows are never touched)."""
-        if not self._access:
-            return
-        ids, ts, tiers = zip(*self._access)
-        self._access = []
-        self._tables["access_log"].add(to_arrow([AccessRecord(*a) for a in zip(ids, ts, tiers)], AccessRecord))
+        """Append buffered retrievals to the access log (the signed rows are never touched).
+        Thread-safe: each buffered retrieval is written once, outside the lock."""
+        with self._access_lock:
+            rows, self._access = self._access, []
+        if rows:
+            self._tables["access_log"].add(to_arrow([AccessRecord(*a) for a in rows], AccessRecord))
 
     def retrieval_stats(self, entry_ids: Sequence[str]) -> dict[str, RetrievalStats]:
         self.flush_access_log()
@@ -518,28 +553,36 @@ class LongTermStore:
             for table in [*self._tables.values(), self._cold]:
                 table.optimize(cleanup_older_than=cleanup_older_than, delete_unverified=True)
 
-    def erase(self, entry_ids: Sequence[str], lease_timeout_s: float = 300.0) -> dict[str, int]:
+    def erase(self, entry_ids: Sequence[str], lease_timeout_s: float = 300.0,
+              rebuild_indexes: bool = False) -> dict[str, int]:
         """Forget purge of ``entry_ids`` from both tiers, so that no data, deletion, index,
-        old-version or transaction file keeps their bytes: delete; compact every fragment
-        with deletions (``materialize_deletions_threshold=0``); rebuild the indexes, whose
-        files hold copies; drop every old version, unverified files included. Deleting
-        unreferenced files corrupts a table that a writer is appending to, so the whole step
-        holds the maintenance lease. The delete predicate names entry ids only, which the
-        Merkle log keeps anyway. Retry-safe: ids already gone are skipped, and the rest of the
-        sequence runs again. Returns the rows erased per tier."""
+        old-version or transaction file keeps their bytes: delete; rewrite the fragments that
+        held them, and only those (the same commit remaps every index to the rewritten rows,
+        without the erased ones); rebuild a vector index outright only when one of its
+        centroids is a copy of an erased vector (or with ``rebuild_indexes``); drop every old
+        version, unverified files included. Deleting unreferenced files corrupts a table that
+        a writer is appending to, so the whole step holds the maintenance lease. The delete
+        predicate names entry ids only, which the Merkle log keeps anyway. Retry-safe: ids
+        already gone are skipped, and the rest of the sequence runs again. Returns the rows
+        erased per tier, the fragments rewritten (of all) and the index rebuilds."""
         ids = sorted(set(entry_ids))
-        removed = {"hot": 0, "cold": 0}
+        removed = {"hot": 0, "cold": 0, "fragments_rewritten": 0, "fragments": 0, "index_rebuilds": 0}
         with self.leases.maintenance(lease_timeout_s):
             for tier, table in self._tier_tables(True):
-                n = 0
+                n, vectors = 0, []
                 for start in range(0, len(ids), 10_000):
                     pred = _ids_predicate(ids[start:start + 10_000])
-                    k = table.count_rows(pred)
-                    if k:
+                    rows = self._read(table, ["vector"], pred)
+                    if rows.num_rows:
+                        vectors.append(rows["vector"].combine_chunks().values.to_numpy(zero_copy_only=False))
                         table.delete(pred)
-                    n += k
+                    n += rows.num_rows
                 removed[tier] = n
-                self._rewrite_without_deleted(table, tier)
+                forgotten = (np.concatenate(vectors).reshape(-1, self.dim) if vectors
+                             else np.zeros((0, self.dim), np.float32))
+                done = self._rewrite_without_deleted(table, tier, forgotten, rebuild_indexes)
+                for key in ("fragments_rewritten", "fragments", "index_rebuilds"):
+                    removed[key] += done[key]
             # Retrieval records of the erased entries hold only their ids; readers append to the
             # access log without a lease, so these two tables get a logical delete, no cleanup.
             for name in ("access_log", "access_stats"):
@@ -547,17 +590,27 @@ class LongTermStore:
                     self._tables[name].delete(_ids_predicate(ids[start:start + 10_000]))
         return removed
 
-    def _rewrite_without_deleted(self, table, tier: str) -> None:
+    def _rewrite_without_deleted(self, table, tier: str, forgotten: np.ndarray, rebuild: bool) -> dict[str, int]:
         from lancedb.index import Bitmap, BTree, LabelList
 
-        table.to_lance().optimize.compact_files(materialize_deletions_threshold=0.0)
-        table.checkout_latest()
+        ds = table.to_lance()
+        fragments = [f.fragment_id for f in ds.get_fragments()]
+        touched = [f.fragment_id for f in ds.get_fragments() if f.metadata.deletion_file is not None]
+        out = {"fragments": len(fragments), "fragments_rewritten": len(touched), "index_rebuilds": 0}
+        if touched:
+            # Fragments without deletions stay as they are (and bound the groups compaction
+            # merges); the commit remaps every index to the rewritten rows.
+            ds.optimize.compact_files(materialize_deletions_threshold=0.0,
+                                      excluded_fragment_ids=sorted(set(fragments) - set(touched)))
+            table.checkout_latest()
         for idx in table.list_indices():
             if not table.count_rows():
                 table.drop_index(idx.name)
             elif idx.columns == ["vector"]:
-                self.build_index(tier, replace=True)
-            else:
+                if rebuild or _centroid_copies(table.to_lance(), idx.name, forgotten):
+                    self.build_index(tier, _INDEX_KINDS.get(idx.index_type, "ivf_flat"), replace=True)
+                    out["index_rebuilds"] += 1
+            elif rebuild:
                 scalar = {"BTree": BTree, "Bitmap": Bitmap, "LabelList": LabelList}.get(idx.index_type)
                 if scalar is None:
                     raise ConfigError(f"cannot rebuild index {idx.name} of type {idx.index_type}")
@@ -565,6 +618,7 @@ class LongTermStore:
         table.checkout_latest()
         table.to_lance().cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
         table.checkout_latest()
+        return out
 
     def remove(self, request: RemovalRequest, approvals: Sequence[Approval]) -> RemovalReceipt:
         """Remove entries under an M-of-N governance-approved request."""
@@ -798,3 +852,25 @@ def _verify_fragments(uri: str, storage_options: dict[str, str], fragment_ids: l
             checked += c
             failed += f
     return checked, failed
+
+
+_INDEX_KINDS = {"IvfFlat": "ivf_flat", "IvfHnswSq": "ivf_hnsw_sq", "IvfPq": "ivf_pq"}
+
+
+def _centroid_copies(ds, index_name: str, forgotten: np.ndarray) -> bool:
+    """Whether an IVF centroid of the index is (up to float rounding) one of the ``forgotten``
+    vectors: k-means can leave an outlier alone in its partition, and the centroid is then a
+    copy of it, which a remap of the row ids keeps."""
+    if not len(forgotten):
+        return False
+    os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "true")  # lance 13 reports them only when asked
+    for part in ds.stats.index_stats(index_name).get("indices", []):
+        c = np.asarray(part.get("centroids") or [], np.float32)
+        if not c.size:
+            continue
+        c = c.reshape(len(c), -1) / np.maximum(np.linalg.norm(c.reshape(len(c), -1), axis=1, keepdims=True), 1e-30)
+        f = forgotten / np.maximum(np.linalg.norm(forgotten, axis=1, keepdims=True), 1e-30)
+        for start in range(0, len(f), 4096):
+            if (f[start:start + 4096] @ c.T).max() > 1 - 1e-6:
+                return True
+    return False

@@ -14,9 +14,12 @@ time against a replica (:class:`Memory` over replica stores); a disagreement is 
 ``memstream.read-divergence`` and counted.
 
 The episodic read is the compressor's own decoder (:meth:`Compressor.attend
-<memstream.operators.model.Compressor.attend>`) over the session's summary tokens, which are
-decoded from storage once and cached with their slot norms (keyed by the stored windows and
-their hashes).
+<memstream.operators.model.Compressor.attend>`) over the session's summary tokens, in two
+stages (:mod:`memstream.read.window`: a coarse index over groups of each summary's slots picks
+candidate summaries, the decoder reads those whole), or over every token with
+``mode="exact"``. A session's tokens are read from storage and verified once, held as fp16
+with their index, and kept in a byte-bounded LRU cache of sessions; new summaries are added
+and evicted ones dropped without reloading the rest.
 """
 
 from __future__ import annotations
@@ -39,13 +42,16 @@ from memstream.episodic.ledger import ReadLedger
 from memstream.episodic.store import EpisodicStore
 from memstream.errors import ConfigError, IntegrityError, InvalidQueryError, ServiceError, SessionNotFoundError
 from memstream.longterm.store import LongTermStore
-from memstream.read.routing import RoutePolicy, centroids_of
+from memstream.read.routing import RoutePolicy
+from memstream.read.window import SessionWindow
 from memstream.schemas.records import ReadDivergence
-from memstream.settings import LEDGER_FLUSH_EVERY, MAX_READ_K, NPROBES, READ_CACHE_BYTES, READ_DIVERGENCE_TOPIC
+from memstream.settings import (LEDGER_FLUSH_EVERY, MAX_READ_K, NPROBES, READ_CACHE_BYTES, READ_CANDIDATES,
+                                READ_DIVERGENCE_TOPIC, READ_GROUPS, READ_MODE, READ_PROBE_GROUPS)
 
 log = logging.getLogger(__name__)
 
 ROUTES = ("episodic", "longterm", "both")
+MODES = ("two_stage", "exact")
 Route = Literal["episodic", "longterm", "both"]
 MAX_K = MAX_READ_K
 
@@ -136,24 +142,28 @@ class ReadStats:
 
 @dataclass
 class SessionMemory:
-    """One session's stored summaries, decoded once: tokens [N, d] fp32 (summaries in window
-    order, ``counts[i]`` tokens each), their provenance, and a mean token per summary."""
+    """One session's stored summaries as the read path holds them: their hashes and
+    provenance (verified when loaded) and the :class:`SessionWindow` of their fp16 tokens."""
 
     session_id: str
     hashes: dict[int, bytes]
-    windows: list[int]
-    counts: torch.Tensor
-    tokens: torch.Tensor
     provenance: dict[int, EpisodicProvenance]
-    centroids: torch.Tensor  # [n_summaries, rank]: mean slot of each summary (routing features)
-    slot_norms: torch.Tensor  # [N * slots_per_token]: saves the decoder a pass over the tokens per read
+    window: SessionWindow
+    version: int = -1  # of the summaries table when ``hashes`` were read
+    biases: tuple[int, dict[int, float]] = (-1, {})  # (bias table version, the session's decay biases)
+
+    @property
+    def windows(self) -> list[int]:
+        return self.window.windows
+
+    @property
+    def centroids(self) -> np.ndarray:
+        """[n, rank]: the mean slot of each summary, in window order (routing features)."""
+        return self.window.centroids()
 
     @property
     def nbytes(self) -> int:
-        return self.tokens.numel() * self.tokens.element_size()
-
-    def offsets(self) -> list[int]:
-        return [0, *np.cumsum(self.counts.numpy()).tolist()]
+        return self.window.nbytes
 
 
 # ------------------------------------------------------------------------------ the API
@@ -166,12 +176,18 @@ class Memory:
     loaded, and the long-term store is opened with it. ``replica`` and ``sample_rate``: that
     fraction of reads also runs on ``replica`` (another Memory, e.g. over replica stores),
     and a divergence is published to ``divergence_topic`` on ``kafka_bootstrap``.
-    Thread-safe; each process opens its own. ``close()`` flushes the accounting."""
+    ``mode``: "two_stage" (``groups``, ``probe_groups`` and ``candidates`` set it; see
+    :mod:`memstream.read.window`) or "exact". ``cache_bytes`` bounds the sessions held in
+    memory (least recently read first out; the session being read always stays).
+    Thread-safe, and no lock is held across a read; each process opens its own. ``close()``
+    flushes the accounting."""
 
     def __init__(self, episodic_uri: str, longterm_uri: str | None = None, *,
                  storage_options: dict[str, str] | None = None,
                  longterm_storage_options: dict[str, str] | None = None, keyring=None, model=None,
                  router=None, include_cold: bool = False, nprobes: int = NPROBES, cache_bytes: int = READ_CACHE_BYTES,
+                 mode: str = READ_MODE, groups: int = READ_GROUPS, probe_groups: int = READ_PROBE_GROUPS,
+                 candidates: int = READ_CANDIDATES,
                  flush_every: int = LEDGER_FLUSH_EVERY, replica: "Memory | None" = None, sample_rate: float = 0.0,
                  kafka_bootstrap: str | None = None, divergence_topic: str = READ_DIVERGENCE_TOPIC,
                  score_tolerance: float = 1e-3, seed: int | None = None):
@@ -181,6 +197,10 @@ class Memory:
             raise ConfigError("read sampling needs a replica: pass replica=Memory(<replica stores>)")
         if sample_rate > 0 and not kafka_bootstrap:
             raise ConfigError("read sampling publishes divergences to Kafka: pass kafka_bootstrap")
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if min(groups, probe_groups, candidates) < 1 or cache_bytes < 0:
+            raise ConfigError("groups, probe_groups and candidates must be >= 1 and cache_bytes >= 0")
         if model is None:
             from memstream.operators.checkpoint import load_default  # torch weights: loaded only when needed
 
@@ -203,6 +223,7 @@ class Memory:
         self.router = router
         self.include_cold, self.nprobes = include_cold, nprobes
         self.cache_bytes = cache_bytes
+        self.mode, self._window_args = mode, {"groups": groups, "probe": probe_groups, "candidates": candidates}
         self.replica, self.sample_rate = replica, sample_rate
         self.kafka_bootstrap, self.divergence_topic = kafka_bootstrap, divergence_topic
         self.score_tolerance = score_tolerance
@@ -211,7 +232,6 @@ class Memory:
         self._cache: collections.OrderedDict[str, SessionMemory] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
-        self._lt_lock = threading.Lock()  # the store's access-log buffer is not thread-safe
         self._stats_lock = threading.Lock()
         self._producer = None
 
@@ -220,8 +240,7 @@ class Memory:
         """Write the buffered accounting (read ledger and long-term access log)."""
         self.ledger.flush()
         if self.longterm is not None:
-            with self._lt_lock:
-                self.longterm.flush_access_log()
+            self.longterm.flush_access_log()
         if self._producer is not None:
             self._producer.close(timeout=10)
             self._producer = None
@@ -234,10 +253,13 @@ class Memory:
 
     # -- the read ----------------------------------------------------------------------
     def read(self, query, session_id: str, k: int = 8, *, route: Route | None = None,
-             account: bool = True) -> ReadResult:
+             account: bool = True, subjects: frozenset[str] | None = None) -> ReadResult:
         """Read ``k`` fragments (per store consulted) for ``query_latent`` [d] in ``session_id``.
         ``route`` overrides the routing policy; ``account=False`` leaves the accounting alone
-        (the replica's side of a sampled read)."""
+        (the replica's side of a sampled read). ``subjects``: long-term search (the routing
+        probe included) sees only entries of these subject hashes, the caller's tenant's;
+        None: every entry. Whether the caller may read ``session_id`` is decided before
+        (:mod:`memstream.access`), so that a refused read is never accounted."""
         started = time.perf_counter()
         q = self._check_query(query)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
@@ -256,11 +278,10 @@ class Memory:
             # The policy reads the similarity of the nearest long-term entries: a probe search,
             # accounted only if its hits are returned.
             t0 = time.perf_counter()
-            with self._lt_lock:
-                probe = self.longterm.search(q.numpy(), int(k), include_cold=self.include_cold,
-                                             nprobes=self.nprobes, record_access=False)
+            probe = self.longterm.search(q.numpy(), int(k), include_cold=self.include_cold,
+                                         nprobes=self.nprobes, record_access=False, subjects=subjects)
             sims = [1.0 - h.distance for h in probe[:2]] + [float("nan")] * (2 - len(probe[:2]))
-            probs = self.router.probabilities(q, window.centroids.numpy(), self.model, sims)
+            probs = self.router.probabilities(q, window.centroids, self.model, sims)
             decision = RouteDecision(max(probs, key=probs.get), probs, "policy")
             timings["route_ms"] = (time.perf_counter() - t0) * 1e3
         else:
@@ -276,7 +297,7 @@ class Memory:
             timings["episodic_ms"] = (time.perf_counter() - t0) * 1e3
         if decision.route in ("longterm", "both"):
             t0 = time.perf_counter()
-            fragments += self._longterm(q, int(k), account, probe)
+            fragments += self._longterm(q, int(k), account, probe, subjects)
             timings["longterm_ms"] = (time.perf_counter() - t0) * 1e3
         read_id = uuid.uuid4().hex
         if account:
@@ -288,7 +309,7 @@ class Memory:
             self.stats.by_route[decision.route] += account
             sample = account and self.replica is not None and self._rng.random() < self.sample_rate
         if sample:
-            result = self._sample(result, q)
+            result = self._sample(result, q, subjects)
         result.timings_ms["total_ms"] = (time.perf_counter() - started) * 1e3
         log.info("read %s session=%s route=%s (%s%s) fragments=%s", read_id, session_id, decision.route,
                  decision.chosen_by, "".join(f" {r}={p:.2f}" for r, p in decision.probabilities.items()),
@@ -310,28 +331,28 @@ class Memory:
         return torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
 
     # -- episodic ----------------------------------------------------------------------
-    def _episodic(self, q: torch.Tensor, window: SessionMemory, k: int) -> tuple[list[Fragment], torch.Tensor]:
-        stored = self.ledger.biases(window.session_id)
-        per_summary = torch.tensor([stored.get(w, 0.0) for w in window.windows], dtype=torch.float32)
-        bias = torch.repeat_interleave(per_summary, window.counts) if per_summary.any() else None
-        with torch.no_grad():
-            out, p = self.model.attend(q[None], window.tokens, bias, window.slot_norms)
-        weights = p.mean(0).view(-1, self.model.config.slots_per_token).sum(1)  # per memory token, sums to 1
-        offs = window.offsets()
-        mass = torch.segment_reduce(weights, "sum", lengths=window.counts)
-        top = torch.topk(mass, min(k, len(window.windows))).indices.tolist()
-        fragments = []
-        for i in top:
-            w = window.windows[i]
-            with torch.no_grad():
-                own = self.model.attend(q[None], window.tokens[offs[i]:offs[i + 1]])[0][0]
-            fragments.append(Fragment("episodic", "hot", float(mass[i]), window.provenance[w],
-                                      latent=own.numpy(), bias=float(per_summary[i])))
-        return fragments, out[0]
+    def _episodic(self, q: torch.Tensor, memory: SessionMemory, k: int) -> tuple[list[Fragment], torch.Tensor]:
+        version = self.ledger.biases_version()
+        seen, stored = memory.biases
+        if seen != version:  # read the biases again only when the table changed
+            stored = self.ledger.biases(memory.session_id)
+            memory.biases = (version, stored)
+        found = memory.window.read(q, stored, k, exact=self.mode == "exact")
+        fragments = [Fragment("episodic", "hot", share, memory.provenance[w], latent=latent.numpy(),
+                              bias=float(stored.get(w, 0.0)))
+                     for w, share, latent in zip(found.windows, found.shares, found.latents)]
+        return fragments, found.reconstruction
 
     def session_memory(self, session_id: str) -> SessionMemory:
-        """The session's decoded summaries, from the cache while the store still holds exactly
-        the summaries (window indices and hashes) it was built from."""
+        """The session's summaries as held for reading: from the cache while the store holds
+        exactly the summaries (window indices and hashes) it holds (unchanged when the table's
+        version is); otherwise brought up to date, loading only the summaries it lacks."""
+        version = self.store.version()
+        with self._cache_lock:
+            cached = self._cache.get(session_id)
+            if cached is not None and cached.version == version:  # nothing stored since: no query
+                self._cache.move_to_end(session_id)
+                return cached
         current = self.store.hashes(session_id)
         if not current:
             raise SessionNotFoundError(f"no summaries stored for session {session_id!r} in {self.uri}: publish its "
@@ -339,36 +360,39 @@ class Memory:
         with self._cache_lock:
             cached = self._cache.get(session_id)
             if cached is not None and cached.hashes == current:
+                cached.version = max(cached.version, version)
                 self._cache.move_to_end(session_id)
                 return cached
         with self._loading[session_id]:  # one loader per session; other sessions go on
             with self._cache_lock:
                 cached = self._cache.get(session_id)
-            if cached is not None and cached.hashes == current:
-                return cached
-            window = self._load(session_id, current, cached)
+            if cached is None or cached.hashes != current:
+                cached = self._load(session_id, current, cached)
+            cached.version = version
             with self._cache_lock:
-                self._cache[session_id] = window
+                self._cache[session_id] = cached
                 self._cache.move_to_end(session_id)
-                total = sum(w.nbytes for w in self._cache.values())
+                total = sum(m.nbytes for m in self._cache.values())
                 while total > self.cache_bytes and len(self._cache) > 1:
                     _, dropped = self._cache.popitem(last=False)
                     total -= dropped.nbytes
-            return window
+            return cached
+
+    def cached_bytes(self) -> dict[str, int]:
+        """Bytes held per cached session (fp16 tokens and their index)."""
+        with self._cache_lock:
+            return {s: m.nbytes for s, m in self._cache.items()}
 
     def _load(self, session_id: str, current: dict[int, bytes], cached: SessionMemory | None) -> SessionMemory:
+        """Bring ``cached`` (or a new window) to the stored summaries ``current``. Everything new
+        is read and verified before the window changes, so a failed load changes nothing;
+        readers of the window meanwhile see it before or after each change, never between."""
         keep = {w for w, h in current.items() if cached is not None and cached.hashes.get(w) == h}
         new = sorted(set(current) - keep)
         records = {r.window_index: r for r in self.store.records(session_id, since_window=new[0])
                    if r.window_index in new} if new else {}
-        parts: dict[int, torch.Tensor] = {}
-        provenance: dict[int, EpisodicProvenance] = {}
-        if cached is not None:
-            offs = cached.offsets()
-            for i, w in enumerate(cached.windows):
-                if w in keep:
-                    parts[w] = cached.tokens[offs[i]:offs[i + 1]]
-                    provenance[w] = cached.provenance[w]
+        provenance = {w: cached.provenance[w] for w in keep} if cached is not None else {}
+        tokens = []
         for w in new:
             r = records.get(w)
             if r is None or r.hash != current[w]:
@@ -377,29 +401,35 @@ class Memory:
                 raise IntegrityError(f"summary {session_id}/{w} has {r.dim}-d tokens, the compressor reads {self.dim}")
             verified = check_summary(r, self.keyring)
             try:
-                parts[w] = torch.from_numpy(r.token_array())
+                held = r.token_array().astype(np.float16)  # exact for the fp16 the pipeline writes
             except ValueError as e:
                 raise IntegrityError(str(e)) from None
+            if r.tokens_dtype != "fp16" and not np.isfinite(held).all():
+                raise IntegrityError(f"summary {session_id}/{w}: {r.tokens_dtype} tokens beyond the fp16 range the "
+                                     "read path holds; write summaries as fp16")
+            tokens.append((w, torch.from_numpy(held)))
             provenance[w] = EpisodicProvenance(session_id, w, r.hash.hex(), r.prev_hash.hex(), r.key_id, r.seq_start,
                                                r.seq_end, r.partial, r.operator_version, verified)
         windows = sorted(current)
         for a, b in zip(windows, windows[1:]):  # links between neighbours still stored
             if b == a + 1 and provenance[b].prev_hash != provenance[a].hash:
                 raise IntegrityError(f"session {session_id!r}: window {b} does not chain to window {a}")
-        tokens = torch.cat([parts[w] for w in windows])
-        counts = torch.tensor([len(parts[w]) for w in windows])
-        centroids = torch.from_numpy(np.stack([centroids_of(self.model, parts[w]) for w in windows]))
-        return SessionMemory(session_id, dict(current), windows, counts, tokens, provenance, centroids,
-                             self.model.slots_of(tokens).norm(dim=-1).clamp_min(1e-12))
+        if cached is None:
+            cached = SessionMemory(session_id, {}, {}, SessionWindow(self.model, **self._window_args))
+        cached.provenance = {**cached.provenance, **provenance}  # a superset while the window changes
+        for w in set(cached.window.windows) - keep:
+            cached.window.remove(w)
+        cached.window.add_many(tokens)
+        cached.provenance, cached.hashes = provenance, dict(current)
+        return cached
 
     # -- long-term ---------------------------------------------------------------------
-    def _longterm(self, q: torch.Tensor, k: int, account: bool, hits=None) -> list[Fragment]:
-        with self._lt_lock:
-            if hits is None:
-                hits = self.longterm.search(q.numpy(), k, include_cold=self.include_cold, nprobes=self.nprobes,
-                                            record_access=account)
-            elif account:
-                self.longterm.record_access(hits)
+    def _longterm(self, q: torch.Tensor, k: int, account: bool, hits=None, subjects=None) -> list[Fragment]:
+        if hits is None:
+            hits = self.longterm.search(q.numpy(), k, include_cold=self.include_cold, nprobes=self.nprobes,
+                                        record_access=account, subjects=subjects)
+        elif account:
+            self.longterm.record_access(hits)
         out = []
         for h in hits:  # the search returns the provenance columns: no second lookup by id
             prov = LongTermProvenance(h.entry_id, h.validator_key_hash, h.query_hash, h.timestamp_ns, h.supersedes,
@@ -409,13 +439,13 @@ class Memory:
         return out
 
     # -- read sampling -----------------------------------------------------------------
-    def _sample(self, result: ReadResult, q: torch.Tensor) -> ReadResult:
+    def _sample(self, result: ReadResult, q: torch.Tensor, subjects: frozenset[str] | None) -> ReadResult:
         reasons: list[str] = []
         replica_keys: list[str] = []
         delta = 0.0
         try:
             other = self.replica.read(q.numpy(), result.session_id, max(1, _k_of(result)),
-                                      route=result.route.route, account=False)
+                                      route=result.route.route, account=False, subjects=subjects)
             replica_keys = [f.key for f in other.fragments]
             reasons, delta = compare(result.fragments, other.fragments, self.score_tolerance)
         except Exception as e:  # a replica that cannot answer diverges too

@@ -4,6 +4,7 @@ over every object (what the erasure scan reads)."""
 
 from __future__ import annotations
 
+import html
 import os
 import re
 from pathlib import Path
@@ -100,14 +101,23 @@ class S3Objects:
 
     def list(self, prefix: str) -> list[str]:
         full = f"{self.prefix}/{prefix}".lstrip("/").rstrip("/") + "/"
-        status, body = self._request_list(full)
-        if status != 200:
-            raise ServiceError(f"S3 LIST {full} answered {status}: {body[:200]!r}")
-        keys = re.findall(rb"<Key>([^<]+)</Key>", body)
-        return [k.decode()[len(self.prefix) + 1 if self.prefix else 0:] for k in keys]
+        keys, token = [], None
+        while True:  # a listing answers at most 1,000 keys: follow the continuation tokens
+            status, body = self._request_list(full, token)
+            if status != 200:
+                raise ServiceError(f"S3 LIST {full} answered {status}: {body[:200]!r}")
+            keys += re.findall(rb"<Key>([^<]+)</Key>", body)
+            more = re.search(rb"<NextContinuationToken>([^<]+)</NextContinuationToken>", body)
+            if b"<IsTruncated>true</IsTruncated>" not in body or more is None:
+                break
+            token = html.unescape(more.group(1).decode())
+        return [html.unescape(k.decode())[len(self.prefix) + 1 if self.prefix else 0:] for k in keys]
 
-    def _request_list(self, full_prefix: str) -> tuple[int, bytes]:
-        return s3_request(self.cfg, "GET", f"/{self.cfg.bucket}?list-type=2&prefix={quote(full_prefix, safe='')}")
+    def _request_list(self, full_prefix: str, token: str | None = None) -> tuple[int, bytes]:
+        query = f"list-type=2&prefix={quote(full_prefix, safe='')}"
+        if token is not None:
+            query += f"&continuation-token={quote(token, safe='')}"
+        return s3_request(self.cfg, "GET", f"/{self.cfg.bucket}?{query}")
 
 
 def object_store(uri: str, storage_options: dict[str, str] | None) -> ObjectStore:
