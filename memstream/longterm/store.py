@@ -63,7 +63,8 @@ _ID = re.compile(r"[0-9a-f]{64}")
 # Rows a writer lets pile up outside the lookup indexes (entry ids, tree sizes) before it folds
 # them in: lookups then cost an index probe plus a scan of at most this many rows.
 LOOKUP_INDEX_EVERY = 20_000
-LOOKUP_INDEXES = (("merkle_log", "entry_id"), ("entries", "entry_id"), ("tree_heads", "tree_size"))
+LOOKUP_INDEXES = (("merkle_log", "entry_id"), ("entries", "entry_id"), ("entries", "supersedes"),
+                  ("tree_heads", "tree_size"))
 ROW_COLUMNS = [f.name for f in dataclasses.fields(LongTermEntry)]
 
 
@@ -354,19 +355,25 @@ class LongTermStore:
         return self._sign_head(frontier), frontier
 
     def _keep_lookup_indexes(self, added: int) -> None:
-        """Keep the id and tree-size lookups of :meth:`append` independent of the log's size:
-        a BTREE per lookup column, folded forward every LOOKUP_INDEX_EVERY rows (amortised)."""
+        """Keep the id, edit and tree-size lookups of :meth:`append` and :meth:`search`
+        independent of the log's size: a BTREE per lookup column, folded forward every
+        LOOKUP_INDEX_EVERY rows (amortised)."""
         self._unindexed += added
         if self._unindexed < LOOKUP_INDEX_EVERY:
             return
         self._unindexed = 0
-        for name, column in LOOKUP_INDEXES:
+        for name in dict.fromkeys(n for n, _ in LOOKUP_INDEXES):
             table = self._tables[name]
-            if any(idx.columns == [column] for idx in table.list_indices()):
-                table.to_lance().optimize.optimize_indices()
+            columns = [c for n, c in LOOKUP_INDEXES if n == name]
+            have = {tuple(idx.columns): idx.name for idx in table.list_indices()}
+            present = [have[(c,)] for c in columns if (c,) in have]
+            if present:  # only these: the vector index is maintenance's
+                table.to_lance().optimize.optimize_indices(index_names=present)
                 table.checkout_latest()
-            elif table.count_rows() >= LOOKUP_INDEX_EVERY:
-                table.create_scalar_index(column, index_type="BTREE", replace=True)
+            if table.count_rows() >= LOOKUP_INDEX_EVERY:
+                for c in columns:
+                    if (c,) not in have:
+                        table.create_scalar_index(c, index_type="BTREE")
 
     def consider(self, vector, payload: bytes, *, query: str | bytes, policy: WritePolicy | None = None, **kw):
         """Ask the learned write policy whether ``vector`` is worth keeping beyond the
