@@ -1,7 +1,8 @@
 """Airflow DAG ``session_gc``: garbage collection of the episodic memory of sessions that
 closed (their stored chain ends in their close) or stayed idle past the retention; each leaves
 a signed GC record, and the pipeline never summarises a collected session again (see
-memstream.maintenance.episodic)."""
+memstream.maintenance.episodic). A session is collected only once ``session_consolidation``
+has moved its most-read summaries to long-term memory (its signed consolidation record)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from memstream.dags import dagkit
          "episodic_uri": dagkit.episodic_uri(), **dagkit.storage_params(),
          "retention_hours": Param(settings.SESSION_RETENTION_HOURS, type="number", exclusiveMinimum=0,
                                   description="sessions with no summary and no query for this long are collected"),
+         "require_consolidation": Param(True, type="boolean",
+                                        description="skip sessions without a consolidation record for their head"),
          **dagkit.key_params(),
          "dry_run": dagkit.dry_run(),
      })
@@ -39,7 +42,7 @@ def session_gc():
         p = context["params"]
         return collect_sessions(p["episodic_uri"], dagkit.options(p), retention_s=p["retention_hours"] * 3600,
                                 key=dagkit.signer(p, required=not p["dry_run"]), closed=closed,
-                                dry_run=p["dry_run"])
+                                dry_run=p["dry_run"], require_consolidation=p["require_consolidation"])
 
     collect(closed_sessions())
 

@@ -9,7 +9,12 @@
 4. verify every session's chain from the topic and from the store;
 5. read each session back through the read API: a noisy cue of one of its latents must find
    the window that latent was in, with verified provenance;
-6. print a table and stop every service by PID.
+6. recall across sessions: reads of the first session are offered to the write policy
+   (query-time retention), the session is consolidated and collected by session GC, and a
+   query in another session must then be answered from the long-term entries the first
+   session's reads and consolidation wrote, signature, Merkle inclusion and triggering query
+   checked;
+7. print a table and stop every service by PID.
 """
 
 from __future__ import annotations
@@ -23,8 +28,14 @@ import numpy as np
 from memstream import text_latents, topics
 from memstream.crypto.keys import KeyRing, SigningKey, write_key_file
 from memstream.episodic.chain import verify_chain
+from memstream.episodic.store import EpisodicStore
 from memstream.infra import runners
 from memstream.infra.stack import Stack
+from memstream.longterm.entry import query_hash
+from memstream.longterm.retention import Retention, read_query
+from memstream.longterm.store import LongTermStore
+from memstream.maintenance.consolidate import consolidate_sessions, consolidation_query
+from memstream.maintenance.episodic import collect_sessions
 from memstream.pipelines.episodic import EpisodicConfig
 from memstream.pipelines.episodic import run as run_pipeline
 from memstream.read.memory import Memory
@@ -86,7 +97,8 @@ def run(sessions: int = 3, keep: bool = False) -> int:
         print(f"\npipeline: {total} latents in {elapsed:.1f}s on Prism, {total / elapsed:,.0f} latents/s "
               f"end to end (start-up included); store {config.store_uri}")
         found = read_back(config.store_uri, ring, kept)
-        return 0 if found == len(kept) else 1
+        recalled = cross_session_recall(config.store_uri, str(root / "longterm"), key, kept)
+        return 0 if found == len(kept) and recalled else 1
     finally:
         if not keep:
             stack.down()
@@ -111,3 +123,86 @@ def read_back(store_uri: str, ring, kept: dict[str, list]) -> int:
             print(f"{session_id:22} {pos:8} {pos // 4096:8} {top.window_index:8}  "
                   f"{'signature ok' if top.verified else 'NOT VERIFIED'}, hash {top.hash[:16]}")
     return found
+
+
+def cross_session_recall(store_uri: str, longterm_uri: str, key: SigningKey, kept: dict[str, list],
+                         reads: int = 12) -> bool:
+    """Session A reads with query-time retention on, then is consolidated and collected; a
+    query in session B about what A read must be answered from long-term entries A wrote,
+    with verified provenance. Prints what happened; returns whether the recall held."""
+    sessions = list(kept)
+    if len(sessions) < 2:
+        print("cross-session recall needs two sessions")
+        return False
+    a, b = sessions[0], sessions[1]
+    ring = KeyRing([key])
+    latents = np.concatenate([np.asarray(p, np.float32) for p in kept[a]])
+    rng = np.random.default_rng(1)
+    positions = sorted(rng.choice(len(latents), reads, replace=False).tolist())
+    writer = LongTermStore(longterm_uri, keyring=ring, signer=key)
+    retention = Retention(writer)
+    asked: dict[str, int] = {}  # query hash -> position of the latent the query was about
+    with Memory(store_uri, longterm_uri, keyring=ring, retention=retention) as memory:
+        for i, pos in enumerate(positions):
+            q = _noisy(latents[pos], rng)
+            memory.read(q, a, k=2, route="episodic")
+            asked[query_hash(read_query(a, q))] = pos
+    st = retention.stats
+    print(f"\nsession {a}: {st.offered} reads offered to the write policy, {st.kept} retained, {st.written} written "
+          f"in {st.batches} batch(es) off the read path")
+    episodic = EpisodicStore(store_uri)
+    windows = {r.window_index: r for r in episodic.records(a)}
+    slept = consolidate_sessions(store_uri, None, writer, key=key, retention_s=1e9, closed=[a])
+    record = episodic.consolidation(a)
+    distilled = {query_hash(consolidation_query(windows[int(s.split(":")[0])])): windows[int(s.split(":")[0])]
+                 for s in (record.summaries if record else [])}
+    print(f"session {a}: consolidation moved windows {[int(s.split(':')[0]) for s in record.summaries]} "
+          f"(reads {record.reads}) to long-term memory" if record else f"session {a}: NOT consolidated")
+    gc = collect_sessions(store_uri, retention_s=1e9, key=key, closed=[a])
+    print(f"session {a}: collected by session GC after consolidation: {a in gc['collected']}; "
+          f"episodic summaries left: {len(episodic.hashes(a))}")
+    retained = {h: asked[h] for h in writer.rows(["query_hash"])["query_hash"].to_pylist() if h in asked}
+    writer.close()
+    ok = bool(retained and slept["entries"] and a in gc["collected"] and not episodic.hashes(a))
+
+    print(f"\n{'recall in ' + b:30} {'about':>6} {'entry':>10} {'written by':>22} {'cos':>6}  provenance")
+    recalled = 0
+    probes = sorted(retained.values())[:6]  # what long-term memory holds of A's reads
+    with Memory(store_uri, longterm_uri, keyring=ring) as memory:
+        for pos in probes:
+            q = _noisy(latents[pos], rng)  # a new query about what session A read
+            res = memory.read(q, b, k=3, route="both")
+            lt = [f for f in res.fragments if f.source == "longterm"]
+            if not lt:
+                print(f"{'':30} {pos:6} no long-term fragment")
+                continue
+            top = lt[0]
+            p = top.provenance
+            tier, entry = memory.longterm.get([p.entry_id])[p.entry_id]
+            try:
+                entry.verify(memory.longterm.store_id, ring)  # id, key binding, Ed25519
+                memory.longterm.inclusion_proof(p.entry_id).verify(ring)  # Merkle path to a signed head
+                verified = True
+            except Exception as e:  # noqa: BLE001 - reported, and the recall fails
+                verified, why = False, f"{type(e).__name__}: {e}"
+            if p.query_hash in asked:
+                source = f"read of {a}"
+                right = asked[p.query_hash] == pos
+            elif p.query_hash in distilled:
+                w = distilled[p.query_hash]
+                source = f"consolidation w{w.window_index}"
+                right = w.seq_start <= pos < w.seq_end
+            else:
+                source, right = "another session", False
+            good = verified and right
+            recalled += good
+            print(f"{'':30} {pos:6} {p.entry_id[:10]} {source:>22} {top.score:6.3f}  "
+                  f"{'signature + inclusion ok' if verified else 'NOT VERIFIED ' + why}, query {p.query_hash[:12]}"
+                  f"{'' if right else ' (wrong memory)'}")
+    print(f"cross-session recall: {recalled}/{len(probes)} queries in {b} answered from {a}'s long-term entries, "
+          "provenance verified")
+    return ok and bool(probes) and recalled == len(probes)
+
+
+def _noisy(x: np.ndarray, rng) -> np.ndarray:
+    return (x + 0.5 * np.linalg.norm(x) / np.sqrt(len(x)) * rng.standard_normal(len(x))).astype(np.float32)

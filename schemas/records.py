@@ -467,6 +467,27 @@ class GcRecord(JsonRecord):
 
 
 @dataclass(frozen=True)
+class ConsolidationRecord(JsonRecord):
+    """What consolidation ("sleep") moved of one session's episodic memory into long-term
+    memory before session GC, signed by the maintenance key; kept in the episodic store's
+    ``consolidations`` table. Session GC collects only sessions with one for their head."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "consolidation_record"
+
+    schema_version: int = _f("1")
+    session_id: str = _f("the consolidated session")
+    head_hash: bytes = _f("hash of the session's chain head when it was consolidated (empty when none)")
+    summaries: list[str] = _f("<window>:<hash hex> of each summary distilled, most read first")
+    reads: list[int] = _f("the read ledger's count of each of those summaries, same order")
+    entry_ids: list[str] = _f("the long-term entries written, same order")
+    longterm_store_id: str = _f("the long-term store the entries are in")
+    tree_size: int = _f("size of the long-term log's signed tree head that covers the entries")
+    consolidated_at_us: int = _f("when, microseconds since the epoch")
+    signature: bytes = _f("Ed25519 signature over the canonical encoding of the other fields")
+    key_id: str = _f("identifier of the signing key")
+
+
+@dataclass(frozen=True)
 class PurgeAttestation(JsonRecord):
     """Signed proof of a forget purge: which entries were erased, by hash, never by content,
     and the storage scan that found none of their bytes left."""
@@ -531,6 +552,6 @@ class ReadDivergence(JsonRecord):
 
 
 JSON_RECORDS: tuple[type[JsonRecord], ...] = (
-    SessionEvent, SummaryRecord, DeadLetterRecord, GcRecord, ReadDivergence, PublishMark, ReadRecord, SummaryBias,
+    SessionEvent, SummaryRecord, DeadLetterRecord, GcRecord, ConsolidationRecord, ReadDivergence, PublishMark, ReadRecord, SummaryBias,
     LongTermEntry, TreeHead, TreeHeadRow, MerkleLeaf, AccessRecord, AccessStats, RemovalRequest, RemovalRecord,
     ForgetRequest, ForgetRequestRow, PurgeRecord, PurgeAttestation)

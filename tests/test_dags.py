@@ -26,7 +26,7 @@ from memstream.schemas.records import SummaryRecord
 
 DAGS = Path(memstream.dags.__file__).resolve().parent
 DAG_IDS = {"episodic_decay", "session_gc", "longterm_cold_demotion", "forget_purge", "longterm_compaction",
-           "longterm_anchoring"}
+           "longterm_anchoring", "session_consolidation"}
 KEY_ENV = "MEMSTREAM_TEST_MAINTENANCE_KEY"
 DAY_NS = 86400 * 10**9
 
@@ -83,7 +83,8 @@ def test_dag_integrity(airflow_db):
     schedules = {d: bag.dags[d].schedule for d in DAG_IDS}
     assert [a.name for a in schedules.pop("longterm_compaction")] == ["memstream_longterm_store"]
     assert schedules == {"episodic_decay": "@hourly", "session_gc": "@daily", "longterm_cold_demotion": "@daily",
-                         "forget_purge": "@hourly", "longterm_anchoring": "@hourly"}
+                         "forget_purge": "@hourly", "longterm_anchoring": "@hourly",
+                         "session_consolidation": "@hourly"}
     for dag_id in DAG_IDS:
         dag = bag.dags[dag_id]
         dag.check_cycle()
@@ -110,6 +111,9 @@ def test_dag_integrity(airflow_db):
     ("episodic_decay", {"storage_options": {"allow_http": True}}),
     ("session_gc", {"retention_hours": 0}),
     ("session_gc", {"episodic_uri": "relative/folder"}),
+    ("session_gc", {"require_consolidation": "no"}),
+    ("session_consolidation", {"top": 0}),
+    ("session_consolidation", {"longterm_uri": "relative/folder"}),
     ("longterm_cold_demotion", {"not_retrieved_days": "ninety"}),
     ("forget_purge", {"longterm_uri": "http://example.org/store"}),
     ("longterm_compaction", {"reindex_unindexed_fraction": 2}),
@@ -179,6 +183,8 @@ def test_episodic_decay(airflow_db, backend, key):
 
 
 def test_session_gc(airflow_db, backend, key):
+    from memstream.longterm.entry import query_hash
+    from memstream.maintenance.consolidate import consolidation_query
     from memstream.episodic.store import EpisodicStore
     from memstream.crypto.signed import verify_record
     from memstream.maintenance.episodic import gc_records
@@ -206,6 +212,30 @@ def test_session_gc(airflow_db, backend, key):
     run_dag("session_gc", {**conf, "dry_run": True})
     assert gc_records(uri, so or None) == [] and len(store.sessions()) == 4
 
+    # GC waits for consolidation: no session with stored summaries goes before its record.
+    run_dag("session_gc", conf)
+    assert len(store.sessions()) == 4 and [r.session_id for r in gc_records(uri, so or None)] == ["gc-reads-only"]
+
+    lt_uri = f"{uri}/longterm"
+    lt = longterm((lt_uri, so), key, dim=8)
+    lt_conf = {**conf, "longterm_uri": lt_uri, "validator_keys": [key.verify_key.hex()]}
+    run_dag("session_consolidation", {**lt_conf, "dry_run": True})
+    assert lt.count() == 0 and store.consolidation("gc-idle") is None
+    run_dag("session_consolidation", lt_conf)
+    cons = {s: store.consolidation(s, heads[s]) for s in ("gc-closed", "gc-idle")}
+    assert store.consolidation("gc-active") is None and store.consolidation("gc-unpublished") is not None
+    assert [(c.summaries[0].split(":")[0], c.reads) for c in cons.values()] == [("0", [1]), ("1", [1])]
+    for c in cons.values():
+        verify_record(c, KeyRing([key]))
+    written = lt.get([i for c in cons.values() for i in c.entry_ids])
+    assert len(written) == 2 and lt.verify(full=True).ok
+    window = {r.window_index: r for r in store.records("gc-idle")}[1]
+    entry = written[cons["gc-idle"].entry_ids[0]][1]
+    assert entry.query_hash == query_hash(consolidation_query(window))
+    assert entry.payload == window.token_array().astype(np.float16).tobytes()
+    run_dag("session_consolidation", lt_conf)  # idempotent: no second entry, no second record
+    assert lt.count() == 2 and store.consolidation("gc-idle", heads["gc-idle"]) == cons["gc-idle"]
+
     run_dag("session_gc", conf)
     assert store.sessions() == ["gc-active", "gc-unpublished"]
     assert ledger.sessions() == ["gc-active"]
@@ -230,7 +260,8 @@ def longterm(where, key, **kw):
     from memstream.longterm import LongTermStore
 
     uri, so = where
-    return LongTermStore(uri, keyring=KeyRing([key]), signer=key, storage_options=so or None, dim=16, **kw)
+    kw.setdefault("dim", 16)
+    return LongTermStore(uri, keyring=KeyRing([key]), signer=key, storage_options=so or None, **kw)
 
 
 def test_cold_demotion(airflow_db, backend, key):

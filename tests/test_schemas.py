@@ -21,6 +21,8 @@ SAMPLES = [
     r.DeadLetterRecord(1, DeadLetterReason.foreign_producer, "chunk 3..5 from another producer", "memstream.latents", 2, 17,
                        b"s1", b"MSLT\x01", 5, 1_700_000_000_000, T + 123),
     r.GcRecord(1, "s1", "closed", 12, 300, 11, 11, b"\xaa" * 32, T, T + 100_000_000, b"\xbb" * 64, "k1"),
+    r.ConsolidationRecord(1, "s1", b"\xaa" * 32, ["3:" + "ab" * 32], [7], ["cd" * 32], "ef" * 16, 40, T,
+                          b"\xbb" * 64, "k1"),
     r.ReadDivergence(1, "ab" * 16, "s1", "both", "s3://b/primary", "s3://b/replica", ["episodic:3:" + "cd" * 32],
                      ["episodic:4:" + "ef" * 32], 0.25, ["fragments differ"], T),
     r.PublishMark("s1", 3),

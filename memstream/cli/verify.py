@@ -95,6 +95,9 @@ def _register_longterm(verbs) -> None:
     p.add_argument("--tree-head", type=Path, default=None,
                    help="a signed tree head (JSON, as published to Kafka) to verify against instead of the stored one")
     p.add_argument("--workers", type=int, default=None, help="verification processes (default: by table size)")
+    p.add_argument("--full", action="store_true",
+                   help="also check every entry's own Ed25519 signature (default: rows hashed under the signed "
+                        "tree heads)")
     p.set_defaults(func=_verify_longterm)
 
 
@@ -109,6 +112,6 @@ def _verify_longterm(args) -> int:
     store = LongTermStore(args.uri, keyring=common.keyring(args.public_key), storage_options=options,
                           cold_uri=args.cold_uri, governance=governance)
     head = SignedTreeHead.from_json(args.tree_head.read_text()) if args.tree_head else None
-    report = store.verify(workers=args.workers, trusted_head=head)
+    report = store.verify(workers=args.workers, trusted_head=head, full=args.full)
     print(json.dumps(report.to_json(), indent=2))
     return 0 if report.ok else 1

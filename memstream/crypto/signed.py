@@ -14,13 +14,13 @@ from memstream.schemas.records import JsonRecord, TreeHead
 
 def record_message(record: JsonRecord) -> bytes:
     """The canonical encoding of every field of ``record`` but its signature (lists of strings
-    joined by newlines), under the domain ``memstream.<schema name>.v<version>``."""
+    or integers joined by newlines), under the domain ``memstream.<schema name>.v<version>``."""
     fields = {}
     for f in dataclasses.fields(record):
         if f.name == "signature":
             continue
         value = getattr(record, f.name)
-        fields[f.name] = "\n".join(value) if isinstance(value, list) else value
+        fields[f.name] = "\n".join(map(str, value)) if isinstance(value, list) else value
     return canonical_encode(f"memstream.{record.SCHEMA_NAME}.v{record.SCHEMA_VERSION}", fields)
 
 

@@ -90,6 +90,14 @@ class ReadLedger:
         rows.sort(key=lambda r: (r["ts_ns"], r["read_id"]))
         return rows
 
+    def read_counts(self, session_id: str) -> dict[int, int]:
+        """window index -> how many of the session's queries returned that summary."""
+        counts: dict[int, int] = {}
+        for r in self._session_reads(session_id):
+            for w in r["windows"]:
+                counts[w] = counts.get(w, 0) + 1
+        return counts
+
     def query_count(self, session_id: str) -> int:
         """Queries of the session accounted so far (flushed ones)."""
         return self._reads.count_rows(f"session_id = {quote(session_id)}")

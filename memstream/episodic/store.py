@@ -24,7 +24,7 @@ import time
 
 from memstream.errors import ConfigError, FencedError
 from memstream.schemas.generate import arrow_schema, to_arrow
-from memstream.schemas.records import GcRecord, PublishMark, SummaryRecord
+from memstream.schemas.records import ConsolidationRecord, GcRecord, PublishMark, SummaryRecord
 from memstream.settings import HORIZON
 from memstream.storage.lance import connect, quote
 from memstream.storage.objects import object_store
@@ -35,6 +35,8 @@ GC_RECORDS = "gc_records"  # signed records of collected sessions: they are neve
 SCHEMA = arrow_schema(SummaryRecord)
 PUBLISHED_SCHEMA = arrow_schema(PublishMark)
 GC_SCHEMA = arrow_schema(GcRecord)
+CONSOLIDATIONS = "consolidations"  # signed records of what "sleep" moved to long-term memory
+CONSOLIDATION_SCHEMA = arrow_schema(ConsolidationRecord)
 _FENCE = "_pipelines"  # <store>/_pipelines/<group>/<epoch>: who may write, newest first
 _FIELDS = [f.name for f in dataclasses.fields(SummaryRecord)]
 
@@ -186,6 +188,25 @@ class EpisodicStore:
     def collected(self, session_id: str) -> bool:
         """Whether session GC collected this session: its memory is not made again."""
         return self.gc_table.count_rows(f"session_id = {quote(session_id)}") > 0
+
+    # -- consolidation -------------------------------------------------------------------
+    @property
+    def consolidation_table(self):
+        if getattr(self, "_consolidations", None) is None:
+            self._consolidations = self._db.create_table(CONSOLIDATIONS, schema=CONSOLIDATION_SCHEMA, exist_ok=True)
+        return self._consolidations
+
+    def record_consolidation(self, record: ConsolidationRecord) -> None:
+        """Keep a session's signed consolidation record (insert-if-absent on the session and its head)."""
+        (self.consolidation_table.merge_insert(["session_id", "head_hash"]).when_not_matched_insert_all()
+         .execute(to_arrow([record], ConsolidationRecord)))
+
+    def consolidation(self, session_id: str, head_hash: bytes | None = None) -> ConsolidationRecord | None:
+        """The session's consolidation record (for the chain head ``head_hash`` when given)."""
+        rows = (self.consolidation_table.search().where(f"session_id = {quote(session_id)}").limit(None)
+                .to_arrow().to_pylist())
+        rows = [r for r in rows if head_hash is None or r["head_hash"] == head_hash]
+        return ConsolidationRecord(**max(rows, key=lambda r: r["consolidated_at_us"])) if rows else None
 
     # -- reads ---------------------------------------------------------------------------
     def head_record(self, session_id: str) -> SummaryRecord | None:

@@ -11,10 +11,12 @@ stored byte of a row, the signature included, changes its leaf.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -93,6 +95,58 @@ class Entry(LongTermEntry):
 def entry_leaf_hash(message: bytes, key_id: str, signature: bytes) -> bytes:
     return leaf_hash(canonical_encode("memstream.longterm.leaf.v1",
                                       {"message": message, "key_id": key_id, "signature": signature}))
+
+
+def _name(name: str) -> bytes:
+    n = name.encode()
+    return struct.pack(">I", len(n)) + n
+
+
+def _str_or_none(name: str):
+    head, none = _name(name), _name(name) + struct.pack(">BQ", 0, 0)
+
+    def enc(v) -> bytes:
+        if v is None:
+            return none
+        b = v.encode()
+        return head + b"\x02" + struct.pack(">Q", len(b)) + b
+    return enc
+
+
+def table_leaves(store_id: str, cols: Mapping[str, Sequence], vectors) -> list[tuple[str, bytes]]:
+    """(entry id recomputed from the content, Merkle leaf hash) of each row of an entries
+    table, for verification at scale: the same bytes as :meth:`Entry.message`,
+    :meth:`Entry.id_of` and :func:`entry_leaf_hash` (canonical_encode), built with the field
+    layout fixed once instead of per row. ``cols`` maps each content column (and ``key_id``,
+    ``signature``) to its values; ``vectors`` is float32 [n, dim]."""
+    prefix = b"MSCE1" + struct.pack(">I", len(ENTRY_DOMAIN)) + ENTRY_DOMAIN.encode()
+    vec = np.ascontiguousarray(vectors, dtype="<f4")
+    vec_head = _name("vector") + struct.pack(">BQ", 4, vec.shape[1] * 4 if vec.ndim == 2 else 0)
+    payload_head = _name("payload") + b"\x01"
+    ts_head = _name("timestamp_ns") + struct.pack(">BQ", 3, 8)
+    store = _str_or_none("store_id")(store_id)
+    s = {c: _str_or_none(c) for c in ("forget_subject", "forget_tag", "payload_kind", "query_hash", "supersedes",
+                                      "validator_key_hash")}
+    leaf_prefix = (b"MSCE1" + struct.pack(">I", len("memstream.longterm.leaf.v1")) + b"memstream.longterm.leaf.v1")
+    key_head, msg_head, sig_head = _name("key_id") + b"\x02", _name("message") + b"\x01", _name("signature") + b"\x01"
+    id_prefix = struct.pack(">I", len("memstream.longterm.entry-id.v1")) + b"memstream.longterm.entry-id.v1"
+    pack_q, pack_qs, sha = struct.Struct(">Q").pack, struct.Struct(">q").pack, hashlib.sha256
+    fs, ft, pk, qh, sup, vkh = (s[c] for c in ("forget_subject", "forget_tag", "payload_kind", "query_hash",
+                                               "supersedes", "validator_key_hash"))
+    out = []
+    for i, (f_s, f_t, pay, kind, q, sup_id, ts, v, kid, sig) in enumerate(zip(
+            cols["forget_subject"], cols["forget_tag"], cols["payload"], cols["payload_kind"], cols["query_hash"],
+            cols["supersedes"], cols["timestamp_ns"], cols["validator_key_hash"], cols["key_id"], cols["signature"])):
+        # fields in name order, as canonical_encode sorts them
+        msg = b"".join((prefix, fs(f_s), ft(f_t), payload_head, pack_q(len(pay)), pay, pk(kind), qh(q), store,
+                        sup(sup_id),
+                        ts_head, pack_qs(ts), vkh(v), vec_head, vec[i].tobytes()))
+        eid = sha(id_prefix + pack_q(len(msg)) + msg).hexdigest()
+        k = kid.encode()
+        leaf = b"".join((leaf_prefix, key_head, pack_q(len(k)), k, msg_head, pack_q(len(msg)), msg, sig_head,
+                         pack_q(len(sig)), sig))
+        out.append((eid, sha(b"\x00" + leaf).digest()))
+    return out
 
 
 def check_row(msg: bytes, entry_id: str, key_id: str, validator_key_hash: str, signature: bytes,

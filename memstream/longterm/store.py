@@ -41,12 +41,14 @@ import pyarrow as pa
 
 from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey, check_distinct_roles
 from memstream.crypto.merkle import MerkleFrontier, MerkleTree
+from memstream.crypto.hashing import domain_hash
 from memstream.crypto.proof import verify_inclusion
 from memstream.crypto.signed import SignedTreeHead, verify_record
 from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError, IntegrityError, ReplayError,
                               ServiceError, SignatureError, VerificationError)
+from memstream.faults import crash_point
 from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, check_row,
-                                      subject_hash)
+                                      entry_leaf_hash, subject_hash, table_leaves)
 from memstream.longterm.policy import K, WriteDecision, WritePolicy
 from memstream.schemas.generate import arrow_schema, to_arrow
 from memstream.schemas.records import (AccessRecord, AccessStats, ForgetRequestRow, LongTermEntry, MerkleLeaf,
@@ -60,6 +62,11 @@ from memstream.storage.objects import object_store
 log = logging.getLogger(__name__)
 
 _ID = re.compile(r"[0-9a-f]{64}")
+# Rows a writer lets pile up outside the lookup indexes (entry ids, tree sizes) before it folds
+# them in: lookups then cost an index probe plus a scan of at most this many rows.
+LOOKUP_INDEX_EVERY = 20_000
+LOOKUP_INDEXES = (("merkle_log", "entry_id"), ("entries", "entry_id"), ("entries", "supersedes"),
+                  ("tree_heads", "tree_size"))
 ROW_COLUMNS = [f.name for f in dataclasses.fields(LongTermEntry)]
 
 
@@ -94,6 +101,7 @@ class AppendResult:
     entry_ids: list[str]
     first_index: int
     tree_head: SignedTreeHead
+    skipped: list[str] = field(default_factory=list)  # already logged (append(if_absent=True))
 
 
 @dataclass(frozen=True)
@@ -156,12 +164,16 @@ class VerifyReport:
                 "seconds": round(self.seconds, 3)}
 
 
-def _ids_predicate(ids: Iterable[str]) -> str:
+def head_size(head: SignedTreeHead | None) -> int:
+    return head.tree_size if head is not None else 0
+
+
+def _ids_predicate(ids: Iterable[str], column: str = "entry_id") -> str:
     ids = list(ids)
     for i in ids:
         if not isinstance(i, str) or not _ID.fullmatch(i):
             raise ConfigError(f"not an entry id: {i!r} (64 lower-case hex digits)")
-    return "entry_id IN (" + ",".join(f"'{i}'" for i in ids) + ")"
+    return f"{column} IN (" + ",".join(f"'{i}'" for i in ids) + ")"
 
 
 class LongTermStore:
@@ -207,6 +219,7 @@ class LongTermStore:
         self._access: list[tuple[str, int, str]] = []
         self._access_lock = threading.Lock()  # readers share a store across threads
         self._producer = None
+        self._unindexed = LOOKUP_INDEX_EVERY  # unknown at open: check the lookup indexes on the first append
 
     # ------------------------------------------------------------------ plumbing
 
@@ -253,9 +266,14 @@ class LongTermStore:
             raise ConfigError("this store was opened without a signer: pass signer=SigningKey.from_file(...)")
         return Entry.create(self.signer, self.store_id, vector, payload, query=query, **kw)
 
-    def append(self, entries: Sequence[Entry]) -> AppendResult:
+    def append(self, entries: Sequence[Entry], *, if_absent: bool = False) -> AppendResult:
         """Append signed entries as one batch: verify each, reject replays, write the rows,
-        log one Merkle leaf per entry and publish a new signed tree head."""
+        log one Merkle leaf per entry and publish a new signed tree head.
+
+        ``if_absent=True`` makes a retried batch harmless: entries already logged are skipped
+        (``AppendResult.skipped``) instead of refused. A batch a crash interrupted is
+        finished by the next append: rows written but not logged are logged without being
+        written twice, and leaves logged under no tree head get one."""
         entries = list(entries)
         if not entries:
             raise ConfigError("append() needs at least one entry")
@@ -270,32 +288,96 @@ class LongTermStore:
         if len(set(ids)) != len(ids):
             raise ReplayError("the batch holds the same entry twice: each entry is written once")
         with self.leases.writer(), self.leases.sequencer():
+            head, frontier = self._finish_logged(*self._latest_head())
             # Under the sequencer no other batch can log these ids between check and append.
-            seen = self._read(self._tables["merkle_log"], ["entry_id"], _ids_predicate(ids))
-            if seen.num_rows:
-                raise ReplayError(f"{seen.num_rows} entr(y/ies) already written, e.g. {seen['entry_id'][0]}: "
+            seen = self._present(self._tables["merkle_log"], ids)
+            if seen and not if_absent:
+                raise ReplayError(f"{len(seen)} entr(y/ies) already written, e.g. {sorted(seen)[0]}: "
                                   "a replayed write is refused; sign a new entry to write again")
-            targets = {e.supersedes for e in entries if e.supersedes}
+            todo = [(e, lh) for e, lh in zip(entries, leaves) if e.entry_id not in seen]
+            skipped = [i for i in ids if i in seen]
+            if not todo:
+                # A retry of a batch whose tree head was stored but perhaps never published.
+                self._publish(head)
+                return AppendResult([], frontier.size, head, skipped)
+            targets = {e.supersedes for e, _ in todo if e.supersedes}
             if targets:
-                known = set(self._read(self._tables["merkle_log"], ["entry_id"],
-                                       _ids_predicate(targets))["entry_id"].to_pylist()) | set(ids)
+                known = self._present(self._tables["merkle_log"], targets) | set(ids)
                 missing = targets - known
                 if missing:
                     raise ConfigError(f"superseded entr(y/ies) not in this store: {sorted(missing)[:3]}")
-            self._tables["entries"].add(self._rows(entries))
-            head, frontier = self._latest_head()
+            # Rows a crashed attempt of this batch wrote but never logged are not written again.
+            written = self._present(self._tables["entries"], [e.entry_id for e, _ in todo])
+            fresh = [e for e, _ in todo if e.entry_id not in written]
+            if fresh:
+                self._tables["entries"].add(self._rows(fresh))
+            crash_point("longterm.append.rows")
             first = frontier.size
-            for lh in leaves:
+            for _, lh in todo:
                 frontier.append_hash(lh)
             self._tables["merkle_log"].add(pa.table({
-                "leaf_index": pa.array(range(first, first + len(leaves)), pa.int64()),
-                "entry_id": pa.array(ids, pa.string()), "leaf_hash": pa.array(leaves, pa.binary())},
-                schema=SCHEMAS["merkle_log"]))
-            sth = SignedTreeHead.create(self.signer, self.store_id, frontier.size, frontier.root(), time.time_ns())
-            self._tables["tree_heads"].add(to_arrow([TreeHeadRow(**dataclasses.asdict(sth), frontier=frontier.hashes)],
-                                                    TreeHeadRow))
+                "leaf_index": pa.array(range(first, first + len(todo)), pa.int64()),
+                "entry_id": pa.array([e.entry_id for e, _ in todo], pa.string()),
+                "leaf_hash": pa.array([lh for _, lh in todo], pa.binary())}, schema=SCHEMAS["merkle_log"]))
+            crash_point("longterm.append.leaves")
+            sth = self._sign_head(frontier)
+            self._keep_lookup_indexes(len(todo))
         self._publish(sth)
-        return AppendResult(ids, first, sth)
+        return AppendResult([e.entry_id for e, _ in todo], first, sth, skipped)
+
+    def _sign_head(self, frontier: MerkleFrontier) -> SignedTreeHead:
+        sth = SignedTreeHead.create(self.signer, self.store_id, frontier.size, frontier.root(), time.time_ns())
+        self._tables["tree_heads"].add(to_arrow([TreeHeadRow(**dataclasses.asdict(sth), frontier=frontier.hashes)],
+                                                TreeHeadRow))
+        return sth
+
+    def _present(self, table, ids: Iterable[str]) -> set[str]:
+        """Which of ``ids`` ``table`` holds: an index probe plus the rows not yet indexed."""
+        ids = list(ids)
+        found: set[str] = set()
+        for start in range(0, len(ids), 1000):
+            found.update(self._read(table, ["entry_id"], _ids_predicate(ids[start:start + 1000]))["entry_id"]
+                         .to_pylist())
+        return found
+
+    def _finish_logged(self, head: SignedTreeHead | None,
+                       frontier: MerkleFrontier) -> tuple[SignedTreeHead | None, MerkleFrontier]:
+        """Leaves logged by a batch that crashed before its tree head was signed: sign one
+        that covers them, so they are never logged twice (their rows were written first)."""
+        logged = self._tables["merkle_log"].count_rows()
+        if logged == frontier.size:
+            return head, frontier
+        if logged < frontier.size:
+            raise VerificationError(f"the merkle_log holds {logged} leaves, the latest signed tree head covers "
+                                    f"{frontier.size}: run `memstream verify longterm` and investigate")
+        tail = self._read(self._tables["merkle_log"], None, f"leaf_index >= {frontier.size}").sort_by("leaf_index")
+        if tail["leaf_index"].to_pylist() != list(range(frontier.size, logged)):
+            raise VerificationError(f"the merkle_log leaves after {frontier.size} are not contiguous")
+        for lh in tail["leaf_hash"].to_pylist():
+            frontier.append_hash(lh)
+        log.warning("signing a tree head for %d leaves an interrupted append logged", logged - head_size(head))
+        return self._sign_head(frontier), frontier
+
+    def _keep_lookup_indexes(self, added: int) -> None:
+        """Keep the id, edit and tree-size lookups of :meth:`append` and :meth:`search`
+        independent of the log's size: a BTREE per lookup column, folded forward every
+        LOOKUP_INDEX_EVERY rows (amortised)."""
+        self._unindexed += added
+        if self._unindexed < LOOKUP_INDEX_EVERY:
+            return
+        self._unindexed = 0
+        for name in dict.fromkeys(n for n, _ in LOOKUP_INDEXES):
+            table = self._tables[name]
+            columns = [c for n, c in LOOKUP_INDEXES if n == name]
+            have = {tuple(idx.columns): idx.name for idx in table.list_indices()}
+            present = [have[(c,)] for c in columns if (c,) in have]
+            if present:  # only these: the vector index is maintenance's
+                table.to_lance().optimize.optimize_indices(index_names=present)
+                table.checkout_latest()
+            if table.count_rows() >= LOOKUP_INDEX_EVERY:
+                for c in columns:
+                    if (c,) not in have:
+                        table.create_scalar_index(c, index_type="BTREE")
 
     def consider(self, vector, payload: bytes, *, query: str | bytes, policy: WritePolicy | None = None, **kw):
         """Ask the learned write policy whether ``vector`` is worth keeping beyond the
@@ -330,12 +412,17 @@ class LongTermStore:
 
     def _tree_heads(self) -> list[tuple[SignedTreeHead, list[bytes]]]:
         t = self._read(self._tables["tree_heads"]).to_pylist()
-        heads = [(SignedTreeHead(r["log_id"], r["tree_size"], r["root_hash"], r["timestamp_ns"], r["key_id"],
-                                 r["signature"]), r["frontier"]) for r in t]
+        heads = [(self._head_of(r), r["frontier"]) for r in t]
         return sorted(heads, key=lambda h: (h[0].tree_size, h[0].timestamp_ns))
 
     def _latest_head(self) -> tuple[SignedTreeHead | None, MerkleFrontier]:
-        heads = self._tree_heads()
+        # The newest head covers the whole log, so look it up by the log's size (metadata)
+        # rather than reading every head; after an interrupted append, fall back to the scan.
+        size = self._tables["merkle_log"].count_rows()
+        rows = self._read(self._tables["tree_heads"], None, f"tree_size = {size}").to_pylist() if size else []
+        heads = sorted(((self._head_of(r), r["frontier"]) for r in rows), key=lambda h: h[0].timestamp_ns)
+        if not heads:
+            heads = self._tree_heads()
         if not heads:
             return None, MerkleFrontier()
         sth, hashes = heads[-1]
@@ -345,6 +432,11 @@ class LongTermStore:
             raise VerificationError(f"the stored frontier of tree head {sth.tree_size} does not match its "
                                     "signed root: run `memstream verify longterm` and investigate")
         return sth, frontier
+
+    @staticmethod
+    def _head_of(r: dict) -> SignedTreeHead:
+        return SignedTreeHead(r["log_id"], r["tree_size"], r["root_hash"], r["timestamp_ns"], r["key_id"],
+                              r["signature"])
 
     def latest_tree_head(self) -> SignedTreeHead | None:
         return self._latest_head()[0]
@@ -396,13 +488,15 @@ class LongTermStore:
 
     def search(self, vector, k: int = 10, *, include_cold: bool = False, nprobes: int = NPROBES,
                ef: int = LONGTERM_EF, refine: int = LONGTERM_REFINE, record_access: bool = True,
-               subjects: frozenset[str] | None = None) -> list[Hit]:
+               subjects: frozenset[str] | None = None, history: bool = False) -> list[Hit]:
         """The ``k`` nearest entries; cold entries only with ``include_cold`` (slower: the
         cold tier is usually unindexed). Each hit names its tier. ``nprobes`` IVF partitions
         are searched; with an HNSW index ``ef`` candidates each; ``refine`` > 0 re-ranks
         ``refine * k`` candidates by their stored vectors (quantized indexes only).
         ``subjects``: only entries bound to one of these subject hashes (a tenant's scope;
-        an empty set finds nothing); None: every entry."""
+        an empty set finds nothing); None: every entry. A superseded entry is replaced by the
+        newest version of its edit chain (at that version's own distance); ``history=True``
+        returns the versions as stored."""
         q = np.asarray(vector, np.float32).reshape(-1)
         hits: list[Hit] = []
         if subjects is not None and not subjects:
@@ -427,11 +521,52 @@ class LongTermStore:
                 hits.append(Hit(r["entry_id"], float(r["_distance"]), tier, r["payload"], r["payload_kind"],
                                 r["supersedes"], r["timestamp_ns"], r["validator_key_hash"], r["query_hash"],
                                 r["key_id"]))
+        if not history:
+            hits = self._newest(q, hits, include_cold)
         hits.sort(key=lambda h: h.distance)
         hits = hits[:k]
         if record_access:
             self.record_access(hits)
         return hits
+
+    def _newest(self, q: np.ndarray, hits: list[Hit], include_cold: bool) -> list[Hit]:
+        """Follow each hit's ``supersedes`` links forward to the newest version."""
+        cols = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
+                "query_hash", "key_id", "vector"]
+        successor: dict[str, tuple[str, dict]] = {}  # entry id -> (tier, row of its newest direct edit)
+        frontier = [h.entry_id for h in hits]
+        while frontier:
+            found = []
+            for tier, table in self._tier_tables(include_cold):
+                for r in self._read(table, cols, _ids_predicate(frontier, "supersedes")).to_pylist():
+                    old = successor.get(r["supersedes"])
+                    if old is None or (r["timestamp_ns"], r["entry_id"]) > (old[1]["timestamp_ns"], old[1]["entry_id"]):
+                        successor[r["supersedes"]] = (tier, r)
+                    found.append(r["entry_id"])
+            frontier = [i for i in found if i not in successor]
+        if not successor:
+            return hits
+        out: dict[str, Hit] = {}
+        for h in hits:
+            eid, tier, row = h.entry_id, h.tier, None
+            while eid in successor:
+                tier, row = successor[eid]
+                eid = row["entry_id"]
+            if row is not None:
+                h = Hit(eid, self._distance(q, np.asarray(row["vector"], np.float32)), tier, row["payload"],
+                        row["payload_kind"], row["supersedes"], row["timestamp_ns"], row["validator_key_hash"],
+                        row["query_hash"], row["key_id"])
+            if eid not in out or h.distance < out[eid].distance:
+                out[eid] = h
+        return list(out.values())
+
+    def _distance(self, q: np.ndarray, v: np.ndarray) -> float:
+        """The distance LanceDB reports for ``self.metric``."""
+        if self.metric == "cosine":
+            return float(1.0 - q @ v / max(float(np.linalg.norm(q) * np.linalg.norm(v)), 1e-12))
+        if self.metric == "dot":
+            return float(1.0 - q @ v)
+        return float(((q - v) ** 2).sum())  # l2: squared, as LanceDB returns it
 
     def record_access(self, hits: Sequence[Hit]) -> None:
         """Account retrievals: what ``search(record_access=True)`` does, for hits of a search
@@ -692,10 +827,17 @@ class LongTermStore:
     def _check_rows(self, rows: pa.Table, tier: str) -> tuple[list[tuple[str, bytes]], list[RowFailure]]:
         return check_table(rows, tier, self.store_id, self.keyring, self.dim)
 
-    def verify(self, workers: int | None = None, trusted_head: SignedTreeHead | None = None) -> VerifyReport:
-        """Check every row's id and signature, and its inclusion under the latest signed tree
+    def verify(self, workers: int | None = None, trusted_head: SignedTreeHead | None = None,
+               full: bool = False) -> VerifyReport:
+        """Check every row's id, its key binding and its inclusion under the latest signed tree
         head (or ``trusted_head``, e.g. one read from the Kafka topic); report each failing
-        row. Logged entries with no row and no approved removal are failures too."""
+        row. Logged entries with no row and no approved removal are failures too.
+
+        A row's Merkle leaf hashes its message, key id and signature, and every tree head is
+        signed by a validator that checked each entry's signature before logging it, so by
+        default the rows are checked by hashing under the (few) verified tree-head
+        signatures, RFC 6962 style. ``full=True`` also checks every entry's own Ed25519
+        signature."""
         started = time.monotonic()
         report = VerifyReport()
         heads = self._tree_heads()
@@ -727,7 +869,7 @@ class LongTermStore:
             report.log_failures.append("an entry id appears twice in the merkle_log")
         seen: set[str] = set()
         for tier, table in self._tier_tables(True):
-            checked, failed = self._verify_table(table, tier, workers)
+            checked, failed = self._verify_table(table, tier, workers, full)
             report.failures.extend(failed)
             report.rows_checked += len(checked) + len(failed)
             seen.update(f.entry_id for f in failed)
@@ -793,20 +935,21 @@ class LongTermStore:
             purged.update(att.entry_ids)
         return purged
 
-    def _verify_table(self, table, tier: str, workers: int | None):
+    def _verify_table(self, table, tier: str, workers: int | None, full: bool = True):
         ds = table.to_lance()
         frags = [f.fragment_id for f in ds.get_fragments()]
         n = ds.count_rows()
         workers = workers if workers is not None else (min(os.cpu_count() or 1, 8) if n > 50_000 else 1)
         if workers <= 1 or len(frags) < 2:
             return _verify_fragments(ds.uri, self._opts_for(tier), frags, tier, self.store_id,
-                                     [k.raw for k in self.keyring], self.dim)
+                                     [k.raw for k in self.keyring], self.dim, full)
         chunks = [frags[i::workers] for i in range(workers)]
         checked, failed = [], []
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             for c, f in pool.map(_verify_fragments, [ds.uri] * workers, [self._opts_for(tier)] * workers, chunks,
                                  [tier] * workers, [self.store_id] * workers,
-                                 [[k.raw for k in self.keyring]] * workers, [self.dim] * workers):
+                                 [[k.raw for k in self.keyring]] * workers, [self.dim] * workers,
+                                 [full] * workers):
                 checked += c
                 failed += f
         return checked, failed
@@ -815,13 +958,34 @@ class LongTermStore:
         return self.cold_storage_options if tier == "cold" else self.storage_options
 
 
-def check_table(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing,
-                dim: int) -> tuple[list[tuple[str, bytes]], list[RowFailure]]:
-    """Verify rows of an entries table: (entry id, leaf hash) of the good ones, and failures."""
+def check_table(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing, dim: int,
+                signatures: bool = True) -> tuple[list[tuple[str, bytes]], list[RowFailure]]:
+    """Verify rows of an entries table: (entry id, leaf hash) of the good ones, and failures.
+    ``signatures=False`` checks ids and key bindings only: the caller then matches each leaf
+    against a signed tree head."""
     checked, failed = [], []
+    key_hashes = {k.key_id: domain_hash("memstream.key.v1", k.raw).hex() for k in keyring}
     cols = {c: rows[c].to_pylist() for c in ROW_COLUMNS if c != "vector"}
     vec = rows["vector"].combine_chunks()
     flat = vec.values.to_numpy(zero_copy_only=False).reshape(-1, dim) if len(vec) else np.zeros((0, dim), np.float32)
+    if not signatures and not vec.null_count:
+        try:
+            leaves = table_leaves(store_id, cols, flat)
+        except (TypeError, ValueError, AttributeError):
+            leaves = None  # a malformed row: the row-by-row path below names it
+        if leaves is not None:
+            for (eid, lh), stored_id, kid, vkh in zip(leaves, cols["entry_id"], cols["key_id"],
+                                                     cols["validator_key_hash"]):
+                if eid != stored_id:
+                    failed.append(RowFailure(str(stored_id), tier, "VerificationError: entry id does not match the "
+                                                                   "entry's content"))
+                elif key_hashes.get(kid) != vkh:
+                    failed.append(RowFailure(str(stored_id), tier, f"SignatureError: key {kid} is not a validator key "
+                                                                   "of the ring, or the provenance names another "
+                                                                   "validator"))
+                else:
+                    checked.append((eid, lh))
+            return checked, failed
     for i in range(rows.num_rows):
         eid = cols["entry_id"][i]
         try:
@@ -830,7 +994,16 @@ def check_table(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing,
             fields = {c: cols[c][i] for c in Entry.CONTENT if c != "vector"}
             fields["vector"] = flat[i]
             msg = Entry.message(store_id, fields)
-            lh = check_row(msg, eid, cols["key_id"][i], cols["validator_key_hash"][i], cols["signature"][i], keyring)
+            if signatures:
+                lh = check_row(msg, eid, cols["key_id"][i], cols["validator_key_hash"][i], cols["signature"][i],
+                               keyring)
+            else:
+                if Entry.id_of(msg) != eid:
+                    raise VerificationError("entry id does not match the entry's content")
+                if key_hashes.get(cols["key_id"][i]) != cols["validator_key_hash"][i]:
+                    raise SignatureError(f"key {cols['key_id'][i]} is not a validator key of the ring, or the "
+                                         "provenance names another validator")
+                lh = entry_leaf_hash(msg, cols["key_id"][i], cols["signature"][i])
             checked.append((eid, lh))
         except (IntegrityError, TypeError, ValueError) as e:
             failed.append(RowFailure(str(eid), tier, f"{type(e).__name__}: {e}"))
@@ -838,7 +1011,7 @@ def check_table(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing,
 
 
 def _verify_fragments(uri: str, storage_options: dict[str, str], fragment_ids: list[int], tier: str,
-                      store_id: str, raw_keys: list[bytes], dim: int):
+                      store_id: str, raw_keys: list[bytes], dim: int, full: bool = True):
     """Runs in a worker process too: opens the dataset itself and checks its fragments."""
     import lance
 
@@ -848,7 +1021,7 @@ def _verify_fragments(uri: str, storage_options: dict[str, str], fragment_ids: l
     for fid in fragment_ids:
         frag = ds.get_fragment(fid)
         for batch in frag.to_batches(columns=ROW_COLUMNS, batch_size=8192):
-            c, f = check_table(pa.Table.from_batches([batch]), tier, store_id, keyring, dim)
+            c, f = check_table(pa.Table.from_batches([batch]), tier, store_id, keyring, dim, full)
             checked += c
             failed += f
     return checked, failed

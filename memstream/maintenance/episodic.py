@@ -79,37 +79,53 @@ def gc_records(uri: str, storage_options: dict[str, str] | None = None) -> list[
     return EpisodicStore(uri, storage_options).gc_records()
 
 
+def gc_candidates(store: EpisodicStore, ledger: ReadLedger, *, retention_s: float, closed=None,
+                  now_ns: int | None = None):
+    """(session, reason, stored_at_ns, last activity ns) of every session session GC would
+    collect: closed ones and those idle past ``retention_s``, in session order."""
+    if retention_s <= 0:
+        raise ConfigError(f"the retention must be positive, got {retention_s}s")
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    closed = set(store.closed_sessions() if closed is None else closed)
+    for session in sorted(set(store.sessions()) | set(ledger.sessions())):
+        stored = store.stored_at_ns(session)
+        last_read = ledger.last_query_ns(session)
+        last_ns = max([*stored.values(), last_read or 0])
+        if session in closed:
+            yield session, "closed", stored, last_ns
+        elif now_ns - last_ns > retention_s * 1e9:
+            yield session, "idle", stored, last_ns
+
+
 def collect_sessions(uri: str, storage_options: dict[str, str] | None = None, *, retention_s: float,
                      key: SigningKey | None, closed=None, now_ns: int | None = None,
-                     dry_run: bool = False) -> dict:
+                     dry_run: bool = False, require_consolidation: bool = True) -> dict:
     """Garbage-collect closed sessions and those idle past ``retention_s``; returns counts
     and the collected session ids. ``closed``: the closed sessions (default: those whose stored
-    chain ends in their close, :func:`closed_sessions`)."""
+    chain ends in their close, :func:`closed_sessions`). A session with stored summaries but
+    no consolidation record for its chain head is skipped (``require_consolidation``): its
+    most-read summaries have not been moved to long-term memory yet."""
     if retention_s <= 0:
         raise ConfigError(f"the retention must be positive, got {retention_s}s")
     if key is None and not dry_run:
         raise ConfigError("session GC signs a GC record per session: pass the maintenance key")
     now_ns = time.time_ns() if now_ns is None else now_ns
     store, ledger = _open(uri, storage_options)
-    closed = set(store.closed_sessions() if closed is None else closed)
-    out = {"sessions": 0, "collected_closed": 0, "collected_idle": 0, "skipped_unpublished": 0,
+    out = {"sessions": len(set(store.sessions()) | set(ledger.sessions())), "collected_closed": 0,
+           "collected_idle": 0, "skipped_unpublished": 0, "skipped_unconsolidated": 0,
            "summaries_removed": 0, "reads_removed": 0, "collected": [], "dry_run": dry_run}
-    for session in sorted(set(store.sessions()) | set(ledger.sessions())):
-        out["sessions"] += 1
-        stored = store.stored_at_ns(session)
-        last_read = ledger.last_query_ns(session)
-        last_ns = max([*stored.values(), last_read or 0])
-        if session in closed:
-            reason = "closed"
-        elif now_ns - last_ns > retention_s * 1e9:
-            reason = "idle"
-        else:
-            continue
+    for session, reason, stored, last_ns in gc_candidates(store, ledger, retention_s=retention_s, closed=closed,
+                                                          now_ns=now_ns):
         if stored and store.unpublished(session):
             out["skipped_unpublished"] += 1
             log.warning("session %s is %s but Kafka has not acknowledged all its summaries: kept", session, reason)
             continue
         head = store.heads([session]).get(session)
+        if require_consolidation and head is not None and store.consolidation(session, head.hash) is None:
+            out["skipped_unconsolidated"] += 1
+            log.warning("session %s is %s but not consolidated (run session_consolidation first): kept",
+                        session, reason)
+            continue
         record = GcRecord(
             schema_version=1, session_id=session, reason=reason, summaries_removed=len(stored),
             reads_removed=ledger.query_count(session), biases_removed=len(ledger.biases(session)),

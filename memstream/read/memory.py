@@ -190,7 +190,7 @@ class Memory:
                  candidates: int = READ_CANDIDATES,
                  flush_every: int = LEDGER_FLUSH_EVERY, replica: "Memory | None" = None, sample_rate: float = 0.0,
                  kafka_bootstrap: str | None = None, divergence_topic: str = READ_DIVERGENCE_TOPIC,
-                 score_tolerance: float = 1e-3, seed: int | None = None):
+                 score_tolerance: float = 1e-3, seed: int | None = None, retention=None):
         if not 0.0 <= sample_rate <= 1.0:
             raise ConfigError(f"sample_rate is a fraction of reads, 0..1; got {sample_rate}")
         if sample_rate > 0 and replica is None:
@@ -234,10 +234,16 @@ class Memory:
         self._loading: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._stats_lock = threading.Lock()
         self._producer = None
+        # Query-time retention (memstream.longterm.retention.Retention): each accounted read is
+        # offered to the write policy; the decision and the write happen on its own thread.
+        self.retention = retention
 
     # -- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:
-        """Write the buffered accounting (read ledger and long-term access log)."""
+        """Write the buffered accounting (read ledger and long-term access log) and the
+        retained entries still pending."""
+        if self.retention is not None:
+            self.retention.close()
         self.ledger.flush()
         if self.longterm is not None:
             self.longterm.flush_access_log()
@@ -302,6 +308,13 @@ class Memory:
         read_id = uuid.uuid4().hex
         if account:
             self.ledger.record(session_id, [f.provenance.window_index for f in fragments if f.source == "episodic"])
+        if account and self.retention is not None:
+            t0 = time.perf_counter()
+            lt = [f.score for f in fragments if f.source == "longterm"] if decision.route != "episodic" else (
+                [1.0 - h.distance for h in probe] if probe is not None else None)
+            self.retention.offer(q.numpy(), session_id=session_id, read_id=read_id,
+                                 fragments=[(f.key, f.score) for f in fragments], neighbor_sims=lt)
+            timings["retain_ms"] = (time.perf_counter() - t0) * 1e3
         result = ReadResult(read_id, session_id, decision, fragments,
                             None if reconstruction is None else reconstruction.numpy(), timings_ms=timings)
         with self._stats_lock:

@@ -1,0 +1,181 @@
+"""Long-term writes by the memory itself: append cost at two log sizes, verification of the
+whole store, and read latency with and without query-time retention.
+
+- Appends: a store of signed 384-d entries is filled to ``--small`` (10k) and then to
+  ``--large`` (1M) entries in batches of ``--fill-batch``; at each size ``--probes`` appends of
+  ``--probe-batch`` entries (the retention writer's batch) are timed. An append's cost should
+  not depend on the log's size.
+- Verification: ``LongTermStore.verify()`` at the large size (ids, key bindings and Merkle
+  leaves hashed under the verified tree-head signatures), and ``verify(full=True)`` (every
+  entry's own Ed25519 signature too) at the small size, for the per-entry cost.
+- Reads: ``Memory.read`` p50 over a session of ``--summaries`` summaries, route episodic,
+  without retention and with it (the policy and the writer on their background thread),
+  in alternating blocks of the same queries.
+
+    python bench/bench_memory_writes.py                  # 10k and 1M
+    python bench/bench_memory_writes.py --large 200000   # a smaller second size
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import common
+from bench_longterm import mixture, percentile
+from bench_read import build_session
+
+D = 384
+
+
+def fill(store, key, upto: int, batch: int, centers, seed: int) -> float:
+    from memstream.longterm import Entry
+
+    started, n = time.monotonic(), store.count()
+    while n < upto:
+        m = min(batch, upto - n)
+        vecs = mixture(seed + n, m, D, centers)
+        store.append([Entry.create(key, store.store_id, v, f"fill-{n + i}".encode(), query=f"q{n + i}")
+                      for i, v in enumerate(vecs)])
+        n += m
+    return time.monotonic() - started
+
+
+def probe_appends(store, key, probes: int, batch: int, centers, seed: int) -> dict:
+    from memstream.longterm import Entry
+
+    times = []
+    for p in range(probes):
+        vecs = mixture(seed + p, batch, D, centers)
+        entries = [Entry.create(key, store.store_id, v, f"probe-{seed}-{p}-{i}".encode(), query=f"p{p}-{i}")
+                   for i, v in enumerate(vecs)]
+        s = time.perf_counter()
+        store.append(entries)
+        times.append(time.perf_counter() - s)
+    return {"log_size_before": store.count() - probes * batch, "appends": probes, "batch": batch,
+            "p50_ms": percentile(times, 50), "p90_ms": percentile(times, 90),
+            "appends_per_s": probes / sum(times), "entries_per_s": probes * batch / sum(times)}
+
+
+def reads_with_and_without_retention(root: Path, key, model, summaries: int, queries: int, blocks: int) -> dict:
+    from memstream.crypto import KeyRing
+    from memstream.longterm import LongTermStore
+    from memstream.longterm.retention import Retention
+    from memstream.read.memory import Memory
+
+    uri, lt_uri = str(root / "episodic"), str(root / "lt-reads")
+    build_session(uri, key, model, summaries, encoded=min(8, summaries))
+    ring = KeyRing([key])
+    rng = np.random.default_rng(11)
+    qs = rng.standard_normal((queries, D)).astype(np.float32)
+    plain = Memory(uri, keyring=ring, model=model)
+    retention = Retention(LongTermStore(lt_uri, keyring=ring, signer=key))
+    retaining = Memory(uri, keyring=ring, model=model, retention=retention)
+    for m in (plain, retaining):  # load and cache the window once
+        m.read(qs[0], "bench", k=8, route="episodic")
+    lat = {"without": [], "with": []}
+    offer_ms = []
+    for b in range(blocks):
+        for name, m in (("without", plain), ("with", retaining)) if b % 2 == 0 else (("with", retaining),
+                                                                                      ("without", plain)):
+            for q in qs:
+                s = time.perf_counter()
+                r = m.read(q, "bench", k=8, route="episodic")
+                lat[name].append(time.perf_counter() - s)
+                if name == "with":
+                    offer_ms.append(r.timings_ms["retain_ms"])
+    plain.close()
+    retaining.close()
+    st = retention.stats
+    out = {name: {"n": len(v), "p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99)} for name, v in lat.items()}
+    out["added_p50_ms"] = out["with"]["p50_ms"] - out["without"]["p50_ms"]
+    out["offer_p50_ms"] = float(np.percentile(offer_ms, 50))
+    out["retention"] = {"offered": st.offered, "kept": st.kept, "written": st.written, "batches": st.batches,
+                        "failed": st.failed}
+    out["summaries"] = summaries
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", type=int, default=10_000)
+    ap.add_argument("--large", type=int, default=1_000_000)
+    ap.add_argument("--fill-batch", type=int, default=10_000)
+    ap.add_argument("--probes", type=int, default=20)
+    ap.add_argument("--probe-batch", type=int, default=64)
+    ap.add_argument("--summaries", type=int, default=64)
+    ap.add_argument("--queries", type=int, default=50)
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--skip-reads", action="store_true")
+    ap.add_argument("--root", default=None, help="folder of the stores (default: temporary, removed after)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+
+    from memstream.crypto import KeyRing, SigningKey
+    from memstream.longterm import LongTermStore
+
+    root = Path(args.root or tempfile.mkdtemp(prefix="bench-writes-"))
+    res = {"machine": common.machine_info("lancedb", "pylance", "cryptography"), "args": vars(args)}
+    key = SigningKey.generate()
+    centers = np.random.default_rng(0).standard_normal((4096, D), dtype=np.float32)
+    try:
+        store = LongTermStore(str(root / "lt"), keyring=KeyRing([key]), signer=key, dim=D)
+        res["fill_small_s"] = fill(store, key, args.small, args.fill_batch, centers, 1)
+        res["appends_small"] = probe_appends(store, key, args.probes, args.probe_batch, centers, 10**7)
+        print("appends at", store.count(), res["appends_small"], flush=True)
+        t = time.monotonic()
+        full = store.verify(full=True)
+        res["verify_full_small"] = {"rows": full.rows_checked, "ok": full.ok, "seconds": time.monotonic() - t}
+        res["fill_large_s"] = fill(store, key, args.large, args.fill_batch, centers, 2 * 10**7)
+        res["appends_large"] = probe_appends(store, key, args.probes, args.probe_batch, centers, 3 * 10**7)
+        print("appends at", store.count(), res["appends_large"], flush=True)
+        t = time.monotonic()
+        report = store.verify()
+        res["verify_large"] = {"rows": report.rows_checked, "ok": report.ok, "seconds": time.monotonic() - t,
+                               "tree_heads": len(store.tree_heads())}
+        print("verify", res["verify_large"], flush=True)
+        store.close()
+        if not args.skip_reads:
+            from memstream.operators.checkpoint import load_default
+
+            res["reads"] = reads_with_and_without_retention(root, key, load_default(), args.summaries, args.queries,
+                                                            args.blocks)
+            print("reads", res["reads"], flush=True)
+    finally:
+        if args.root is None:
+            shutil.rmtree(root, ignore_errors=True)
+    write_results(res, Path(args.out))
+    return 0
+
+
+def write_results(res: dict, out: Path) -> None:
+    s, big = res["appends_small"], res["appends_large"]
+    v, vf = res["verify_large"], res["verify_full_small"]
+    lines = [f"# Long-term writes: appends at two sizes, verification, reads with retention", "",
+             common.machine_line(res["machine"]), "",
+             "| log size | appends timed | entries each | p50 ms | p90 ms | appends/s | entries/s |",
+             "|---|---|---|---|---|---|---|"]
+    for a in (s, big):
+        lines.append(f"| {a['log_size_before']:,} | {a['appends']} | {a['batch']} | {a['p50_ms']:.1f} | "
+                     f"{a['p90_ms']:.1f} | {a['appends_per_s']:.1f} | {a['entries_per_s']:,.0f} |")
+    lines += ["", f"Verification of {v['rows']:,} entries (tree-head signatures, every leaf hashed): "
+                  f"{v['seconds']:.1f} s, ok={v['ok']}, {v['tree_heads']} tree heads.",
+              f"With every entry's Ed25519 signature (`full=True`) at {vf['rows']:,} entries: {vf['seconds']:.1f} s "
+              f"({vf['seconds'] / max(vf['rows'], 1) * 1e6:.0f} µs an entry)."]
+    if "reads" in res:
+        r = res["reads"]
+        lines += ["", f"Reads (route episodic, {r['summaries']} summaries), same queries in alternating blocks:",
+                  f"p50 without retention {r['without']['p50_ms']:.2f} ms, with {r['with']['p50_ms']:.2f} ms "
+                  f"(added {r['added_p50_ms']:+.2f} ms; the offer itself {r['offer_p50_ms'] * 1e3:.0f} µs p50); "
+                  f"retention kept {r['retention']['kept']} of {r['retention']['offered']} in "
+                  f"{r['retention']['batches']} batches."]
+    common.save(res, "memory-writes", lines, out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
