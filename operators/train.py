@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from memstream.operators.checkpoint import load_compressor, save_compressor
-from memstream.operators.evaluate import evaluate, make_cues
+from memstream.operators.evaluate import encoder_key, evaluate, make_cues
 from memstream.operators.model import Compressor, CompressorConfig
 
 log = logging.getLogger(__name__)
+_FROZEN: dict = {}  # the last frozen encoder's summaries of the training and validation windows
 
 
 @dataclass
@@ -121,9 +122,14 @@ def fit(model_cfg: CompressorConfig, cfg: TrainConfig, windows=None) -> tuple[Co
     else:
         for p in (model.proj, model.log_beta):
             p.requires_grad_(False)
-        with torch.no_grad():
-            train_sum = torch.cat([model.encode(train_windows[i:i + B].to(device)) for i in range(0, len(train_windows), B)])
-            val_sum = model.encode(val_windows.to(device))
+        key = (encoder_key(model), id(train_windows), id(val_windows), str(device))
+        if key not in _FROZEN:  # fits of another seed on the same windows share them
+            with torch.no_grad():
+                _FROZEN.clear()
+                _FROZEN[key] = (torch.cat([model.encode(train_windows[i:i + B].to(device))
+                                           for i in range(0, len(train_windows), B)]), model.encode(val_windows.to(device)),
+                                train_windows, val_windows)  # held, so their ids are not reused while keyed
+        train_sum, val_sum = _FROZEN[key][:2]
         log.info("summaries of the fixed encoder computed (%.0fs)", time.time() - t0)
     bank, bank_at = None, -1  # negatives: summaries of other training windows
 
