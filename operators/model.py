@@ -13,6 +13,13 @@ Slots are packed ``slots_per_token`` to a summary token (2 x 192 = 384), so a su
 512 cluster centres of the projected latents in the same 256 x 384 numbers as the baselines'
 256 raw vectors.
 
+Other encoders, for training and for the baselines: ``encoder_hidden`` adds a GELU MLP to the
+linear projection (its last layer starts at zero, so the model starts as the linear one; trained
+end to end with ``--train-encoder``, gradient reaching it through the slot means of the hard
+passes); ``encoder="mean_pool"`` makes slot j the mean of the j-th of n_slots equal runs of
+latents instead of a k-means centre. ``decoder_hidden`` adds a GELU MLP over (retrieved slot,
+cue) to the decoder's reconstruction, also starting at zero.
+
 Why hard passes by default: on held-out windows they reconstruct and recall as well as soft ones
 in a fraction of the CPU time (figures: operators/checkpoints/README.md and bench/README.md).
 
@@ -49,6 +56,7 @@ from torch import nn
 from memstream.kernels.nearest_slot import nearest_slot, triton_available
 
 CONFIG_VERSION = 2  # 1: the fixed-query Perceiver compressor (not loadable by this version)
+ENCODERS = ("kmeans", "mean_pool")
 
 
 @dataclass
@@ -58,14 +66,19 @@ class CompressorConfig:
     n_summary: int = 256  # summary tokens per window
     rank: int = 192  # width of the projected space the slots live in
     slots_per_token: int = 2  # slots packed into one summary token: rank * slots_per_token == dim
+    encoder: str = "kmeans"  # how slots are made from projected latents: "kmeans", or "mean_pool" (runs of latents)
     hard_iters: int = 3  # k-means (Lloyd) iterations: every latent goes to its nearest slot
     coarse_iters: int = 1  # the first hard iterations see every other latent only (half the cost)
     iters: int = 0  # soft k-means iterations after those
+    encoder_hidden: int = 0  # width of an MLP added to the linear projection of latents (and cues); 0: linear
+    decoder_hidden: int = 0  # width of the decoder's MLP over (retrieved slot, cue); 0: per-direction gates only
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
         if self.rank * self.slots_per_token != self.dim:
             raise ValueError(f"rank * slots_per_token must equal dim ({self.rank} * {self.slots_per_token} != {self.dim})")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, not {self.encoder!r}")
 
     @property
     def n_slots(self) -> int:
@@ -106,10 +119,20 @@ class Compressor(nn.Module):
         self.gate_cue = nn.Parameter(torch.full((r,), 0.4))  # ... and of the projected cue
         self.gate_rest = nn.Parameter(torch.tensor(0.3))  # the cue outside the projection
         self.log_score_kappa = nn.Parameter(torch.tensor(math.log(50.0)))  # ``score``'s soft maximum
+        if c.encoder_hidden:  # starts at zero: the projection alone
+            self.enc_mlp = nn.Sequential(nn.Linear(d, c.encoder_hidden), nn.GELU(), nn.Linear(c.encoder_hidden, r))
+            nn.init.zeros_(self.enc_mlp[2].weight)
+            nn.init.zeros_(self.enc_mlp[2].bias)
+        if c.decoder_hidden:  # starts at zero: the gates' reconstruction, which the MLP then corrects
+            self.mlp = nn.Sequential(nn.Linear(r + d, c.decoder_hidden), nn.GELU(), nn.Linear(c.decoder_hidden, d))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
 
     # -- encoder ---------------------------------------------------------------------------
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.shift) @ self.proj.T
+        x = x.float() - self.shift
+        z = x @ self.proj.T
+        return z + self.enc_mlp(x) if self.config.encoder_hidden else z
 
     def initial_slots(self, z: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Evenly spaced latents of each window's valid prefix: [B, N, r] -> [B, S, r]."""
@@ -147,6 +170,17 @@ class Compressor(nn.Module):
         eps = 1e-3
         return (total.view(B, S, r) + eps * slots) / (mass.view(B, S, 1) + eps)
 
+    def pool_runs(self, z: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Mean pooling: slot j is the mean of the j-th of n_slots equal runs of a window's valid
+        latents (a slot with no latent, in a window shorter than n_slots, is zero)."""
+        B, N, r = z.shape
+        S = self.config.n_slots
+        run = (torch.arange(N, device=z.device)[None, :] * S) // lengths.clamp_min(1)[:, None]
+        run = (run.clamp_max(S - 1) + S * torch.arange(B, device=z.device)[:, None]).flatten()
+        total = z.new_zeros(B * S, r).index_add_(0, run, z.reshape(B * N, r))  # padding's z is 0
+        mass = z.new_zeros(B * S).index_add_(0, run, valid.flatten())
+        return (total / mass.clamp_min(1)[:, None]).view(B, S, r)
+
     def iterate(self, z: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """One soft k-means step: every valid latent spreads over the slots by a softmax of
         -beta * squared distance; a slot becomes the weighted mean of its latents (a slot that
@@ -177,6 +211,8 @@ class Compressor(nn.Module):
         lengths = self._lengths(x, lengths)
         valid = (torch.arange(N, device=x.device)[None, :] < lengths[:, None]).float()
         z = self.project(x) * valid[..., None]  # padding reads as zeros (and weighs nothing)
+        if self.config.encoder == "mean_pool":
+            return self.pool_runs(z, valid, lengths).reshape(B, self.config.n_summary, self.config.dim)
         slots = self.initial_slots(z, lengths)
         for i in range(self.config.hard_iters):
             step = 2 if i < self.config.coarse_iters else 1  # a coarse pass: every other latent
@@ -202,9 +238,9 @@ class Compressor(nn.Module):
         """Projected cues [B, Q, r] and cosines [B, Q, S] to the slots of ``memory``."""
         if memory.dim() == 2:
             memory = memory.unsqueeze(0)
-        if query.dim() == 2:
-            query = query.unsqueeze(0).expand(memory.shape[0], -1, -1)
-        zq = self.project(query)
+        zq = self.project(query)  # once, however many windows it is scored against
+        if zq.dim() == 2:
+            zq = zq.unsqueeze(0).expand(memory.shape[0], -1, -1)
         slots = self.slots_of(memory)
         cos = F.normalize(zq, dim=-1) @ F.normalize(slots, dim=-1).transpose(-1, -2)
         return zq, slots, cos
@@ -224,15 +260,26 @@ class Compressor(nn.Module):
         (no normalized copy of the memory)."""
         zq = self.project(query)  # [.., Q, r]
         slots = self.slots_of(memory)  # [.., S, r], a view
-        norms = slots.norm(dim=-1).clamp_min(1e-12) if slot_norms is None else slot_norms
-        logits = (F.normalize(zq, dim=-1) @ slots.transpose(-1, -2)) / norms.unsqueeze(-2) * self.log_kappa.exp()
+        logits = self.attention_logits(zq, slots, slot_norms)
         if bias is not None:
             logits = logits + _bias_over_slots(bias.to(logits.dtype), self.config.slots_per_token)
         p = torch.softmax(logits, dim=-1)
-        retrieved = p @ slots  # [.., Q, r]
-        rest = query.float() - self.shift - zq @ self.unproj.T  # what of the cue the projection leaves out
+        return self.combine(query, zq, p @ slots), p
+
+    def attention_logits(self, zq: torch.Tensor, slots: torch.Tensor, slot_norms: torch.Tensor | None = None):
+        """kappa * cos(projected cue, slot): [.., Q, r] x [.., S, r] -> [.., Q, S]."""
+        norms = slots.norm(dim=-1).clamp_min(1e-12) if slot_norms is None else slot_norms
+        return (F.normalize(zq, dim=-1) @ slots.transpose(-1, -2)) / norms.unsqueeze(-2) * self.log_kappa.exp()
+
+    def combine(self, query: torch.Tensor, zq: torch.Tensor, retrieved: torch.Tensor) -> torch.Tensor:
+        """The reconstruction from the cue [.., Q, d], its projection and the retrieved slot [.., Q, r]."""
+        centred = query.float() - self.shift
+        rest = centred - zq @ self.unproj.T  # what of the cue the projection leaves out
         z = self.gate_slot * retrieved + self.gate_cue * zq
-        return z @ self.unproj.T + self.gate_rest * rest + self.shift, p
+        out = z @ self.unproj.T + self.gate_rest * rest + self.shift
+        if self.config.decoder_hidden:
+            out = out + self.mlp(torch.cat([retrieved, centred.expand(*retrieved.shape[:-1], -1)], -1))
+        return out
 
     def decode(self, query: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct latents from summary tokens, conditioned on query latents (see
