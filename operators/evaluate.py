@@ -41,7 +41,6 @@ import torch.nn.functional as F
 
 from memstream.operators.model import Compressor
 
-RECALL_SETTINGS = ("text", "episodic")
 
 
 def make_cues(x: torch.Tensor, noise: float | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
