@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from memstream.operators.model import Compressor
 
 
-
 def make_cues(x: torch.Tensor, noise: float | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Noisy cues of latents x [..., d]: isotropic noise of ``noise`` times the latent's rms."""
     eps = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
