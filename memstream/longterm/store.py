@@ -377,7 +377,7 @@ class LongTermStore:
         scalar-quantized vectors in each IVF partition; searches refine on the stored vectors),
         "ivf_pq" (product quantization, 4 dimensions a code) or "ivf_flat" (exact distances in
         the probed partitions, quick to build). See docs/longterm.md for what each costs."""
-        from lancedb.index import HnswSq, IvfFlat, IvfPq
+        from lancedb.index import HnswSq, IvfFlat, IvfPq, IvfSq
 
         table = self._tables["entries"] if tier == "hot" else self._cold
         n = table.count_rows()
@@ -386,11 +386,13 @@ class LongTermStore:
         elif kind == "ivf_pq":
             config = IvfPq(distance_type=self.metric, num_partitions=num_partitions or max(1, round(n ** 0.5)),
                            num_sub_vectors=max(1, self.dim // 4))
+        elif kind == "ivf_sq":
+            config = IvfSq(distance_type=self.metric, num_partitions=num_partitions or max(1, round(n ** 0.5)))
         elif kind == "ivf_hnsw_sq":
             # Few, large partitions: the graph does the narrowing within one.
             config = HnswSq(distance_type=self.metric, num_partitions=num_partitions or max(1, round(n / HNSW_ROWS)))
         else:
-            raise ConfigError(f"index kind must be ivf_hnsw_sq, ivf_pq or ivf_flat, got {kind!r}")
+            raise ConfigError(f"index kind must be ivf_hnsw_sq, ivf_sq, ivf_pq or ivf_flat, got {kind!r}")
         table.create_index("vector", config=config, replace=replace)
 
     def search(self, vector, k: int = 10, *, include_cold: bool = False, nprobes: int = NPROBES,
@@ -400,6 +402,7 @@ class LongTermStore:
         are searched; with an HNSW index ``ef`` candidates each; ``refine`` > 0 re-ranks
         ``refine * k`` candidates by their stored vectors (quantized indexes only)."""
         q = np.asarray(vector, np.float32).reshape(-1)
+        ef = max(ef, k * max(1, refine))  # lance refuses an HNSW search with fewer candidates than it returns
         hits: list[Hit] = []
         cols = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
                 "query_hash", "key_id", "_distance"]
@@ -840,7 +843,7 @@ def _verify_fragments(uri: str, storage_options: dict[str, str], fragment_ids: l
     return checked, failed
 
 
-_INDEX_KINDS = {"IvfFlat": "ivf_flat", "IvfHnswSq": "ivf_hnsw_sq", "IvfPq": "ivf_pq"}
+_INDEX_KINDS = {"IvfFlat": "ivf_flat", "IvfHnswSq": "ivf_hnsw_sq", "IvfPq": "ivf_pq", "IvfSq": "ivf_sq"}
 
 
 def _centroid_copies(ds, index_name: str, forgotten: np.ndarray) -> bool:
