@@ -115,9 +115,10 @@ def _data_files(store) -> set[str]:
 
 
 def test_erase_rewrites_only_the_fragments_that_held_forgotten_rows(tmp_path):
-    """Five appends make five fragments; the subject's entries sit in two of them. The erase
-    rewrites those two, leaves the other data files as they were, remaps the HNSW index
-    instead of rebuilding it, and the scan of every stored byte proves nothing remains."""
+    """Five appends make five fragments; the subject's entries sit in two of them, and a
+    demotion left deletions in a third. The erase rewrites the two, leaves the other data
+    files as they were, remaps the HNSW index instead of rebuilding it, and the scan of every
+    stored byte proves nothing remains."""
     key = SigningKey.generate()
     store = LongTermStore(str(tmp_path / "lt"), keyring=KeyRing([key]), signer=key, dim=16)
     rng = np.random.default_rng(7)
@@ -129,17 +130,19 @@ def test_erase_rewrites_only_the_fragments_that_held_forgotten_rows(tmp_path):
                                       forget_subject="dana" if forget and i % 5 == 0 else None)
                       for i in range(200)])
     store.build_index("hot", "ivf_hnsw_sq", num_partitions=2)
+    # demoted entries leave deletions in the first fragment, which the erase leaves alone
+    store.demote(store.rows(["entry_id"], "payload_kind = 'summary_tokens'")["entry_id"].to_pylist()[:5])
     before, index_before = _data_files(store), store.table("entries").list_indices()[0].index_uuid
     probe = store.rows(["entry_id", "vector"], "forget_subject IS NULL").to_pylist()[:5]
     store.request_forget("dana", ForgetRequest.create(key, store.store_id, "dana"))
     planned = purge.plan(store)
     assert planned["entries"] == 80
     erased = purge.erase(store, planned["purge_id"])["removed_now"]
-    assert (erased["hot"], erased["fragments_rewritten"], erased["fragments"], erased["index_rebuilds"]) == (80, 2, 5, 0)
+    assert (erased["hot"], erased["fragments_rewritten"], erased["fragments"], erased["index_rebuilds"]) == (80, 2, 6, 0)  # 5 hot, 1 cold
     after = _data_files(store)
     assert len(before & after) == 3 and len(after - before) >= 1  # three fragments untouched
     index = store.table("entries").list_indices()[0]
-    assert index.index_type == "IvfHnswSq" and index.num_indexed_rows == 920 and index.index_uuid != index_before
+    assert index.index_type == "IvfHnswSq" and index.num_indexed_rows == 915 and index.index_uuid != index_before
     for row in probe:  # the remapped index still finds what it holds
         assert store.search(row["vector"], 1, record_access=False)[0].entry_id == row["entry_id"]
     assert purge.check(store, planned["purge_id"])["hits"] == 0

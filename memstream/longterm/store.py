@@ -470,7 +470,7 @@ class LongTermStore:
         scalar-quantized vectors in each IVF partition; searches refine on the stored vectors),
         "ivf_pq" (product quantization, 4 dimensions a code) or "ivf_flat" (exact distances in
         the probed partitions, quick to build). See docs/longterm.md for what each costs."""
-        from lancedb.index import HnswSq, IvfFlat, IvfPq
+        from lancedb.index import HnswSq, IvfFlat, IvfPq, IvfSq
 
         table = self._tables["entries"] if tier == "hot" else self._cold
         n = table.count_rows()
@@ -479,11 +479,13 @@ class LongTermStore:
         elif kind == "ivf_pq":
             config = IvfPq(distance_type=self.metric, num_partitions=num_partitions or max(1, round(n ** 0.5)),
                            num_sub_vectors=max(1, self.dim // 4))
+        elif kind == "ivf_sq":
+            config = IvfSq(distance_type=self.metric, num_partitions=num_partitions or max(1, round(n ** 0.5)))
         elif kind == "ivf_hnsw_sq":
             # Few, large partitions: the graph does the narrowing within one.
             config = HnswSq(distance_type=self.metric, num_partitions=num_partitions or max(1, round(n / HNSW_ROWS)))
         else:
-            raise ConfigError(f"index kind must be ivf_hnsw_sq, ivf_pq or ivf_flat, got {kind!r}")
+            raise ConfigError(f"index kind must be ivf_hnsw_sq, ivf_sq, ivf_pq or ivf_flat, got {kind!r}")
         table.create_index("vector", config=config, replace=replace)
 
     def search(self, vector, k: int = 10, *, include_cold: bool = False, nprobes: int = NPROBES,
@@ -498,6 +500,7 @@ class LongTermStore:
         newest version of its edit chain (at that version's own distance); ``history=True``
         returns the versions as stored."""
         q = np.asarray(vector, np.float32).reshape(-1)
+        ef = max(ef, k * max(1, refine))  # lance refuses an HNSW search with fewer candidates than it returns
         hits: list[Hit] = []
         if subjects is not None and not subjects:
             return hits
@@ -704,18 +707,19 @@ class LongTermStore:
         removed = {"hot": 0, "cold": 0, "fragments_rewritten": 0, "fragments": 0, "index_rebuilds": 0}
         with self.leases.maintenance(lease_timeout_s):
             for tier, table in self._tier_tables(True):
-                n, vectors = 0, []
+                n, vectors, held = 0, [], set()
                 for start in range(0, len(ids), 10_000):
                     pred = _ids_predicate(ids[start:start + 10_000])
-                    rows = self._read(table, ["vector"], pred)
+                    rows = table.to_lance().to_table(columns=["vector"], filter=pred, with_row_address=True)
                     if rows.num_rows:
                         vectors.append(rows["vector"].combine_chunks().values.to_numpy(zero_copy_only=False))
+                        held |= {a >> 32 for a in rows["_rowaddr"].to_pylist()}  # the fragment of each row
                         table.delete(pred)
                     n += rows.num_rows
                 removed[tier] = n
                 forgotten = (np.concatenate(vectors).reshape(-1, self.dim) if vectors
                              else np.zeros((0, self.dim), np.float32))
-                done = self._rewrite_without_deleted(table, tier, forgotten, rebuild_indexes)
+                done = self._rewrite_without_deleted(table, tier, held, forgotten, rebuild_indexes)
                 for key in ("fragments_rewritten", "fragments", "index_rebuilds"):
                     removed[key] += done[key]
             # Retrieval records of the erased entries hold only their ids; readers append to the
@@ -725,18 +729,23 @@ class LongTermStore:
                     self._tables[name].delete(_ids_predicate(ids[start:start + 10_000]))
         return removed
 
-    def _rewrite_without_deleted(self, table, tier: str, forgotten: np.ndarray, rebuild: bool) -> dict[str, int]:
+    def _rewrite_without_deleted(self, table, tier: str, held: set[int], forgotten: np.ndarray,
+                                 rebuild: bool) -> dict[str, int]:
+        """Rewrite the fragments ``held`` (those that held erased rows; on a retry, every fragment
+        that still has deletions), then clean up."""
         from lancedb.index import Bitmap, BTree, LabelList
 
         ds = table.to_lance()
-        fragments = [f.fragment_id for f in ds.get_fragments()]
-        touched = [f.fragment_id for f in ds.get_fragments() if f.metadata.deletion_file is not None]
+        fragments = ds.get_fragments()
+        if not held:  # a retry after the delete committed: the rows are gone, their fragments unknown
+            held = {f.fragment_id for f in fragments if f.metadata.deletion_file is not None}
+        touched = sorted(held & {f.fragment_id for f in fragments})
         out = {"fragments": len(fragments), "fragments_rewritten": len(touched), "index_rebuilds": 0}
         if touched:
-            # Fragments without deletions stay as they are (and bound the groups compaction
-            # merges); the commit remaps every index to the rewritten rows.
-            ds.optimize.compact_files(materialize_deletions_threshold=0.0,
-                                      excluded_fragment_ids=sorted(set(fragments) - set(touched)))
+            # Other fragments stay as they are (deletions of demoted rows included) and bound the
+            # groups compaction merges; the same commit remaps every index to the rewritten rows.
+            ds.optimize.compact_files(materialize_deletions_threshold=0.0, excluded_fragment_ids=sorted(
+                {f.fragment_id for f in fragments} - set(touched)))
             table.checkout_latest()
         for idx in table.list_indices():
             if not table.count_rows():
@@ -1027,7 +1036,7 @@ def _verify_fragments(uri: str, storage_options: dict[str, str], fragment_ids: l
     return checked, failed
 
 
-_INDEX_KINDS = {"IvfFlat": "ivf_flat", "IvfHnswSq": "ivf_hnsw_sq", "IvfPq": "ivf_pq"}
+_INDEX_KINDS = {"IvfFlat": "ivf_flat", "IvfHnswSq": "ivf_hnsw_sq", "IvfPq": "ivf_pq", "IvfSq": "ivf_sq"}
 
 
 def _centroid_copies(ds, index_name: str, forgotten: np.ndarray) -> bool:

@@ -7,8 +7,9 @@
    bytes (:mod:`memstream.maintenance.scan`), never the bytes themselves. An unfinished
    plan is resumed rather than replaced, so a crash at any step is retried safely.
 2. :func:`erase` runs :meth:`LongTermStore.erase` under the maintenance lease (writers wait):
-   delete, compact with ``materialize_deletions_threshold=0``, rebuild indexes, drop every
-   old version with ``delete_unverified=True``.
+   delete, rewrite only the fragments that held the rows (the same commit remaps the
+   indexes without them; a vector index whose centroid copies an erased vector is rebuilt),
+   drop every old version with ``delete_unverified=True``.
 3. :func:`check` scans every object of the store (hot root and cold tier; local files or
    the S3 listing) for the fingerprints and fails if any window is found, or if a row of
    an erased entry is still readable.
@@ -105,11 +106,14 @@ def plan(store) -> dict:
     return out
 
 
-def erase(store, purge_id: str, lease_timeout_s: float = 300.0) -> dict:
-    """The destructive step of a planned purge (writers excluded); retry-safe."""
+def erase(store, purge_id: str, lease_timeout_s: float = 300.0, rebuild_indexes: bool = False) -> dict:
+    """The destructive step of a planned purge (writers excluded); retry-safe.
+    ``rebuild_indexes`` rebuilds every index instead of remapping it (for a retry after a
+    crash between the delete and a rebuild, when the erased vectors can no longer be read)."""
     row = _plan_row(store, purge_id)
     started = time.monotonic()
-    removed = store.erase(row["entry_ids"], lease_timeout_s=lease_timeout_s) if row["entry_ids"] else {}
+    removed = (store.erase(row["entry_ids"], lease_timeout_s=lease_timeout_s, rebuild_indexes=rebuild_indexes)
+               if row["entry_ids"] else {})
     out = {"purge_id": purge_id, "entries": len(row["entry_ids"]), "removed_now": removed,
            "seconds": round(time.monotonic() - started, 3)}
     log.info("forget purge erased: %s", out)

@@ -150,6 +150,8 @@ class SessionWindow:
                 raise IntegrityError(f"summary {w} has {t.shape[0]} tokens; a window holds 1..{self.T} per summary")
         for w, _ in items:
             self.remove(w)
+        with self._lock:
+            self._reserve(len(items))  # one chunk for a whole load
         for start in range(0, len(items), 256):  # bounded fp32 scratch for the grouping
             batch = items[start:start + 256]
             by_len: dict[int, list[int]] = {}
@@ -167,6 +169,7 @@ class SessionWindow:
                 g = sizes.shape[1]
                 with self._lock:
                     self._reserve(len(idx))
+                    mapping = dict(self._slab_of)  # readers keep the old mapping
                     for j, i in enumerate(idx):
                         slab = self._free.pop()
                         chunk, row = self._where(slab)
@@ -176,7 +179,8 @@ class SessionWindow:
                         self._centroid[slab] = centroid[j]
                         self._count[slab] = n_tok
                         self._sizes[slab, :g] = sizes[j]
-                        self._slab_of = {**self._slab_of, batch[i][0]: slab}  # readers keep the old mapping
+                        mapping[batch[i][0]] = slab
+                    self._slab_of = mapping
 
     def remove(self, window: int) -> None:
         with self._lock:
