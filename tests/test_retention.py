@@ -183,3 +183,23 @@ def test_appends_use_lookup_indexes_and_keep_refusing_replays(tmp_path, key, mon
     assert store.latest_tree_head().tree_size == 102
     report = store.verify()
     assert report.ok and report.rows_checked == 102
+
+
+def test_retention_in_its_own_process_writes_what_reads_offered(tmp_path, model, key):
+    from memstream.longterm.retention import RetentionProcess
+
+    uri = str(tmp_path / "episodic")
+    x = np.random.default_rng(4).standard_normal((4096, D)).astype(np.float32)
+    write_session(uri, None, model, key, "s", x)
+    lt_uri = str(tmp_path / "lt")
+    retention = RetentionProcess(lt_uri, keyring=KeyRing([key]), signer=key, linger_s=3600, batch=1000)
+    cues = [cue(x[i * 97], 0.3, i) for i in range(16)]
+    with Memory(uri, keyring=KeyRing([key]), model=model, retention=retention) as mem:
+        for c in cues:
+            mem.read(c, "s", k=1, route="episodic")
+    st = retention.stats
+    assert st.offered == st.decided == 16 and 0 < st.kept == st.written and st.failed == 0
+    lt = LongTermStore(lt_uri, keyring=KeyRing([key]))
+    stored = {e.query_hash for _, e in lt.get(lt.rows(["entry_id"])["entry_id"].to_pylist()).values()}
+    assert len(stored) == st.kept and stored <= {query_hash(read_query("s", c)) for c in cues}
+    assert lt.verify(full=True).ok
