@@ -203,3 +203,21 @@ def test_retention_in_its_own_process_writes_what_reads_offered(tmp_path, model,
     stored = {e.query_hash for _, e in lt.get(lt.rows(["entry_id"])["entry_id"].to_pylist()).values()}
     assert len(stored) == st.kept and stored <= {query_hash(read_query("s", c)) for c in cues}
     assert lt.verify(full=True).ok
+
+
+def test_batched_leaves_are_the_canonical_encodings(key):
+    """verify() hashes rows in batches (entry.table_leaves); every shape of row must give the
+    id and leaf that Entry.create and Entry.leaf give through canonical_encode."""
+    from memstream.longterm.entry import Entry, table_leaves
+
+    other = SigningKey.generate()
+    rng = np.random.default_rng(12)
+    es = [Entry.create(other if i % 5 == 0 else key, "store", rng.standard_normal(8), b"p" * (i % 3),
+                       query=f"q{i}", forget_tag="t" if i % 4 == 1 else None,
+                       forget_subject="u" if i % 4 == 1 else None, supersedes=None if i % 3 else "a" * 64,
+                       payload_kind="episodic_ref" if i % 7 == 0 else "summary_tokens") for i in range(60)]
+    cols = {c: [getattr(e, c) for e in es] for c in (*Entry.CONTENT, "key_id", "signature") if c != "vector"}
+    assert table_leaves("store", cols, np.stack([e.vector for e in es])) == [(e.entry_id, e.leaf("store"))
+                                                                              for e in es]
+    cols["payload"][3] = b"changed"
+    assert table_leaves("store", cols, np.stack([e.vector for e in es]))[3][0] != es[3].entry_id
