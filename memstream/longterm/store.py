@@ -30,7 +30,7 @@ import logging
 import os
 import re
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing import get_context
@@ -813,6 +813,11 @@ class LongTermStore:
         signature."""
         started = time.monotonic()
         report = VerifyReport()
+        # The rows are checked by worker processes while this one checks the log and the heads.
+        pool = ThreadPoolExecutor(1)
+        rows_checked = pool.submit(lambda: [(tier, *self._verify_table(table, tier, workers, full))
+                                            for tier, table in self._tier_tables(True)])
+        pool.shutdown(wait=False)
         heads = self._tree_heads()
         logt = self._log()
         leaf_hashes = logt["leaf_hash"].to_pylist()
@@ -841,8 +846,7 @@ class LongTermStore:
         if len(index_of) != len(log_ids):
             report.log_failures.append("an entry id appears twice in the merkle_log")
         seen: set[str] = set()
-        for tier, table in self._tier_tables(True):
-            checked, failed = self._verify_table(table, tier, workers, full)
+        for tier, checked, failed in rows_checked.result():
             report.failures.extend(failed)
             report.rows_checked += len(checked) + len(failed)
             seen.update(f.entry_id for f in failed)
