@@ -62,10 +62,11 @@ def probe_appends(store, key, probes: int, batch: int, centers, seed: int) -> di
             "appends_per_s": probes / sum(times), "entries_per_s": probes * batch / sum(times)}
 
 
-def reads_with_and_without_retention(root: Path, key, model, summaries: int, queries: int, blocks: int) -> dict:
+def reads_with_and_without_retention(root: Path, key, model, summaries: int, queries: int, blocks: int,
+                                     mode: str = "process") -> dict:
     from memstream.crypto import KeyRing
     from memstream.longterm import LongTermStore
-    from memstream.longterm.retention import Retention
+    from memstream.longterm.retention import Retention, RetentionProcess
     from memstream.read.memory import Memory
 
     uri, lt_uri = str(root / "episodic"), str(root / "lt-reads")
@@ -74,7 +75,8 @@ def reads_with_and_without_retention(root: Path, key, model, summaries: int, que
     rng = np.random.default_rng(11)
     qs = rng.standard_normal((queries, D)).astype(np.float32)
     plain = Memory(uri, keyring=ring, model=model)
-    retention = Retention(LongTermStore(lt_uri, keyring=ring, signer=key))
+    retention = (RetentionProcess(lt_uri, keyring=ring, signer=key) if mode == "process"
+                 else Retention(LongTermStore(lt_uri, keyring=ring, signer=key)))
     retaining = Memory(uri, keyring=ring, model=model, retention=retention)
     for m in (plain, retaining):  # load and cache the window once
         m.read(qs[0], "bench", k=8, route="episodic")
@@ -97,8 +99,32 @@ def reads_with_and_without_retention(root: Path, key, model, summaries: int, que
     out["offer_p50_ms"] = float(np.percentile(offer_ms, 50))
     out["retention"] = {"offered": st.offered, "kept": st.kept, "written": st.written, "batches": st.batches,
                         "failed": st.failed}
-    out["summaries"] = summaries
+    out["summaries"], out["mode"] = summaries, mode
     return out
+
+
+def writes(root: Path, key, centers, args) -> dict:
+    from memstream.crypto import KeyRing
+    from memstream.longterm import LongTermStore
+
+    res = {}
+    store = LongTermStore(str(root / "lt"), keyring=KeyRing([key]), signer=key, dim=D)
+    res["fill_small_s"] = fill(store, key, args.small, args.fill_batch, centers, 1)
+    res["appends_small"] = probe_appends(store, key, args.probes, args.probe_batch, centers, 10**7)
+    print("appends at", store.count(), res["appends_small"], flush=True)
+    t = time.monotonic()
+    full = store.verify(full=True)
+    res["verify_full_small"] = {"rows": full.rows_checked, "ok": full.ok, "seconds": time.monotonic() - t}
+    res["fill_large_s"] = fill(store, key, args.large, args.fill_batch, centers, 2 * 10**7)
+    res["appends_large"] = probe_appends(store, key, args.probes, args.probe_batch, centers, 3 * 10**7)
+    print("appends at", store.count(), res["appends_large"], flush=True)
+    t = time.monotonic()
+    report = store.verify()
+    res["verify_large"] = {"rows": report.rows_checked, "ok": report.ok, "seconds": time.monotonic() - t,
+                           "tree_heads": len(store.tree_heads())}
+    print("verify", res["verify_large"], flush=True)
+    store.close()
+    return res
 
 
 def main(argv=None) -> int:
@@ -112,39 +138,27 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--skip-reads", action="store_true")
+    ap.add_argument("--skip-writes", action="store_true", help="only the reads with and without retention")
+    ap.add_argument("--retention", choices=["process", "thread"], default="process",
+                    help="the retention writer in its own process (nice 10) or a thread of the reader")
     ap.add_argument("--root", default=None, help="folder of the stores (default: temporary, removed after)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
 
-    from memstream.crypto import KeyRing, SigningKey
-    from memstream.longterm import LongTermStore
+    from memstream.crypto import SigningKey
 
     root = Path(args.root or tempfile.mkdtemp(prefix="bench-writes-"))
     res = {"machine": common.machine_info("lancedb", "pylance", "cryptography"), "args": vars(args)}
     key = SigningKey.generate()
     centers = np.random.default_rng(0).standard_normal((4096, D), dtype=np.float32)
     try:
-        store = LongTermStore(str(root / "lt"), keyring=KeyRing([key]), signer=key, dim=D)
-        res["fill_small_s"] = fill(store, key, args.small, args.fill_batch, centers, 1)
-        res["appends_small"] = probe_appends(store, key, args.probes, args.probe_batch, centers, 10**7)
-        print("appends at", store.count(), res["appends_small"], flush=True)
-        t = time.monotonic()
-        full = store.verify(full=True)
-        res["verify_full_small"] = {"rows": full.rows_checked, "ok": full.ok, "seconds": time.monotonic() - t}
-        res["fill_large_s"] = fill(store, key, args.large, args.fill_batch, centers, 2 * 10**7)
-        res["appends_large"] = probe_appends(store, key, args.probes, args.probe_batch, centers, 3 * 10**7)
-        print("appends at", store.count(), res["appends_large"], flush=True)
-        t = time.monotonic()
-        report = store.verify()
-        res["verify_large"] = {"rows": report.rows_checked, "ok": report.ok, "seconds": time.monotonic() - t,
-                               "tree_heads": len(store.tree_heads())}
-        print("verify", res["verify_large"], flush=True)
-        store.close()
+        if not args.skip_writes:
+            res.update(writes(root, key, centers, args))
         if not args.skip_reads:
             from memstream.operators.checkpoint import load_default
 
             res["reads"] = reads_with_and_without_retention(root, key, load_default(), args.summaries, args.queries,
-                                                            args.blocks)
+                                                            args.blocks, args.retention)
             print("reads", res["reads"], flush=True)
     finally:
         if args.root is None:
@@ -154,22 +168,24 @@ def main(argv=None) -> int:
 
 
 def write_results(res: dict, out: Path) -> None:
-    s, big = res["appends_small"], res["appends_large"]
-    v, vf = res["verify_large"], res["verify_full_small"]
-    lines = [f"# Long-term writes: appends at two sizes, verification, reads with retention", "",
-             common.machine_line(res["machine"]), "",
-             "| log size | appends timed | entries each | p50 ms | p90 ms | appends/s | entries/s |",
-             "|---|---|---|---|---|---|---|"]
-    for a in (s, big):
-        lines.append(f"| {a['log_size_before']:,} | {a['appends']} | {a['batch']} | {a['p50_ms']:.1f} | "
-                     f"{a['p90_ms']:.1f} | {a['appends_per_s']:.1f} | {a['entries_per_s']:,.0f} |")
-    lines += ["", f"Verification of {v['rows']:,} entries (tree-head signatures, every leaf hashed): "
-                  f"{v['seconds']:.1f} s, ok={v['ok']}, {v['tree_heads']} tree heads.",
-              f"With every entry's Ed25519 signature (`full=True`) at {vf['rows']:,} entries: {vf['seconds']:.1f} s "
-              f"({vf['seconds'] / max(vf['rows'], 1) * 1e6:.0f} µs an entry)."]
+    lines = ["# Long-term writes: appends at two sizes, verification, reads with retention", "",
+             common.machine_line(res["machine"]), ""]
+    if "appends_small" in res:
+        s, big = res["appends_small"], res["appends_large"]
+        v, vf = res["verify_large"], res["verify_full_small"]
+        lines += ["| log size | appends timed | entries each | p50 ms | p90 ms | appends/s | entries/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for a in (s, big):
+            lines.append(f"| {a['log_size_before']:,} | {a['appends']} | {a['batch']} | {a['p50_ms']:.1f} | "
+                         f"{a['p90_ms']:.1f} | {a['appends_per_s']:.1f} | {a['entries_per_s']:,.0f} |")
+        lines += ["", f"Verification of {v['rows']:,} entries (tree-head signatures, every leaf hashed): "
+                      f"{v['seconds']:.1f} s, ok={v['ok']}, {v['tree_heads']} tree heads.",
+                  f"With every entry's Ed25519 signature (`full=True`) at {vf['rows']:,} entries: "
+                  f"{vf['seconds']:.1f} s ({vf['seconds'] / max(vf['rows'], 1) * 1e6:.0f} µs an entry)."]
     if "reads" in res:
         r = res["reads"]
-        lines += ["", f"Reads (route episodic, {r['summaries']} summaries), same queries in alternating blocks:",
+        lines += ["", f"Reads (route episodic, {r['summaries']} summaries, retention writer: "
+                      f"{r.get('mode', 'thread')}), same queries in alternating blocks:",
                   f"p50 without retention {r['without']['p50_ms']:.2f} ms, with {r['with']['p50_ms']:.2f} ms "
                   f"(added {r['added_p50_ms']:+.2f} ms; the offer itself {r['offer_p50_ms'] * 1e3:.0f} µs p50); "
                   f"retention kept {r['retention']['kept']} of {r['retention']['offered']} in "

@@ -183,3 +183,41 @@ def test_appends_use_lookup_indexes_and_keep_refusing_replays(tmp_path, key, mon
     assert store.latest_tree_head().tree_size == 102
     report = store.verify()
     assert report.ok and report.rows_checked == 102
+
+
+def test_retention_in_its_own_process_writes_what_reads_offered(tmp_path, model, key):
+    from memstream.longterm.retention import RetentionProcess
+
+    uri = str(tmp_path / "episodic")
+    x = np.random.default_rng(4).standard_normal((4096, D)).astype(np.float32)
+    write_session(uri, None, model, key, "s", x)
+    lt_uri = str(tmp_path / "lt")
+    retention = RetentionProcess(lt_uri, keyring=KeyRing([key]), signer=key, linger_s=3600, batch=1000)
+    cues = [cue(x[i * 97], 0.3, i) for i in range(16)]
+    with Memory(uri, keyring=KeyRing([key]), model=model, retention=retention) as mem:
+        for c in cues:
+            mem.read(c, "s", k=1, route="episodic")
+    st = retention.stats
+    assert st.offered == st.decided == 16 and 0 < st.kept == st.written and st.failed == 0
+    lt = LongTermStore(lt_uri, keyring=KeyRing([key]))
+    stored = {e.query_hash for _, e in lt.get(lt.rows(["entry_id"])["entry_id"].to_pylist()).values()}
+    assert len(stored) == st.kept and stored <= {query_hash(read_query("s", c)) for c in cues}
+    assert lt.verify(full=True).ok
+
+
+def test_batched_leaves_are_the_canonical_encodings(key):
+    """verify() hashes rows in batches (entry.table_leaves); every shape of row must give the
+    id and leaf that Entry.create and Entry.leaf give through canonical_encode."""
+    from memstream.longterm.entry import Entry, table_leaves
+
+    other = SigningKey.generate()
+    rng = np.random.default_rng(12)
+    es = [Entry.create(other if i % 5 == 0 else key, "store", rng.standard_normal(8), b"p" * (i % 3),
+                       query=f"q{i}", forget_tag="t" if i % 4 == 1 else None,
+                       forget_subject="u" if i % 4 == 1 else None, supersedes=None if i % 3 else "a" * 64,
+                       payload_kind="episodic_ref" if i % 7 == 0 else "summary_tokens") for i in range(60)]
+    cols = {c: [getattr(e, c) for e in es] for c in (*Entry.CONTENT, "key_id", "signature") if c != "vector"}
+    assert table_leaves("store", cols, np.stack([e.vector for e in es])) == [(e.entry_id, e.leaf("store"))
+                                                                              for e in es]
+    cols["payload"][3] = b"changed"
+    assert table_leaves("store", cols, np.stack([e.vector for e in es]))[3][0] != es[3].entry_id

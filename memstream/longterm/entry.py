@@ -116,9 +116,74 @@ def _str_or_none(name: str):
 def table_leaves(store_id: str, cols: Mapping[str, Sequence], vectors) -> list[tuple[str, bytes]]:
     """(entry id recomputed from the content, Merkle leaf hash) of each row of an entries
     table, for verification at scale: the same bytes as :meth:`Entry.message`,
-    :meth:`Entry.id_of` and :func:`entry_leaf_hash` (canonical_encode), built with the field
-    layout fixed once instead of per row. ``cols`` maps each content column (and ``key_id``,
-    ``signature``) to its values; ``vectors`` is float32 [n, dim]."""
+    :meth:`Entry.id_of` and :func:`entry_leaf_hash` (canonical_encode). ``cols`` maps each
+    content column (and ``key_id``, ``signature``) to its values; ``vectors`` is float32
+    [n, dim]. Rows of one shape (no forget tag, subject or supersedes; the same payload length,
+    kind and key) have their messages assembled as one byte matrix, and the hashes of the
+    constant prefixes are computed once per shape; other rows go one by one."""
+    vec = np.ascontiguousarray(vectors, dtype="<f4")
+    n = len(cols["payload"])
+    groups: dict[tuple, list[int]] = {}
+    odd: list[int] = []
+    for i in range(n):
+        if (cols["forget_subject"][i] is None and cols["forget_tag"][i] is None and cols["supersedes"][i] is None
+                and isinstance(cols["payload"][i], bytes) and isinstance(cols["query_hash"][i], str)
+                and isinstance(cols["validator_key_hash"][i], str) and isinstance(cols["timestamp_ns"][i], int)
+                and len(cols["query_hash"][i]) == 64 and len(cols["validator_key_hash"][i]) == 64
+                and cols["query_hash"][i].isascii() and cols["validator_key_hash"][i].isascii()):
+            groups.setdefault((len(cols["payload"][i]), cols["payload_kind"][i], cols["key_id"][i],
+                               len(cols["signature"][i])), []).append(i)
+        else:
+            odd.append(i)
+    out: dict[int, tuple[str, bytes]] = _table_leaves_rows(store_id, cols, vec, odd) if odd else {}
+    none = {c: _name(c) + struct.pack(">BQ", 0, 0) for c in ("forget_subject", "forget_tag", "supersedes")}
+    for (plen, kind, kid, slen), rows in groups.items():
+        m = len(rows)
+        k = kid.encode()
+
+        def const(b: bytes) -> np.ndarray:
+            return np.broadcast_to(np.frombuffer(b, np.uint8), (m, len(b)))
+
+        def fixed(values, width: int) -> np.ndarray:
+            return np.frombuffer(b"".join(values), np.uint8).reshape(m, width)
+
+        parts = [
+            const(b"MSCE1" + struct.pack(">I", len(ENTRY_DOMAIN)) + ENTRY_DOMAIN.encode() + none["forget_subject"]
+                  + none["forget_tag"] + _name("payload") + b"\x01" + struct.pack(">Q", plen)),
+            fixed([cols["payload"][i] for i in rows], plen),
+            const(_str_or_none("payload_kind")(kind) + _name("query_hash") + b"\x02" + struct.pack(">Q", 64)),
+            fixed([cols["query_hash"][i].encode() for i in rows], 64),
+            const(_str_or_none("store_id")(store_id) + none["supersedes"] + _name("timestamp_ns")
+                  + struct.pack(">BQ", 3, 8)),
+            np.array([cols["timestamp_ns"][i] for i in rows], ">i8").view(np.uint8).reshape(m, 8),
+            const(_name("validator_key_hash") + b"\x02" + struct.pack(">Q", 64)),
+            fixed([cols["validator_key_hash"][i].encode() for i in rows], 64),
+            const(_name("vector") + struct.pack(">BQ", 4, vec.shape[1] * 4)),
+            vec[rows].view(np.uint8),
+        ]
+        msgs = np.ascontiguousarray(np.concatenate(parts, axis=1))
+        mlen = msgs.shape[1]
+        id_base = hashlib.sha256(struct.pack(">I", len("memstream.longterm.entry-id.v1"))
+                                 + b"memstream.longterm.entry-id.v1" + struct.pack(">Q", mlen))
+        leaf_base = hashlib.sha256(b"\x00MSCE1" + struct.pack(">I", len("memstream.longterm.leaf.v1"))
+                                   + b"memstream.longterm.leaf.v1" + _name("key_id") + b"\x02"
+                                   + struct.pack(">Q", len(k)) + k + _name("message") + b"\x01"
+                                   + struct.pack(">Q", mlen))
+        sig_head = _name("signature") + b"\x01" + struct.pack(">Q", slen)
+        for j, i in enumerate(rows):
+            msg = msgs[j].data
+            h = id_base.copy()
+            h.update(msg)
+            lh = leaf_base.copy()
+            lh.update(msg)
+            lh.update(sig_head)
+            lh.update(cols["signature"][i])
+            out[i] = (h.hexdigest(), lh.digest())
+    return [out[i] for i in range(n)]
+
+
+def _table_leaves_rows(store_id: str, cols: Mapping[str, Sequence], vectors, rows=None) -> dict[int, tuple[str, bytes]]:
+    """Row by row (the rows ``rows``, default all): the general case of :func:`table_leaves`."""
     prefix = b"MSCE1" + struct.pack(">I", len(ENTRY_DOMAIN)) + ENTRY_DOMAIN.encode()
     vec = np.ascontiguousarray(vectors, dtype="<f4")
     vec_head = _name("vector") + struct.pack(">BQ", 4, vec.shape[1] * 4 if vec.ndim == 2 else 0)
@@ -133,10 +198,11 @@ def table_leaves(store_id: str, cols: Mapping[str, Sequence], vectors) -> list[t
     pack_q, pack_qs, sha = struct.Struct(">Q").pack, struct.Struct(">q").pack, hashlib.sha256
     fs, ft, pk, qh, sup, vkh = (s[c] for c in ("forget_subject", "forget_tag", "payload_kind", "query_hash",
                                                "supersedes", "validator_key_hash"))
-    out = []
-    for i, (f_s, f_t, pay, kind, q, sup_id, ts, v, kid, sig) in enumerate(zip(
-            cols["forget_subject"], cols["forget_tag"], cols["payload"], cols["payload_kind"], cols["query_hash"],
-            cols["supersedes"], cols["timestamp_ns"], cols["validator_key_hash"], cols["key_id"], cols["signature"])):
+    out = {}
+    names = ("forget_subject", "forget_tag", "payload", "payload_kind", "query_hash", "supersedes", "timestamp_ns",
+             "validator_key_hash", "key_id", "signature")
+    for i in (range(len(cols["payload"])) if rows is None else rows):
+        f_s, f_t, pay, kind, q, sup_id, ts, v, kid, sig = (cols[c][i] for c in names)
         # fields in name order, as canonical_encode sorts them
         msg = b"".join((prefix, fs(f_s), ft(f_t), payload_head, pack_q(len(pay)), pay, pk(kind), qh(q), store,
                         sup(sup_id),
@@ -145,7 +211,7 @@ def table_leaves(store_id: str, cols: Mapping[str, Sequence], vectors) -> list[t
         k = kid.encode()
         leaf = b"".join((leaf_prefix, key_head, pack_q(len(k)), k, msg_head, pack_q(len(msg)), msg, sig_head,
                          pack_q(len(sig)), sig))
-        out.append((eid, sha(b"\x00" + leaf).digest()))
+        out[i] = (eid, sha(b"\x00" + leaf).digest())
     return out
 
 

@@ -228,3 +228,120 @@ class Retention:
                 time.sleep(min(2.0, 0.05 * 2 ** attempt))
         self._unwritten = todo
         self.stats.failed = len(todo)
+
+
+class RetentionProcess:
+    """:class:`Retention` in a child process at a lower CPU priority (``nice``): the read's
+    process only queues candidates (a pipe write), so the writer's decisions, signatures and
+    LanceDB commits take neither the read's GIL nor, under contention, its CPU. Same
+    ``offer``/``flush``/``close`` as :class:`Retention`; ``stats`` is refreshed by ``flush``
+    and ``close``. The child opens its own store from ``uri`` and the keys."""
+
+    def __init__(self, uri: str, *, keyring, signer, storage_options: dict[str, str] | None = None,
+                 dim: int | None = None, kafka_bootstrap: str | None = None, tree_head_topic: str | None = None,
+                 policy_path: str | None = None, nice: int = 10, start_timeout_s: float = 300.0, **retention_kw):
+        import multiprocessing as mp
+
+        spec = {"uri": uri, "storage_options": storage_options, "raw_keys": [k.raw for k in keyring],
+                "signer_pem": signer.private_pem(), "dim": dim, "kafka_bootstrap": kafka_bootstrap,
+                "tree_head_topic": tree_head_topic, "policy_path": policy_path, "nice": nice,
+                "retention": retention_kw}
+        ctx = mp.get_context("spawn")
+        self._in, self._out = ctx.Queue(), ctx.Queue()
+        self._proc = ctx.Process(target=_serve, args=(spec, self._in, self._out), name="memstream-retention",
+                                 daemon=True)
+        self._proc.start()
+        kind, detail = self._reply(start_timeout_s)
+        if kind != "ready":
+            raise ServiceError(f"the retention process did not start: {detail}")
+        self.stats = RetentionStats()
+        self._closed = False
+        atexit.register(self.close)
+
+    def _reply(self, timeout: float | None):
+        try:
+            return self._out.get(timeout=timeout)
+        except queue.Empty:
+            alive = self._proc.is_alive()
+            raise ServiceError(f"no answer from the retention process in {timeout}s "
+                               f"({'still running' if alive else f'exit code {self._proc.exitcode}'})") from None
+
+    def offer(self, latent, *, session_id: str, read_id: str, fragments: Sequence[tuple[str, float]] = (),
+              neighbor_sims: Sequence[float] | None = None, ts_ns: int | None = None) -> None:
+        if self._closed:
+            raise ServiceError("retention is closed: offer() after close()")
+        self._in.put(("offer", Candidate(np.array(latent, np.float32).reshape(-1), session_id, read_id,
+                                         time.time_ns() if ts_ns is None else int(ts_ns), tuple(fragments),
+                                         None if neighbor_sims is None else tuple(float(s) for s in neighbor_sims))))
+        self.stats.offered += 1
+
+    def flush(self, timeout: float | None = None) -> None:
+        self._in.put(("flush", None))
+        kind, stats = self._reply(timeout)
+        self._take(stats)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        self._in.put(("stop", None))
+        kind, (stats, error) = self._reply(None)
+        self._proc.join(60)
+        self._take(stats)
+        if error:
+            raise ServiceError(error)
+
+    def _take(self, stats: dict) -> None:
+        offered = self.stats.offered
+        self.stats = RetentionStats(**stats)
+        self.stats.offered = offered
+
+    def __enter__(self) -> "RetentionProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _counts(stats: RetentionStats) -> dict:
+    return {k: v for k, v in stats.__dict__.items() if k != "decisions"}
+
+
+def _serve(spec: dict, inq, outq) -> None:
+    """The retention process: a :class:`Retention` fed from ``inq``."""
+    import os
+
+    from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey
+
+    try:
+        os.nice(spec["nice"])
+        extra = {"tree_head_topic": spec["tree_head_topic"]} if spec["tree_head_topic"] else {}
+        if spec["dim"] is not None:
+            extra["dim"] = spec["dim"]
+        store = LongTermStore(spec["uri"], keyring=KeyRing([VerifyKey(k) for k in spec["raw_keys"]]),
+                              signer=SigningKey.parse(spec["signer_pem"]), storage_options=spec["storage_options"],
+                              kafka_bootstrap=spec["kafka_bootstrap"], **extra)
+        retention = Retention(store, WritePolicy.load(spec["policy_path"]) if spec["policy_path"] else None,
+                              **spec["retention"])
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        outq.put(("error", f"{type(e).__name__}: {e}"))
+        return
+    outq.put(("ready", None))
+    while True:
+        kind, body = inq.get()
+        if kind == "offer":
+            retention._queue.put(body)
+            retention.stats.offered += 1
+        elif kind == "flush":
+            retention.flush()
+            outq.put(("flushed", _counts(retention.stats)))
+        else:
+            error = None
+            try:
+                retention.close()
+            except ServiceError as e:
+                error = str(e)
+            store.close()
+            outq.put(("closed", (_counts(retention.stats), error)))
+            return

@@ -5,6 +5,7 @@ Layout under the store root (a local folder or ``s3://bucket/prefix``)::
 
     _store.json                 store id, dimension, metric (created once, conditional put)
     _leases/                    writer, maintenance and sequencer leases (see lease.py)
+    _heads/<size>.json          each signed tree head with its frontier, named by tree size (read by appends)
     entries.lance               hot tier: signed entries, never rewritten
     merkle_log.lance            leaf_index, entry_id, leaf_hash: the log's leaves in order
     tree_heads.lance            every signed tree head, with the frontier that extends it
@@ -30,7 +31,7 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing import get_context
@@ -164,6 +165,10 @@ class VerifyReport:
                 "seconds": round(self.seconds, 3)}
 
 
+def _head_key(size: int) -> str:
+    return f"_heads/{size:020d}.json"
+
+
 def head_size(head: SignedTreeHead | None) -> int:
     return head.tree_size if head is not None else 0
 
@@ -206,6 +211,7 @@ class LongTermStore:
             keyring.add(signer)
         check_distinct_roles({"validator": keyring, "governance": governance.keys if governance else None})
         objects = object_store(self.uri, self.storage_options)
+        self._objects = objects
         self.leases = Leases(objects, ttl_s=lease_ttl_s)
         meta = {"store_id": os.urandom(16).hex(), "dim": dim, "metric": metric}
         objects.put_if_absent("_store.json", json.dumps(meta).encode())  # first opener wins
@@ -220,6 +226,7 @@ class LongTermStore:
         self._access_lock = threading.Lock()  # readers share a store across threads
         self._producer = None
         self._unindexed = LOOKUP_INDEX_EVERY  # unknown at open: check the lookup indexes on the first append
+        self._lookup: dict[str, object] = {}  # table name -> lance dataset kept open: its index cache stays warm
 
     # ------------------------------------------------------------------ plumbing
 
@@ -327,16 +334,31 @@ class LongTermStore:
 
     def _sign_head(self, frontier: MerkleFrontier) -> SignedTreeHead:
         sth = SignedTreeHead.create(self.signer, self.store_id, frontier.size, frontier.root(), time.time_ns())
-        self._tables["tree_heads"].add(to_arrow([TreeHeadRow(**dataclasses.asdict(sth), frontier=frontier.hashes)],
-                                                TreeHeadRow))
+        row = TreeHeadRow(**dataclasses.asdict(sth), frontier=frontier.hashes)
+        self._tables["tree_heads"].add(to_arrow([row], TreeHeadRow))
+        # Also as an object named by its size: the next append reads the head it extends with
+        # one GET instead of a scan of tree_heads (one fragment per append until compacted).
+        self._objects.put_if_absent(_head_key(sth.tree_size), row.to_json())
         return sth
+
+    def _lookup_ds(self, name: str):
+        """The table as a lance dataset at its latest version, kept open between calls so that
+        index pages and fragment metadata are read once, not at every append."""
+        ds = self._lookup.get(name)
+        if ds is None:
+            ds = self._lookup[name] = self._tables[name].to_lance()
+        else:
+            ds.checkout_latest()
+        return ds
 
     def _present(self, table, ids: Iterable[str]) -> set[str]:
         """Which of ``ids`` ``table`` holds: an index probe plus the rows not yet indexed."""
         ids = list(ids)
+        name = next(n for n, t in self._tables.items() if t is table)
         found: set[str] = set()
         for start in range(0, len(ids), 1000):
-            found.update(self._read(table, ["entry_id"], _ids_predicate(ids[start:start + 1000]))["entry_id"]
+            found.update(self._lookup_ds(name).to_table(columns=["entry_id"],
+                                                        filter=_ids_predicate(ids[start:start + 1000]))["entry_id"]
                          .to_pylist())
         return found
 
@@ -419,7 +441,12 @@ class LongTermStore:
         # The newest head covers the whole log, so look it up by the log's size (metadata)
         # rather than reading every head; after an interrupted append, fall back to the scan.
         size = self._tables["merkle_log"].count_rows()
-        rows = self._read(self._tables["tree_heads"], None, f"tree_size = {size}").to_pylist() if size else []
+        body = self._objects.get(_head_key(size)) if size else None
+        if body is not None:
+            r = dataclasses.asdict(TreeHeadRow.from_json(body))
+            rows = [r]
+        else:  # stores written before head objects, or an interrupted append
+            rows = self._lookup_ds("tree_heads").to_table(filter=f"tree_size = {size}").to_pylist() if size else []
         heads = sorted(((self._head_of(r), r["frontier"]) for r in rows), key=lambda h: h[0].timestamp_ns)
         if not heads:
             heads = self._tree_heads()
@@ -849,6 +876,11 @@ class LongTermStore:
         signature."""
         started = time.monotonic()
         report = VerifyReport()
+        # The rows are checked by worker processes while this one checks the log and the heads.
+        pool = ThreadPoolExecutor(1)
+        rows_checked = pool.submit(lambda: [(tier, *self._verify_table(table, tier, workers, full))
+                                            for tier, table in self._tier_tables(True)])
+        pool.shutdown(wait=False)
         heads = self._tree_heads()
         logt = self._log()
         leaf_hashes = logt["leaf_hash"].to_pylist()
@@ -877,8 +909,7 @@ class LongTermStore:
         if len(index_of) != len(log_ids):
             report.log_failures.append("an entry id appears twice in the merkle_log")
         seen: set[str] = set()
-        for tier, table in self._tier_tables(True):
-            checked, failed = self._verify_table(table, tier, workers, full)
+        for tier, checked, failed in rows_checked.result():
             report.failures.extend(failed)
             report.rows_checked += len(checked) + len(failed)
             seen.update(f.entry_id for f in failed)
