@@ -90,7 +90,22 @@ def main() -> None:
         publisher.close()
         from memstream.episodic.store import EpisodicStore
 
-        stored = EpisodicStore(str(store)).count()
+        episodic = EpisodicStore(str(store))
+        stored = episodic.count()
+        if stored != args.sessions * 5 * args.windows:
+            from kafka import KafkaConsumer
+
+            from memstream.schemas.records import DeadLetterRecord
+
+            per = {sid: [(r.window_index, r.seq_start, r.seq_end, r.cut) for r in episodic.records(sid)]
+                   for sid in sessions}
+            c = KafkaConsumer(names["deadletter"], bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                              consumer_timeout_ms=4000, isolation_level="read_committed",
+                              max_partition_fetch_bytes=64 << 20)
+            letters = [(d.reason, d.offset, d.message[:160]) for d in map(DeadLetterRecord.from_json,
+                                                                            (m.value for m in c))]
+            c.close()
+            raise SystemExit(f"{stored} summaries stored: {per}\ndead letters: {letters}")
     finally:
         stack.down()
 

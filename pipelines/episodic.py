@@ -283,11 +283,19 @@ class Decode(beam.DoFn):
 
 class CutWindows(beam.DoFn):
     """Keyed by session: the session's :class:`CutterState` in keyed state, fed one record at a
-    time; an event-time timer closes a window left idle. Emits the windows it cuts, and for
-    every record an :class:`Ack` (with its pin or its dead letter) keyed by partition."""
+    time in offset order; an event-time timer closes a window left idle. Emits the windows it
+    cuts, and for every record an :class:`Ack` (with its pin or its dead letter) keyed by
+    partition.
+
+    Beam does not promise the order in which a key's elements arrive (a runner may hand a
+    later bundle over first), so records wait in keyed state until the watermark passes their
+    timestamp: the source stamps a partition's records with strictly increasing times, so by
+    then every earlier record of the session has arrived, and they are fed sorted by offset."""
 
     CUTTER = ReadModifyWriteStateSpec("cutter", BytesCoder())
     START = ReadModifyWriteStateSpec("start", PickleCoder())  # (partition, run start) of the session
+    PENDING = BagStateSpec("pending", PickleCoder())  # (timestamp us, Entry) not yet fed
+    ORDER = TimerSpec("order", TimeDomain.WATERMARK)
     IDLE = TimerSpec("idle", TimeDomain.WATERMARK)
     ACKS = "acks"
 
@@ -316,16 +324,56 @@ class CutWindows(beam.DoFn):
                 state.validator.state = "collected"
         return WindowCutter(state, self.config.window, self._idle_us), True
 
-    def process(self, kv, cutter_state=beam.DoFn.StateParam(CUTTER), start_state=beam.DoFn.StateParam(START),
-                idle=beam.DoFn.TimerParam(IDLE)):
-        session_id, entry = kv
+    def process(self, kv, timestamp=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
+                order=beam.DoFn.TimerParam(ORDER)):
+        _, entry = kv
+        pending.add((timestamp.micros, entry))
+        order.set(timestamp)  # a later set moves it; the drain re-arms it for what it leaves
+
+    @on_timer(ORDER)
+    def on_order(self, key=beam.DoFn.KeyParam, timer_ts=beam.DoFn.TimestampParam,
+                 cutter_state=beam.DoFn.StateParam(CUTTER), start_state=beam.DoFn.StateParam(START),
+                 pending=beam.DoFn.StateParam(PENDING), order=beam.DoFn.TimerParam(ORDER),
+                 idle=beam.DoFn.TimerParam(IDLE)):
+        yield from self._drain(key, timer_ts.micros, cutter_state, start_state, pending, order, idle)
+
+    def _drain(self, session_id: str, upto_us: int, cutter_state, start_state, pending, order, idle):
+        """Feed the pending records stamped at or before ``upto_us`` (the watermark has passed
+        them), in offset order; the later ones wait for their own timer."""
+        items = list(pending.read())
+        ready = sorted((e for t, e in items if t <= upto_us), key=lambda e: e.offset)
+        if not ready:
+            return
+        later = [(t, e) for t, e in items if t > upto_us]
+        pending.clear()
+        for item in later:
+            pending.add(item)
+        if later:
+            order.set(Timestamp(micros=max(t for t, _ in later)))
         cutter, fresh = self._cutter(session_id, cutter_state.read())
+        changed = fresh
+        for entry in ready:
+            outputs, accepted = self._feed(session_id, cutter, fresh, entry)
+            yield from outputs
+            fresh = False
+            if accepted:
+                changed = True
+                start_state.write((entry.partition, entry.start))
+                if not self.config.until_idle:
+                    # Streaming only: at the end of a bounded run the watermark jumps to the end of
+                    # time, which is not idleness (the next record's time decides then, in feed()).
+                    idle.set(Timestamp(micros=entry.timestamp_ms * 1000 + self._idle_us))
+        if changed:
+            cutter_state.write(cutter.state.to_bytes())
+
+    def _feed(self, session_id: str, cutter: WindowCutter, fresh: bool, entry: Entry) -> tuple[list, bool]:
+        """One record through the cutter: its outputs, and whether the state accepted it."""
         state = cutter.state
         if state.last_ref is not None and entry.offset <= state.last_ref[1]:
-            # Beam delivers a key's records once, in order; an offset at or behind the last one
-            # applied is a redelivery of a record this state has already seen.
-            yield beam.pvalue.TaggedOutput(self.ACKS, (entry.partition, Ack(entry.start, entry.first, entry.offset)))
-            return
+            # Fed in offset order, an offset at or behind the last one applied is a record this
+            # state has seen already (a replay from a committed offset inside a stored window).
+            return [beam.pvalue.TaggedOutput(self.ACKS, (entry.partition, Ack(entry.start, entry.first,
+                                                                              entry.offset)))], False
         if state.validator.state == "collected":
             fed_error = CollectedSessionError(f"session {session_id!r} was collected by session GC: publish "
                                               "under a new session id")
@@ -341,29 +389,28 @@ class CutWindows(beam.DoFn):
         if fed is not None and fed.verdict is Verdict.GAP:
             self._gaps.inc()
         pin = (session_id, fed.pin) if fed is not None and fed.pin is not None else None
-        yield beam.pvalue.TaggedOutput(self.ACKS, (entry.partition, Ack(entry.start, entry.first, entry.offset, pin,
-                                                                         rejected)))
+        out = [beam.pvalue.TaggedOutput(self.ACKS, (entry.partition, Ack(entry.start, entry.first, entry.offset, pin,
+                                                                          rejected)))]
         for window in fed.windows if fed is not None else ():
             self._windows.inc()
-            yield window, entry.start
-        if fresh or (fed is not None and fed.verdict.accepted):
-            cutter_state.write(cutter.state.to_bytes())
-            start_state.write((entry.partition, entry.start))
-        if fed is not None and fed.verdict.accepted and not self.config.until_idle:
-            # Streaming only: at the end of a bounded run the watermark jumps to the end of time,
-            # which is not idleness (the next record's time decides then, in feed()).
-            idle.set(Timestamp(micros=entry.timestamp_ms * 1000 + self._idle_us))
+            out.append((window, entry.start))
+        return out, fed is not None and fed.verdict.accepted
 
     @on_timer(IDLE)
-    def on_idle(self, timer_ts=beam.DoFn.TimestampParam, cutter_state=beam.DoFn.StateParam(CUTTER),
-                start_state=beam.DoFn.StateParam(START), idle=beam.DoFn.TimerParam(IDLE)):
+    def on_idle(self, key=beam.DoFn.KeyParam, timer_ts=beam.DoFn.TimestampParam,
+                cutter_state=beam.DoFn.StateParam(CUTTER), start_state=beam.DoFn.StateParam(START),
+                pending=beam.DoFn.StateParam(PENDING), order=beam.DoFn.TimerParam(ORDER),
+                idle=beam.DoFn.TimerParam(IDLE)):
+        # Records stamped before the idle time come first, whichever timer fires first.
+        yield from self._drain(key, timer_ts.micros, cutter_state, start_state, pending, order, idle)
         raw = cutter_state.read()
         if raw is None:
             return
         cutter = WindowCutter(CutterState.from_bytes(raw), self.config.window, self._idle_us)
         if cutter.state.closed:
-            cutter_state.clear()  # a closed session: its stored close resumes it, if it is ever needed
-            start_state.clear()
+            if not list(pending.read()):
+                cutter_state.clear()  # a closed session: its stored close resumes it, if it is ever needed
+                start_state.clear()
             return
         windows = cutter.idle(timer_ts.micros)
         _, start = start_state.read()

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import apache_beam as beam
 import numpy as np
 import pytest
 import torch
@@ -477,6 +478,85 @@ def test_lost_keyed_state_is_detected_not_cut(env):
     first = mine[0]  # the open event itself: nothing of the session came before it
     fn._check_not_lost("lost", Entry(first.partition, first.offset, first.offset, 0, first.timestamp,
                                      decode(first.key, first.value)))
+
+
+class _Bag:
+    """Beam's bag state, in memory: CutWindows' own logic, without a runner."""
+
+    def __init__(self):
+        self.items = []
+
+    def add(self, x):
+        self.items.append(x)
+
+    def read(self):
+        return list(self.items)
+
+    def clear(self):
+        self.items = []
+
+
+class _Value:
+    """Beam's value state and timer, in memory."""
+
+    def __init__(self):
+        self.value = self.at = None
+
+    def read(self):
+        return self.value
+
+    def write(self, v):
+        self.value = v
+
+    def clear(self):
+        self.value = None
+
+    def set(self, ts):
+        self.at = ts
+
+
+def test_a_sessions_records_are_cut_in_offset_order_whatever_order_they_arrive_in(tmp_path, key_file):
+    """Beam may hand a key's elements over in another order than the source read them: the
+    records wait for the watermark, and the windows are those of the records in offset order."""
+    from apache_beam.utils.timestamp import Timestamp
+
+    from memstream.pipelines.episodic import CutWindows, Entry
+    from memstream.wire.codec import decode
+
+    config = EpisodicConfig(bootstrap="127.0.0.1:9", store_uri=str(tmp_path / "episodic"), key_file=key_file,
+                            window=100, until_idle=True)
+    producer = b"\x05" * 16
+    values = [encode_event(SessionEvent(1, "open", "o", producer, None, None, 0, 1))]
+    values += [encode_chunk(producer_id=producer, dtype=DType.fp32, dim=4, count=30, first_seq=i * 30,
+                            event_time_us=2 + i, payload=np.zeros((30, 4), np.float32).tobytes()) for i in range(9)]
+    entries = [(1000 + i, Entry(0, i, i, 0, 1000 + i, decode(b"o", v) if i == 0 else decode(b"o", v).meta()))
+               for i, v in enumerate(values)]
+
+    def cut(order: list[int], fire_every: int) -> list[tuple]:
+        fn = CutWindows(config)
+        fn.setup()
+        cutter, start, pending, timer, idle = _Value(), _Value(), _Bag(), _Value(), _Value()
+        out = []
+        for n, i in enumerate(order, 1):
+            ts, entry = entries[i]
+            fn.process(("o", entry), Timestamp(micros=ts), pending, timer)
+            if n % fire_every == 0 or n == len(order):
+                # the watermark has passed only what every earlier offset's timestamp allows
+                seen = sorted(order[:n])
+                upto = next((k for k in range(len(entries)) if k not in seen), len(entries)) - 1
+                out += fn.on_order("o", Timestamp(micros=entries[upto][0]) if upto >= 0 else Timestamp(0),
+                                   cutter, start, pending, timer, idle)
+        out += fn.on_order("o", Timestamp(micros=10**15), cutter, start, pending, timer, idle)  # end of input
+        return [(w.window_index, w.seq_start, w.seq_end, w.cut) for w, _ in
+                (o for o in out if not isinstance(o, beam.pvalue.TaggedOutput))]
+
+    in_order = cut(list(range(len(entries))), 1)
+    assert in_order == [(0, 0, 100, "full"), (1, 100, 200, "full")]
+    rng = random.Random(5)
+    for _ in range(5):
+        shuffled = list(range(len(entries)))
+        rng.shuffle(shuffled)
+        assert cut(shuffled, 3) == in_order, shuffled
 
 
 # -- faults ---------------------------------------------------------------------------------------
