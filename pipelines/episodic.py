@@ -490,6 +490,9 @@ class Summarise(beam.DoFn):
 
 # -- the commit --------------------------------------------------------------------------------
 
+# A transaction lasts one bundle's sends and commit; one a killed worker left open hides what
+# follows it from read_committed consumers until the broker aborts it after this long.
+TRANSACTION_TIMEOUT_MS = 10_000
 _PRODUCERS: dict[str, object] = {}  # transactional id -> KafkaProducer, one per worker process
 _PRODUCERS_LOCK = threading.Lock()
 
@@ -505,7 +508,7 @@ def _transactional_producer(bootstrap: str, transactional_id: str, fresh: bool =
             producer.close(timeout=5)
         producer = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=transactional_id,
                                  enable_idempotence=True, acks="all", max_request_size=MAX_MESSAGE_BYTES,
-                                 linger_ms=5)
+                                 linger_ms=5, transaction_timeout_ms=TRANSACTION_TIMEOUT_MS)
         producer.init_transactions()  # fences any older producer of this partition
         _PRODUCERS[transactional_id] = producer
         return producer
