@@ -84,7 +84,8 @@ class WritePolicy:
         p = self.params
         x = (features(latents, neighbor_sims) - p["mu"]) / p["sigma"]
         h = np.maximum(x @ p["w1"] + p["b1"], 0.0)
-        return 1.0 / (1.0 + np.exp(-(h @ p["w2"] + p["b2"]).reshape(-1)))
+        logit = (h @ p["w2"] + p["b2"]).reshape(-1)
+        return 1.0 / (1.0 + np.exp(-np.clip(logit, -60.0, 60.0)))  # a logit past +-60 is 0 or 1 anyway
 
     def decide(self, latent: np.ndarray, neighbor_sims: Sequence[float]) -> WriteDecision:
         sims = np.asarray(neighbor_sims, np.float32).reshape(1, -1)
