@@ -616,9 +616,21 @@ def test_20_kills_and_a_broker_restart_lose_and_duplicate_nothing(env, stack, tm
                                                                        for n in sessions.values())
 
 
+@pytest.fixture
+def private_flink(tmp_path):
+    """A Flink job server of the test's own: the job whose worker it kills keeps restarting on
+    the server after the test, and must not starve the next test's job of the cores."""
+    svc = runners.start_flink(tmp_path / "flink")
+    try:
+        yield svc.endpoints["job_endpoint"]
+    finally:
+        process.stop_pid(svc.pid, timeout=30)
+
+
 @pytest.mark.flink
 def test_flink_parallelism_2_with_a_worker_killed(kafka_bootstrap, topic_name, tmp_path, checkpoint, key_file,
-                                                  flink_job_endpoint, worker_pool):
+                                                  private_flink, worker_pool):
+    flink_job_endpoint = private_flink
     env = make_config(kafka_bootstrap, topic_name, tmp_path / "episodic", checkpoint, key_file, partitions=8)
     sessions = {f"k{i}": WINDOW + 211 * i for i in range(16)}
     log = tmp_path / "pipeline.log"
