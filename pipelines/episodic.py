@@ -565,7 +565,7 @@ class Commit(beam.DoFn):
         raw = progress_state.read()
         progress = PartitionProgress.from_bytes(raw) if raw else PartitionProgress(msg.start)
         if partition not in self._meta:
-            self._meta[partition] = committed_metadata(self.config, partition)
+            self._meta[partition] = committed_metadata(self.config, [partition])[partition]
         sent = letters_state.read()
         if sent is None:
             # a run from the earliest or latest offset is a new reading: all its dead letters go out
@@ -763,26 +763,31 @@ def close_clients() -> None:
     close_readers()
 
 
-def committed_metadata(config: EpisodicConfig, partition: int) -> dict:
-    """The metadata of the group's committed offset of a latents partition, as the last
-    transaction of that partition wrote it: ``acked`` (dead letters below it are sent) and
-    ``summaries`` (summaries partition -> the offset where that transaction's records begin).
-    Empty when none is committed."""
+def committed_metadata(config: EpisodicConfig, partitions: list[int] | None = None) -> dict[int, dict]:
+    """Latents partition (all of them by default) -> the metadata of the group's committed
+    offset, as that partition's last transaction wrote it: ``acked`` (dead letters below it are
+    sent) and ``summaries`` (summaries partition -> the offset where that transaction's records
+    begin); empty when none is committed. One consumer reads them all."""
     import json
 
     from kafka import KafkaConsumer, TopicPartition
 
     c = KafkaConsumer(bootstrap_servers=config.bootstrap, group_id=config.group, enable_auto_commit=False)
     try:
-        meta = c.committed(TopicPartition(config.latents_topic, partition), metadata=True)
+        if partitions is None:
+            partitions = sorted(c.partitions_for_topic(config.latents_topic) or ())
+        metas = {p: c.committed(TopicPartition(config.latents_topic, p), metadata=True) for p in partitions}
     finally:
         c.close()
-    try:
-        out = json.loads(meta.metadata) if meta is not None and meta.metadata else {}
-        return {"acked": int(out.get("acked", -1)),
-                "summaries": {int(k): int(v) for k, v in out.get("summaries", {}).items()}}
-    except (ValueError, TypeError, AttributeError):
-        return {}
+    out: dict[int, dict] = {}
+    for p, meta in metas.items():
+        try:
+            raw = json.loads(meta.metadata) if meta is not None and meta.metadata else {}
+            out[p] = {"acked": int(raw.get("acked", -1)),
+                      "summaries": {int(k): int(v) for k, v in raw.get("summaries", {}).items()}}
+        except (ValueError, TypeError, AttributeError):
+            out[p] = {}
+    return out
 
 
 def first_offsets(metadata) -> dict[str, int]:
@@ -834,20 +839,13 @@ def republish_unacknowledged(config: EpisodicConfig, store: EpisodicStore) -> in
     records = store.unpublished_all()
     if not records:
         return 0
-    from kafka import KafkaConsumer
-
-    c = KafkaConsumer(bootstrap_servers=config.bootstrap, enable_auto_commit=False)
-    try:
-        partitions = sorted(c.partitions_for_topic(config.latents_topic) or ())
-    finally:
-        c.close()
     since: dict[int, int] = {}
-    for partition in partitions:
+    for partition, meta in committed_metadata(config).items():
         # Taking each partition's transactional id aborts what a killed instance left open, so
         # the topic's last stable offset moves past it; then the lowest start of any partition's
         # last transaction bounds where a sent-but-unmarked summary can be.
         _transactional_producer(config.bootstrap, config.transactional_id(partition))
-        for sp, offset in committed_metadata(config, partition).get("summaries", {}).items():
+        for sp, offset in meta.get("summaries", {}).items():
             since[sp] = min(offset, since.get(sp, offset))
     sent = on_topic(config, records, since)
     if sent:
