@@ -65,6 +65,7 @@ class WitnessLog:
         self.storage_options = storage_options
         self.witness_keys = witness_keys
         self._objects = object_store(self.uri, storage_options)
+        self._tails: dict[str, tuple[int, bytes | None]] = {}  # folder -> (heads, newest head's JSON)
 
     def _sequence(self, folder: str) -> list[tuple[int, bytes]]:
         out = []
@@ -80,35 +81,49 @@ class WitnessLog:
                                     "some were removed from its storage")
         return out
 
+    def _latest(self, folder: str) -> tuple[int, bytes | None]:
+        """How many heads the folder holds and the newest: the whole listing is read once per
+        process, then only the next sequence numbers are probed (one GET each), so cosigning
+        costs the same however many heads were cosigned before."""
+        n, last = self._tails.get(folder, (None, None))
+        if n is None:
+            seq = self._sequence(folder)
+            n, last = len(seq), (seq[-1][1] if seq else None)
+        while (body := self._objects.get(f"{folder}/{_SEQ.format(n)}")) is not None:
+            n, last = n + 1, body
+        self._tails[folder] = (n, last)
+        return n, last
+
+    def _checked(self, body: bytes, cls, field: str, value: str):
+        head = cls.from_json(body)
+        if getattr(head, field) != value:
+            raise VerificationError(f"the witness's heads of {value!r} hold a head of {getattr(head, field)!r}")
+        head.verify(self.witness_keys)
+        return head
+
+    def _all(self, folder: str, cls, field: str, value: str) -> list:
+        return [self._checked(b, cls, field, value) for _, b in self._sequence(folder)]
+
+    def _newest(self, folder: str, cls, field: str, value: str) -> tuple[int, object]:
+        n, body = self._latest(folder)
+        return n, (self._checked(body, cls, field, value) if body is not None else None)
+
     def tree_heads(self, log_id: str) -> list[CosignedTreeHead]:
         """Every tree head cosigned for the log, oldest first, each cosignature checked."""
-        heads = [CosignedTreeHead.from_json(b) for _, b in self._sequence(f"tree/{_check_log_id(log_id)}")]
-        for h in heads:
-            if h.log_id != log_id:
-                raise VerificationError(f"the witness's head file for log {log_id} holds a head of {h.log_id}")
-            h.verify(self.witness_keys)
-        return heads
+        return self._all(f"tree/{_check_log_id(log_id)}", CosignedTreeHead, "log_id", log_id)
 
     def latest_tree_head(self, log_id: str) -> CosignedTreeHead | None:
-        heads = self.tree_heads(log_id)
-        return heads[-1] if heads else None
+        return self._newest(f"tree/{_check_log_id(log_id)}", CosignedTreeHead, "log_id", log_id)[1]
 
     def logs(self) -> list[str]:
         return sorted(k.rsplit("/", 1)[-1][:-5] for k in self._objects.list("logs") if k.endswith(".json"))
 
     def chain_heads(self, session_id: str) -> list[CosignedChainHead]:
         """Every chain head cosigned for the session, oldest first, each cosignature checked."""
-        heads = [CosignedChainHead.from_json(b) for _, b in self._sequence(f"chain/{session_key(session_id)}")]
-        for h in heads:
-            if h.session_id != session_id:
-                raise VerificationError(f"the witness's chain file for session {session_id!r} holds a head of "
-                                        f"{h.session_id!r}")
-            h.verify(self.witness_keys)
-        return heads
+        return self._all(f"chain/{session_key(session_id)}", CosignedChainHead, "session_id", session_id)
 
     def latest_chain_head(self, session_id: str) -> CosignedChainHead | None:
-        heads = self.chain_heads(session_id)
-        return heads[-1] if heads else None
+        return self._newest(f"chain/{session_key(session_id)}", CosignedChainHead, "session_id", session_id)[1]
 
     def sessions(self) -> list[str]:
         """Sessions the witness cosigned a chain head of."""
@@ -147,8 +162,7 @@ class Witness(WitnessLog):
             raise WitnessRefusal("signature", f"tree head {sth.tree_size} of log {log_id}: {e}") from None
         folder = f"tree/{log_id}"
         for _ in range(_RETRIES):
-            heads = self.tree_heads(log_id)
-            last = heads[-1] if heads else None
+            n, last = self._newest(folder, CosignedTreeHead, "log_id", log_id)
             if last is not None:
                 if sth.tree_size < last.tree_size:
                     raise WitnessRefusal("rollback", f"log {log_id}: a head of size {sth.tree_size} is smaller than "
@@ -166,7 +180,7 @@ class Witness(WitnessLog):
                                                  f"the cosigned head of size {last.tree_size}: {e}") from None
             cosigned = CosignedTreeHead.cosign(sth, self.key, time.time_ns())
             self._objects.put_if_absent(f"logs/{log_id}.json", json.dumps({"log_id": log_id}).encode())
-            if self._append(folder, len(heads), cosigned.to_json()):
+            if self._append(folder, n, cosigned.to_json()):
                 return cosigned
         raise WitnessRefusal("contended", f"log {log_id}: other witness processes kept extending the log")
 
@@ -187,8 +201,7 @@ class Witness(WitnessLog):
             raise WitnessRefusal("proof", f"session {sid!r}: the summaries given do not chain: {report.fault}")
         folder = f"chain/{session_key(sid)}"
         for _ in range(_RETRIES):
-            heads = self.chain_heads(sid)
-            last = heads[-1] if heads else None
+            n, last = self._newest(folder, CosignedChainHead, "session_id", sid)
             if last is not None:
                 if head.window_index < last.window_index:
                     raise WitnessRefusal("rollback", f"session {sid!r}: a chain head at window {head.window_index} is "
@@ -214,6 +227,6 @@ class Witness(WitnessLog):
             cosigned = CosignedChainHead.cosign(sid, head.window_index, head.hash, head.seq_end, head.key_id,
                                                 head.signature, self.key, time.time_ns())
             self._objects.put_if_absent(f"sessions/{session_key(sid)}.json", json.dumps({"session_id": sid}).encode())
-            if self._append(folder, len(heads), cosigned.to_json()):
+            if self._append(folder, n, cosigned.to_json()):
                 return cosigned
         raise WitnessRefusal("contended", f"session {sid!r}: other witness processes kept extending the chain")

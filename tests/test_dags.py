@@ -311,7 +311,10 @@ def test_forget_purge(airflow_db, backend, key):
     from memstream.crypto.signed import verify_record
     from memstream.maintenance import purge
 
-    store = longterm(backend, key)
+    from memstream.longterm.entry import GovernancePolicy
+
+    gov = [SigningKey.generate(), SigningKey.generate()]
+    store = longterm(backend, key, governance=GovernancePolicy(KeyRing(gov), 2))
     rng = np.random.default_rng(2)
     secret = {}
     batch = []
@@ -348,8 +351,14 @@ def test_forget_purge(airflow_db, backend, key):
 
     assert leftovers() == {"payload", "vector", "signature"}  # the scan sees them before the purge
     uri, so = backend
-    took = run_dag("forget_purge", {"longterm_uri": uri, "storage_options": so, "key_env": KEY_ENV,
-                                    "validator_keys": [key.verify_key.hex()]})
+    conf = {"longterm_uri": uri, "storage_options": so, "key_env": KEY_ENV, "validator_keys": [key.verify_key.hex()],
+            "governance_keys": [g.verify_key.hex() for g in gov]}
+    run_dag("forget_purge", conf)  # planned, not approved yet: nothing is erased
+    assert leftovers() == {"payload", "vector", "signature"} and purge.attestations(store) == []
+    (pending,) = store.table("purges").to_lance().to_table(columns=["purge_id"]).to_pylist()
+    for g in gov:
+        purge.approve(store, pending["purge_id"], g)
+    took = run_dag("forget_purge", conf)
     assert leftovers() == set()
     (att,) = purge.attestations(store)
     verify_record(att, KeyRing([key]))
@@ -363,8 +372,7 @@ def test_forget_purge(airflow_db, backend, key):
     report = store.verify()
     assert report.ok and report.rows_checked == len(kept) and report.tree_size == 60, report.to_json()
 
-    run_dag("forget_purge", {"longterm_uri": uri, "storage_options": so, "key_env": KEY_ENV,
-                             "validator_keys": [key.verify_key.hex()]})
+    run_dag("forget_purge", conf)
     assert len(purge.attestations(store)) == 1  # nothing pending: no second purge
     print(f"forget_purge dag.test: {took:.2f}s")
 
