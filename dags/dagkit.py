@@ -89,7 +89,8 @@ def witness_params() -> dict[str, Param]:
     and its own credentials, never the store's."""
     return {
         "witness_uri": Param(None, type=["null", "string"], pattern=URI_PATTERN,
-                             description="the witness's root (its own folder or s3://bucket/prefix); null: no witness"),
+                             description="the witness's root (its own folder or s3://bucket/prefix); "
+                                         "null: no witness"),
         "witness_storage_options_env": Param(None, type=["null", "string"], pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                                              description="environment variable holding the witness's storage "
                                                          "options as JSON (its own credentials)"),
@@ -97,7 +98,8 @@ def witness_params() -> dict[str, Param]:
                                  pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                                  description="environment variable holding the witness's Ed25519 signing key"),
         "witness_key_file": Param(None, type=["null", "string"], minLength=1,
-                                  description="file holding the witness key (role witness; wins over witness_key_env)"),
+                                  description="file holding the witness key (role witness; wins over "
+                                              "witness_key_env)"),
     }
 
 

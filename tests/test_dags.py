@@ -377,7 +377,7 @@ def test_forget_purge(airflow_db, backend, key):
     print(f"forget_purge dag.test: {took:.2f}s")
 
 
-def test_compaction_and_anchoring(airflow_db, tmp_path, key, kafka_bootstrap, topic_name):
+def test_compaction_and_anchoring(airflow_db, tmp_path, key, kafka_bootstrap, topic_name, monkeypatch):
 
     from kafka import KafkaConsumer
 
@@ -396,7 +396,23 @@ def test_compaction_and_anchoring(airflow_db, tmp_path, key, kafka_bootstrap, to
     assert store.verify().ok and len(store.table("entries").to_lance().get_fragments()) == 1
 
     topics.create_topics(kafka_bootstrap, [topic_name], partitions=1)
-    run_dag("longterm_anchoring", {**conf, "kafka_bootstrap": kafka_bootstrap, "attestations_topic": topic_name})
+    from memstream.episodic.chain import seal
+    from memstream.episodic.store import EpisodicStore
+    from memstream.schemas.records import SummaryRecord
+    from memstream.witness import WitnessLog
+
+    head = seal(SummaryRecord(2, "anchored", 0, 0, 10, "full", 2, 4, "fp16", bytes(16), "op-1", b"\x01" * 16, "fp32",
+                              4, 1_000, b"", b"", b"", ""), key)
+    EpisodicStore(str(tmp_path / "ep")).append([head])
+    witness_key = SigningKey.generate()
+    monkeypatch.setenv("MEMSTREAM_TEST_WITNESS_KEY", witness_key.private_pem().decode())
+    run_dag("longterm_anchoring", {**conf, "kafka_bootstrap": kafka_bootstrap, "attestations_topic": topic_name,
+                                   "witness_uri": str(tmp_path / "witness"), "episodic_uri": str(tmp_path / "ep"),
+                                   "witness_key_env": "MEMSTREAM_TEST_WITNESS_KEY"})
+    audit = WitnessLog(str(tmp_path / "witness"), witness_keys=KeyRing([witness_key]))
+    assert [h.tree_size for h in audit.tree_heads(store.store_id)] == [60]
+    assert [(h.window_index, h.head_hash) for h in audit.chain_heads("anchored")] == [(0, head.hash)]
+    assert store.verify(witnessed=audit.tree_heads(store.store_id)).ok
     consumer = KafkaConsumer(topic_name, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
                              consumer_timeout_ms=10000, group_id=None)
     msg = next(iter(consumer))  # the one head published

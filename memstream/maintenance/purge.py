@@ -126,8 +126,10 @@ def approval_message(store, purge_id: str) -> bytes:
 
 
 def review(store, purge_id: str) -> dict:
-    """Check a plan before approving it: its entry ids must be exactly the entries (both
-    tiers) bound to its requests' subjects and tags. VerificationError otherwise."""
+    """Check a plan before approving it (before its erase): every entry id it names must be
+    a stored entry (either tier) bound to one of its requests' subjects and tags;
+    VerificationError otherwise. Entries of those subjects written after the plan are counted
+    in ``bound_not_planned`` (a later request and purge takes them)."""
     row = _plan_row(store, purge_id)
     requests = _requests(store, row)
     bound = set()
@@ -137,17 +139,12 @@ def review(store, purge_id: str) -> dict:
             if any(r["forget_subject"] == sh and (tag is None or r["forget_tag"] == tag) for _, sh, tag in requests):
                 bound.add(r["entry_id"])
     planned = set(row["entry_ids"])
-    if row["attestation"] is None and planned != bound and not (planned > bound and _erasing(store, row)):
-        raise VerificationError(f"purge {purge_id} names {len(planned - bound)} entr(y/ies) not bound to its "
-                                f"subjects and leaves {len(bound - planned)} bound ones out: do not approve it")
+    if planned - bound:
+        raise VerificationError(f"purge {purge_id} names {len(planned - bound)} entr(y/ies) that are not stored "
+                                "entries of its requests' subjects: do not approve it")
     return {"purge_id": purge_id, "requests": [{"request_id": rid, "subject_hash": sh, "tag": tag}
-                                              for rid, sh, tag in requests], "entries": len(planned)}
-
-
-def _erasing(store, row: dict) -> bool:
-    """Whether the plan's erase already began (some planned rows are gone): a retry."""
-    present = sum(len(store.get(row["entry_ids"][i:i + 10_000])) for i in range(0, len(row["entry_ids"]), 10_000))
-    return present < len(row["entry_ids"])
+                                              for rid, sh, tag in requests], "entries": len(planned),
+            "bound_not_planned": len(bound - planned)}
 
 
 def approve(store, purge_id: str, key) -> dict:
@@ -225,7 +222,8 @@ def attest(store, purge_id: str, key, scan: dict) -> dict:
                             for a in store.purge_approvals(purge_id)])
     att = sign_record(PurgeAttestation(
         schema_version=2, store_id=store.store_id, purge_id=purge_id, request_ids=[r[0] for r in requests],
-        subject_hashes=[r[1] for r in requests], approvals=approvals, entry_ids=list(row["entry_ids"]), removed_hot=row["removed_hot"], removed_cold=row["removed_cold"],
+        subject_hashes=[r[1] for r in requests], approvals=approvals, entry_ids=list(row["entry_ids"]),
+        removed_hot=row["removed_hot"], removed_cold=row["removed_cold"],
         tree_size=sth.tree_size if sth else 0, root_hash=sth.root_hash if sth else b"",
         files_scanned=int(scan["files"]), bytes_scanned=int(scan["bytes"]), markers=int(scan["markers"]),
         purged_at_us=time.time_ns() // 1000, signature=b"", key_id=""), key)
