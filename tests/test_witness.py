@@ -397,3 +397,18 @@ def test_a_purge_laundered_with_one_key_is_rejected(governed, keys):
     store.table("purges").update(where=f"purge_id = '{purge_id}'",
                                  values={"attestation": sign_record(att, v).to_json().decode()})
     assert any("1 valid governance approval(s), 2 required" in f for f in store.verify().log_failures)
+
+
+def test_a_writer_whose_head_was_overtaken_is_not_a_rollback(tmp_path, keys):
+    """Two writers of one store: the second's newer head reaches the witness first; the
+    first's older head is covered by it (the store holds the newer head), not refused."""
+    v, w = keys["validator"], keys["witness"]
+    witness = Witness(str(tmp_path / "w"), key=w, log_keys=KeyRing([v]))
+    first = LongTermStore(str(tmp_path / "lt"), keyring=KeyRing([v]), signer=v, dim=8)
+    second = LongTermStore(str(tmp_path / "lt"), keyring=KeyRing([v]), signer=v, dim=8, witness=witness)
+    rng = np.random.default_rng(5)
+    appended(first, rng, 1)
+    stale = first.latest_tree_head()
+    appended(second, rng, 1)
+    assert first.witness_tree_head(witness, stale).tree_size == 10
+    assert [h.tree_size for h in witness.tree_heads(first.store_id)] == [10]
