@@ -84,6 +84,25 @@ def longterm_params() -> dict[str, Param]:
     }
 
 
+def witness_params() -> dict[str, Param]:
+    """Where the witness keeps what it cosigned and where its key is: its own folder or bucket
+    and its own credentials, never the store's."""
+    return {
+        "witness_uri": Param(None, type=["null", "string"], pattern=URI_PATTERN,
+                             description="the witness's root (its own folder or s3://bucket/prefix); "
+                                         "null: no witness"),
+        "witness_storage_options_env": Param(None, type=["null", "string"], pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                             description="environment variable holding the witness's storage "
+                                                         "options as JSON (its own credentials)"),
+        "witness_key_env": Param("MEMSTREAM_WITNESS_KEY", type=["null", "string"],
+                                 pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                 description="environment variable holding the witness's Ed25519 signing key"),
+        "witness_key_file": Param(None, type=["null", "string"], minLength=1,
+                                  description="file holding the witness key (role witness; wins over "
+                                              "witness_key_env)"),
+    }
+
+
 def bootstrap_param() -> Param:
     return Param(os.environ.get("MEMSTREAM_BOOTSTRAP"), type=["null", "string"], pattern=r"^[^\s,]+(,[^\s,]+)*$",
                  description="Kafka bootstrap servers (host:port,...); null: no Kafka")
@@ -99,6 +118,16 @@ def signer(p, required: bool = True):
     if not required and not (p.get("key_file") or (p.get("key_env") and os.environ.get(p["key_env"]))):
         return None
     return signing_key(p.get("key_env"), p.get("key_file"))
+
+
+def witness(p, log_keys):
+    """The witness the Params name, or None without ``witness_uri``."""
+    if not p.get("witness_uri"):
+        return None
+    from memstream.maintenance import open_witness
+
+    return open_witness(p["witness_uri"], storage_options(None, p.get("witness_storage_options_env")),
+                        log_keys=log_keys, key_env=p.get("witness_key_env"), key_file=p.get("witness_key_file"))
 
 
 def longterm_store(p, *, with_signer: bool = False, kafka: bool = False):

@@ -226,6 +226,17 @@ class VerificationError(IntegrityError):
     """A Merkle proof, tree head or stored row does not check out."""
 
 
+class WitnessRefusal(IntegrityError):
+    """A witness refused to cosign a head: it does not extend the heads the witness cosigned
+    before (``kind`` rollback, truncation, fork or unlinked), or its proof or signature fails
+    (``kind`` proof, signature). A rollback, truncation or fork means the operator's storage
+    went back or was rewritten: investigate it before writing anything more."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 class ReplayError(IntegrityError):
     """A signed write or request was already applied: sign a fresh one instead of resending."""
 

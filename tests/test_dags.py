@@ -311,7 +311,10 @@ def test_forget_purge(airflow_db, backend, key):
     from memstream.crypto.signed import verify_record
     from memstream.maintenance import purge
 
-    store = longterm(backend, key)
+    from memstream.longterm.entry import GovernancePolicy
+
+    gov = [SigningKey.generate(), SigningKey.generate()]
+    store = longterm(backend, key, governance=GovernancePolicy(KeyRing(gov), 2))
     rng = np.random.default_rng(2)
     secret = {}
     batch = []
@@ -348,8 +351,14 @@ def test_forget_purge(airflow_db, backend, key):
 
     assert leftovers() == {"payload", "vector", "signature"}  # the scan sees them before the purge
     uri, so = backend
-    took = run_dag("forget_purge", {"longterm_uri": uri, "storage_options": so, "key_env": KEY_ENV,
-                                    "validator_keys": [key.verify_key.hex()]})
+    conf = {"longterm_uri": uri, "storage_options": so, "key_env": KEY_ENV, "validator_keys": [key.verify_key.hex()],
+            "governance_keys": [g.verify_key.hex() for g in gov]}
+    run_dag("forget_purge", conf)  # planned, not approved yet: nothing is erased
+    assert leftovers() == {"payload", "vector", "signature"} and purge.attestations(store) == []
+    (pending,) = store.table("purges").to_lance().to_table(columns=["purge_id"]).to_pylist()
+    for g in gov:
+        purge.approve(store, pending["purge_id"], g)
+    took = run_dag("forget_purge", conf)
     assert leftovers() == set()
     (att,) = purge.attestations(store)
     verify_record(att, KeyRing([key]))
@@ -363,13 +372,12 @@ def test_forget_purge(airflow_db, backend, key):
     report = store.verify()
     assert report.ok and report.rows_checked == len(kept) and report.tree_size == 60, report.to_json()
 
-    run_dag("forget_purge", {"longterm_uri": uri, "storage_options": so, "key_env": KEY_ENV,
-                             "validator_keys": [key.verify_key.hex()]})
+    run_dag("forget_purge", conf)
     assert len(purge.attestations(store)) == 1  # nothing pending: no second purge
     print(f"forget_purge dag.test: {took:.2f}s")
 
 
-def test_compaction_and_anchoring(airflow_db, tmp_path, key, kafka_bootstrap, topic_name):
+def test_compaction_and_anchoring(airflow_db, tmp_path, key, kafka_bootstrap, topic_name, monkeypatch):
 
     from kafka import KafkaConsumer
 
@@ -388,7 +396,23 @@ def test_compaction_and_anchoring(airflow_db, tmp_path, key, kafka_bootstrap, to
     assert store.verify().ok and len(store.table("entries").to_lance().get_fragments()) == 1
 
     topics.create_topics(kafka_bootstrap, [topic_name], partitions=1)
-    run_dag("longterm_anchoring", {**conf, "kafka_bootstrap": kafka_bootstrap, "attestations_topic": topic_name})
+    from memstream.episodic.chain import seal
+    from memstream.episodic.store import EpisodicStore
+    from memstream.schemas.records import SummaryRecord
+    from memstream.witness import WitnessLog
+
+    head = seal(SummaryRecord(2, "anchored", 0, 0, 10, "full", 2, 4, "fp16", bytes(16), "op-1", b"\x01" * 16, "fp32",
+                              4, 1_000, b"", b"", b"", ""), key)
+    EpisodicStore(str(tmp_path / "ep")).append([head])
+    witness_key = SigningKey.generate()
+    monkeypatch.setenv("MEMSTREAM_TEST_WITNESS_KEY", witness_key.private_pem().decode())
+    run_dag("longterm_anchoring", {**conf, "kafka_bootstrap": kafka_bootstrap, "attestations_topic": topic_name,
+                                   "witness_uri": str(tmp_path / "witness"), "episodic_uri": str(tmp_path / "ep"),
+                                   "witness_key_env": "MEMSTREAM_TEST_WITNESS_KEY"})
+    audit = WitnessLog(str(tmp_path / "witness"), witness_keys=KeyRing([witness_key]))
+    assert [h.tree_size for h in audit.tree_heads(store.store_id)] == [60]
+    assert [(h.window_index, h.head_hash) for h in audit.chain_heads("anchored")] == [(0, head.hash)]
+    assert store.verify(witnessed=audit.tree_heads(store.store_id)).ok
     consumer = KafkaConsumer(topic_name, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
                              consumer_timeout_ms=10000, group_id=None)
     msg = next(iter(consumer))  # the one head published

@@ -1,11 +1,13 @@
 """The long-term memory store: signed, append-only entries in LanceDB, attested by an
-RFC 6962 Merkle log whose signed tree heads go to storage and to a Kafka topic.
+RFC 6962 Merkle log whose signed tree heads go to storage, to a Kafka topic and to a witness
+(:mod:`memstream.witness`) that cosigns each head only if it extends the heads it cosigned before.
 
 Layout under the store root (a local folder or ``s3://bucket/prefix``)::
 
     _store.json                 store id, dimension, metric (created once, conditional put)
     _leases/                    writer, maintenance and sequencer leases (see lease.py)
     _heads/<size>.json          each signed tree head with its frontier, named by tree size (read by appends)
+    _purges/<purge>/approvals/  governance approvals of a planned forget purge, one object per key
     entries.lance               hot tier: signed entries, never rewritten
     merkle_log.lance            leaf_index, entry_id, leaf_hash: the log's leaves in order
     tree_heads.lance            every signed tree head, with the frontier that extends it
@@ -41,19 +43,19 @@ import numpy as np
 import pyarrow as pa
 
 from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey, check_distinct_roles
-from memstream.crypto.merkle import MerkleFrontier, MerkleTree
+from memstream.crypto.merkle import MerkleFrontier, MerkleTree, consistency_proof_from
 from memstream.crypto.hashing import domain_hash
 from memstream.crypto.proof import verify_inclusion
-from memstream.crypto.signed import SignedTreeHead, verify_record
+from memstream.crypto.signed import CosignedTreeHead, SignedTreeHead, verify_record
 from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError, IntegrityError, ReplayError,
                               ServiceError, SignatureError, VerificationError)
 from memstream.faults import crash_point
 from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, check_row,
-                                      entry_leaf_hash, subject_hash, table_leaves)
+                                      entry_leaf_hash, purge_message, subject_hash, table_leaves)
 from memstream.longterm.policy import K, WriteDecision, WritePolicy
 from memstream.schemas.generate import arrow_schema, to_arrow
 from memstream.schemas.records import (AccessRecord, AccessStats, ForgetRequestRow, LongTermEntry, MerkleLeaf,
-                                       PurgeAttestation, PurgeRecord, RemovalRecord, TreeHeadRow)
+                                       PurgeApprovalRecord, PurgeAttestation, PurgeRecord, RemovalRecord, TreeHeadRow)
 from memstream.settings import (ATTESTATIONS_TOPIC, HNSW_ROWS, LATENT_DIM, LEASE_TTL_S, LONGTERM_EF, LONGTERM_INDEX,
                                 LONGTERM_METRIC, LONGTERM_REFINE, NPROBES)
 from memstream.storage.lance import connect
@@ -152,16 +154,20 @@ class VerifyReport:
     tree_head: SignedTreeHead | None = None
     failures: list[RowFailure] = field(default_factory=list)
     log_failures: list[str] = field(default_factory=list)
+    # Checks against the heads a witness cosigned: how many, and each one the store does not extend.
+    witnessed_heads: int = 0
+    witness_failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not self.log_failures
+        return not self.failures and not self.log_failures and not self.witness_failures
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "rows_checked": self.rows_checked, "tree_size": self.tree_size,
                 "tree_head": self.tree_head.to_dict() if self.tree_head else None,
                 "failures": [f.__dict__ for f in self.failures], "log_failures": self.log_failures,
+                "witnessed_heads": self.witnessed_heads, "witness_failures": self.witness_failures,
                 "seconds": round(self.seconds, 3)}
 
 
@@ -187,7 +193,8 @@ class LongTermStore:
     ``keyring`` holds the validator keys whose signatures the store accepts (old keys stay
     after a rotation); ``signer`` is this process's validator key, needed to write.
     ``governance`` enables :meth:`remove`. With ``kafka_bootstrap`` every new signed tree
-    head is also published to ``tree_head_topic``.
+    head is also published to ``tree_head_topic``; with ``witness`` (a
+    :class:`memstream.witness.Witness`, with its own storage and key) it is also cosigned.
     """
 
     def __init__(self, uri: str, *, keyring: KeyRing, signer: SigningKey | None = None,
@@ -195,7 +202,7 @@ class LongTermStore:
                  cold_storage_options: dict[str, str] | None = None, governance: GovernancePolicy | None = None,
                  dim: int = LATENT_DIM, metric: str = LONGTERM_METRIC, kafka_bootstrap: str | None = None,
                  tree_head_topic: str = ATTESTATIONS_TOPIC, lease_ttl_s: float = LEASE_TTL_S,
-                 access_flush_every: int = 256):
+                 access_flush_every: int = 256, witness=None):
         self.uri = uri.rstrip("/")
         self.keyring = keyring
         self.signer = signer
@@ -207,9 +214,11 @@ class LongTermStore:
         self.kafka_bootstrap = kafka_bootstrap
         self.tree_head_topic = tree_head_topic
         self.access_flush_every = access_flush_every
+        self.witness = witness
         if signer is not None and signer.key_id not in keyring:
             keyring.add(signer)
-        check_distinct_roles({"validator": keyring, "governance": governance.keys if governance else None})
+        check_distinct_roles({"validator": keyring, "governance": governance.keys if governance else None,
+                              "witness": witness.witness_keys if witness is not None else None})
         objects = object_store(self.uri, self.storage_options)
         self._objects = objects
         self.leases = Leases(objects, ttl_s=lease_ttl_s)
@@ -469,6 +478,8 @@ class LongTermStore:
         return self._latest_head()[0]
 
     def _publish(self, sth: SignedTreeHead) -> None:
+        if self.witness is not None:
+            self.witness_tree_head(sth=sth)
         if not self.kafka_bootstrap:
             return
         from kafka import KafkaProducer
@@ -482,6 +493,42 @@ class LongTermStore:
             raise ServiceError(f"publishing tree head {sth.tree_size} to {self.tree_head_topic} at "
                                f"{self.kafka_bootstrap} failed ({e}); it is kept in storage, publish it again "
                                "with publish_tree_head()") from e
+
+    def witness_tree_head(self, witness=None, sth: SignedTreeHead | None = None) -> CosignedTreeHead | None:
+        """Have ``witness`` (default: the store's) cosign ``sth`` (default: the latest head),
+        with a consistency proof from the last head it cosigned for this store. WitnessRefusal
+        when the store does not extend that head (rolled back, truncated or forked)."""
+        witness = witness if witness is not None else self.witness
+        if witness is None:
+            raise ConfigError("no witness: open the store with witness=Witness(...) or pass one")
+        sth = sth if sth is not None else self.latest_tree_head()
+        if sth is None:
+            return None
+        last = witness.latest_tree_head(self.store_id)
+        m = last.tree_size if last is not None else 0
+        if m > sth.tree_size and last.root_hash in self._read(self._tables["tree_heads"], ["root_hash"],
+                                                              f"tree_size = {m}")["root_hash"].to_pylist():
+            return last  # another writer's newer head of this log was cosigned first: it covers this one
+        proof = self._consistency_from(m, sth.tree_size) if 0 < m < sth.tree_size else []
+        return witness.cosign_tree_head(sth, proof)
+
+    def _consistency_from(self, m: int, n: int) -> list[bytes]:
+        """PROOF(m, D[n]) from the stored frontier of the head of size m and the leaves logged
+        since (no read of the whole log); the whole log when no head of size m is stored."""
+        body = self._objects.get(_head_key(m))
+        if body is not None:
+            hashes = TreeHeadRow.from_json(body).frontier
+        else:
+            rows = self._read(self._tables["tree_heads"], ["frontier"], f"tree_size = {m}").to_pylist()
+            if not rows:
+                return self.consistency_proof(m, n)
+            hashes = rows[0]["frontier"]
+        tail = self._read(self._tables["merkle_log"], None,
+                          f"leaf_index >= {m} AND leaf_index < {n}").sort_by("leaf_index")
+        if tail["leaf_index"].to_pylist() != list(range(m, n)):
+            raise VerificationError(f"the merkle_log does not hold leaves {m}..{n - 1} in order: "
+                                    "run `memstream verify longterm`")
+        return consistency_proof_from(MerkleFrontier(m, hashes), tail["leaf_hash"].to_pylist())
 
     def publish_tree_head(self) -> SignedTreeHead | None:
         sth = self.latest_tree_head()
@@ -864,10 +911,15 @@ class LongTermStore:
         return check_table(rows, tier, self.store_id, self.keyring, self.dim)
 
     def verify(self, workers: int | None = None, trusted_head: SignedTreeHead | None = None,
-               full: bool = False) -> VerifyReport:
+               full: bool = False, witnessed: Sequence[CosignedTreeHead] | None = None) -> VerifyReport:
         """Check every row's id, its key binding and its inclusion under the latest signed tree
         head (or ``trusted_head``, e.g. one read from the Kafka topic); report each failing
         row. Logged entries with no row and no approved removal are failures too.
+
+        ``witnessed``: the heads a witness cosigned for this store (read with
+        :class:`memstream.witness.WitnessLog`, which checks the cosignatures). The log must
+        extend every one: a store whose newest head is behind one was rolled back, a log with
+        fewer leaves was truncated, another root at that size is a fork.
 
         A row's Merkle leaf hashes its message, key id and signature, and every tree head is
         signed by a validator that checked each entry's signature before logging it, so by
@@ -903,6 +955,9 @@ class LongTermStore:
                                            "the stored log")
             latest = trusted_head
         report.tree_head = latest
+        if witnessed is not None:
+            report.witnessed_heads, report.witness_failures = check_witnessed(
+                self.store_id, self.keyring, tree, heads[-1][0] if heads else None, witnessed)
         size = latest.tree_size if latest else 0
         report.tree_size = size
         index_of = {eid: i for i, eid in enumerate(log_ids)}
@@ -940,7 +995,7 @@ class LongTermStore:
         removed: set[str] = set()
         for r in self._read(self._tables["removals"]).to_pylist():
             req = RemovalRequest.from_json(r["request"])
-            approvals = [Approval(a["key_id"], bytes.fromhex(a["signature"])) for a in json.loads(r["approvals"])]
+            approvals = _approvals_from_json(r["approvals"])
             try:
                 if self.governance is None:
                     raise GovernanceError("no governance policy configured to check it")
@@ -953,7 +1008,9 @@ class LongTermStore:
 
     def _attested_purges(self, report: VerifyReport) -> set[str]:
         """Entries erased by a forget purge whose attestation is signed by a validator or
-        governance key, for forget requests that are stored and validly signed."""
+        governance key, names stored and validly signed forget requests with their subject
+        hashes, and carries the M-of-N governance approvals of exactly those requests and
+        entry ids. One key alone cannot launder a removal as a purge."""
         ring = KeyRing([*self.keyring, *(self.governance.keys if self.governance else ())])
         requests = {r["request_id"]: r for r in self._read(self._tables["forget_requests"]).to_pylist()}
         purged: set[str] = set()
@@ -961,19 +1018,48 @@ class LongTermStore:
             try:
                 att = PurgeAttestation.from_json(r["attestation"])
                 verify_record(att, ring)
-                if att.store_id != self.store_id:
-                    raise VerificationError(f"attests a purge of store {att.store_id}")
-                for rid in att.request_ids:
+                if att.store_id != self.store_id or att.purge_id != r["purge_id"]:
+                    raise VerificationError(f"attests purge {att.purge_id} of store {att.store_id}")
+                if len(att.subject_hashes) != len(att.request_ids):
+                    raise VerificationError("names a subject hash for each of its forget requests, and does not")
+                bound = []
+                for rid, sh in zip(att.request_ids, att.subject_hashes):
                     q = requests.get(rid)
                     if q is None:
                         raise VerificationError(f"names forget request {rid}, which is not stored")
                     ForgetRequest(q["store_id"], q["subject_hash"], q["tag"], q["key_id"], q["signature"], rid,
                                   q["issued_at_ns"]).verify(ring)
-            except (IntegrityError, ValueError, TypeError) as e:
+                    if q["subject_hash"] != sh or q["store_id"] != self.store_id:
+                        raise VerificationError(f"binds forget request {rid} to another subject or store")
+                    bound.append((rid, sh, q["tag"]))
+                if not att.entry_ids:
+                    continue  # nothing erased: nothing to approve
+                if self.governance is None:
+                    raise GovernanceError("no governance policy configured to check its approvals")
+                self.governance.check(purge_message(self.store_id, att.purge_id, bound, att.entry_ids),
+                                      _approvals_from_json(att.approvals))
+            except (IntegrityError, GovernanceError, ValueError, TypeError, KeyError) as e:
                 report.log_failures.append(f"purge {r['purge_id']}: the attestation does not check out: {e}")
                 continue
             purged.update(att.entry_ids)
         return purged
+
+    def add_purge_approval(self, purge_id: str, approval: Approval) -> bool:
+        """Keep a governance key's approval of a planned purge (once per key); False when that
+        key's approval was already kept."""
+        if not re.fullmatch(r"[0-9a-f]{32}", purge_id) or not re.fullmatch(r"[0-9a-f]{32}", approval.key_id):
+            raise ConfigError(f"not a purge id and key id: {purge_id!r}, {approval.key_id!r}")
+        rec = PurgeApprovalRecord(purge_id, approval.key_id, approval.signature, time.time_ns())
+        return self._objects.put_if_absent(f"_purges/{purge_id}/approvals/{approval.key_id}.json", rec.to_json())
+
+    def purge_approvals(self, purge_id: str) -> list[Approval]:
+        out = []
+        for key in sorted(self._objects.list(f"_purges/{purge_id}/approvals")):
+            body = self._objects.get(key)
+            if body is not None:
+                rec = PurgeApprovalRecord.from_json(body)
+                out.append(Approval(rec.key_id, rec.signature))
+        return out
 
     def _verify_table(self, table, tier: str, workers: int | None, full: bool = True):
         ds = table.to_lance()
@@ -996,6 +1082,37 @@ class LongTermStore:
 
     def _opts_for(self, tier: str) -> dict[str, str]:
         return self.cold_storage_options if tier == "cold" else self.storage_options
+
+
+def _approvals_from_json(text: str) -> list[Approval]:
+    return [Approval(a["key_id"], bytes.fromhex(a["signature"])) for a in json.loads(text or "[]")]
+
+
+def check_witnessed(store_id: str, keyring: KeyRing, tree: MerkleTree, newest: SignedTreeHead | None,
+                    witnessed: Sequence[CosignedTreeHead]) -> tuple[int, list[str]]:
+    """How many witnessed heads of ``store_id`` there are, and what is wrong with the log
+    (``tree``, its newest stored head ``newest``) against them. Rollback: the store's newest
+    head is behind a witnessed head. Truncation: the log lost leaves that a head covers
+    while the heads stayed. Fork: the log's leaves under a witnessed head hash to another
+    root. A store behind several witnessed heads is reported against the newest of them."""
+    failures, behind, n = [], None, 0
+    stored = head_size(newest)
+    for w in sorted((w for w in witnessed if w.log_id == store_id), key=lambda w: w.tree_size):
+        n += 1
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(w.witnessed_at_ns / 1e9))
+        try:
+            w.tree_head().verify(keyring)
+        except IntegrityError as e:
+            failures.append(f"witnessed head of size {w.tree_size}: not signed by a validator key of the ring ({e})")
+            continue
+        if tree.size < w.tree_size or stored < w.tree_size:
+            kind = "rollback" if stored < w.tree_size else "truncation"
+            behind = (f"{kind}: the store's newest signed tree head has size {stored} and its merkle_log "
+                      f"{tree.size} leaves, behind the head of size {w.tree_size} the witness cosigned at {when}")
+        if tree.size >= w.tree_size and tree.root(w.tree_size) != w.root_hash:
+            failures.append(f"fork: the log's first {w.tree_size} leaves do not hash to the root of the head the "
+                            f"witness cosigned at {when}: they were rewritten")
+    return n, failures + ([behind] if behind else [])
 
 
 def check_table(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing, dim: int,

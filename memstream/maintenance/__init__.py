@@ -31,6 +31,22 @@ def signing_key(key_env: str | None = None, key_file: str | None = None) -> Sign
     raise ConfigError("no maintenance signing key: set the key_file or key_env Param")
 
 
+def open_witness(uri: str, storage_options: dict[str, str] | None = None, *, log_keys: KeyRing,
+                 key_env: str | None = None, key_file: str | None = None):
+    """The witness at ``uri`` (its own folder or bucket), with its key of role ``witness``
+    from a key file or an environment variable; ``log_keys`` are the validator public keys."""
+    from memstream.witness import Witness
+
+    if key_file:
+        key = SigningKey.from_file(key_file, role="witness")
+    elif key_env:
+        key = SigningKey.from_env(key_env)
+    else:
+        raise ConfigError("no witness key: set witness_key_file or witness_key_env (make one with "
+                          "`memstream keys new --role witness`)")
+    return Witness(uri, storage_options, key=key, log_keys=log_keys)
+
+
 def storage_options(options: dict | None = None, options_env: str | None = None) -> dict[str, str] | None:
     """Storage options given directly, or as JSON in an environment variable (which keeps
     credentials out of Airflow's metadata database)."""
