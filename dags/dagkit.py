@@ -110,6 +110,5 @@ def longterm_store(p, *, with_signer: bool = False, kafka: bool = False):
     return open_store(p["longterm_uri"], so, keys=p.get("validator_keys") or (),
                       signer=signer(p) if with_signer else None, cold_uri=p.get("cold_uri"), cold_storage_options=so,
                       kafka_bootstrap=p.get("kafka_bootstrap") if kafka else None,
-                      lease_ttl_s=max(600.0, 2 * float(p.get("lease_timeout_s", 300))),
                       governance_keys=p.get("governance_keys") or (), governance_threshold=p.get("governance_threshold"),
                       **extra)
