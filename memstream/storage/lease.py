@@ -157,9 +157,10 @@ class Lease:
 
     def _fenced(self) -> FencedError:
         token = f" (fencing token {self.token})" if self.token is not None else ""
-        return FencedError(f"the {self.what} lease {self.key}{token} is no longer held: {self._lost}. This process wrote nothing further; the store stays consistent (an "
-                           "interrupted append is finished or undone by the next append or open). Retry the "
-                           "operation (appends with append(..., if_absent=True))")
+        return FencedError(f"the {self.what} lease {self.key}{token} is no longer held: {self._lost}. This "
+                           "process commits nothing more under it. Retry the operation: an append stopped this way "
+                           "is finished or dropped by the next append or open of the store, so retry appends with "
+                           "append(..., if_absent=True)")
 
     def release(self) -> None:
         self._stop.set()
