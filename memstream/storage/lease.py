@@ -184,31 +184,33 @@ class Leases:
         self.poll_s = poll_s
         self.heartbeat = heartbeat
 
+    def _tokens(self, prefix: str) -> list[int]:
+        return [int(name) for k in self.objects.list(prefix)
+                if (name := k.rsplit("/", 1)[-1]).isdigit() and len(name) == _TOKEN_DIGITS]
+
     def newest_token(self, prefix: str) -> int:
-        tokens = [int(name) for k in self.objects.list(prefix)
-                  if (name := k.rsplit("/", 1)[-1]).isdigit() and len(name) == _TOKEN_DIGITS]
-        return max(tokens, default=0)
+        return max(self._tokens(prefix), default=0)
 
     def _key(self, prefix: str, token: int) -> str:
         return f"{prefix}/{token:0{_TOKEN_DIGITS}d}"
 
-    def _exclusive_dead(self, prefix: str) -> tuple[bool, int]:
-        newest = self.newest_token(prefix)
-        return (newest == 0 or holder_dead(self.objects.get(self._key(prefix, newest)))), newest
+    def _exclusive_dead(self, prefix: str) -> tuple[bool, int, list[int]]:
+        tokens = self._tokens(prefix)
+        newest = max(tokens, default=0)
+        return (newest == 0 or holder_dead(self.objects.get(self._key(prefix, newest)))), newest, tokens
 
     def _take(self, name: str, timeout_s: float) -> Lease:
         prefix = f"_leases/fenced/{name}"
         deadline = time.monotonic() + timeout_s
         while True:
-            dead, newest = self._exclusive_dead(prefix)
+            dead, newest, tokens = self._exclusive_dead(prefix)
             if dead:
                 lease = Lease(self, self._key(prefix, newest + 1), newest + 1, name, prefix)
                 lease.expires = time.time() + self.ttl_s
                 if self.objects.put_if_absent(lease.key, lease.body()):
-                    for k in self.objects.list(prefix):  # keep the predecessor: tokens count on from the newest
-                        name_ = k.rsplit("/", 1)[-1]
-                        if name_.isdigit() and int(name_) < newest:
-                            self.objects.delete(k)
+                    for t in tokens:  # keep the predecessor: tokens count on from the newest
+                        if t < newest:
+                            self.objects.delete(self._key(prefix, t))
                     return lease.start()
             if time.monotonic() > deadline:
                 raise LeaseError(f"could not take the {name} lease in {timeout_s:.0f}s: another process holds it "
