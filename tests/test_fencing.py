@@ -91,6 +91,17 @@ def test_maintenance_breaks_an_expired_writer_which_is_then_fenced(backend):
             maintenance.check()
 
 
+def test_an_expired_maintenance_holder_is_fenced_once_writers_enter(backend):
+    objects = object_store(*backend)
+    with Leases(objects, ttl_s=1.0, heartbeat=False).maintenance() as maintenance:
+        maintenance.check()
+        time.sleep(1.2)
+        with Leases(objects, ttl_s=1.0).writer(timeout_s=2) as writer:  # enters: maintenance stopped renewing
+            writer.check()
+            with pytest.raises(FencedError, match="no longer held"):
+                maintenance.check()  # so its next destructive step is refused
+
+
 def _paused_append(uri, opts, pem: bytes, stop_at: str, out: str) -> None:
     os.environ["MEMSTREAM_STOP_AT"] = stop_at
     key = SigningKey.parse(pem)
