@@ -57,8 +57,9 @@ def forget_purge():
 
         if scanned["purge_id"] is None:
             return {"purge_id": None}
-        store = dagkit.longterm_store(context["params"], with_signer=True)
-        return purge.attest(store, scanned["purge_id"], store.signer, scanned)
+        key = dagkit.signer(context["params"])  # the maintenance key; the store needs no validator key
+        store = dagkit.longterm_store(context["params"], maintenance=key)
+        return purge.attest(store, scanned["purge_id"], key, scanned)
 
     attest(scan_storage(erase(plan())))
 

@@ -81,7 +81,7 @@ LONGTERM_INDEX = "ivf_hnsw_sq"  # the hot tier's vector index (LongTermStore.bui
 HNSW_ROWS = 65_536  # entries per IVF partition of an ivf_hnsw_sq index
 LONGTERM_EF = 100  # HNSW candidates per probed partition
 LONGTERM_REFINE = 4  # re-rank refine * k candidates by the stored vectors
-LEASE_TTL_S = 600.0
+LEASE_TTL_S = 60.0  # leases are renewed by heartbeats every third of it; a dead holder blocks at most this long
 
 
 def cache_dir() -> Path:

@@ -186,6 +186,8 @@ def _register_longterm(verbs) -> None:
     p.add_argument("--governance-key", action="append", default=[],
                    help="a governance public key (to accept approved removals); repeat")
     p.add_argument("--governance-threshold", type=int, default=None, help="M of the M-of-N removal policy")
+    p.add_argument("--maintenance-key", action="append", default=[],
+                   help="a maintenance public key (to accept the forget purges it attested); repeat")
     p.add_argument("--cold-uri", default=None, help="cold tier root (default: <uri>/cold)")
     common.add_storage(p)
     p.add_argument("--tree-head", type=Path, default=None,
@@ -209,7 +211,8 @@ def _verify_longterm(args) -> int:
     ring = common.keyring(args.public_key)
     witness = _witness_log(args, ring)
     store = LongTermStore(args.uri, keyring=ring, storage_options=options,
-                          cold_uri=args.cold_uri, governance=governance)
+                          cold_uri=args.cold_uri, governance=governance,
+                          maintenance_keys=common.keyring(args.maintenance_key))
     head = SignedTreeHead.from_json(args.tree_head.read_text()) if args.tree_head else None
     witnessed = witness.tree_heads(store.store_id) if witness is not None else None
     report = store.verify(workers=args.workers, trusted_head=head, full=args.full, witnessed=witnessed)

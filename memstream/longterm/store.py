@@ -8,6 +8,7 @@ Layout under the store root (a local folder or ``s3://bucket/prefix``)::
     _leases/                    writer, maintenance and sequencer leases (see lease.py)
     _heads/<size>.json          each signed tree head with its frontier, named by tree size (read by appends)
     _purges/<purge>/approvals/  governance approvals of a planned forget purge, one object per key
+    _appends/pending.json       the append in progress: its entry ids, leaves and pre-signed tree head
     entries.lance               hot tier: signed entries, never rewritten
     merkle_log.lance            leaf_index, entry_id, leaf_hash: the log's leaves in order
     tree_heads.lance            every signed tree head, with the frontier that extends it
@@ -47,8 +48,8 @@ from memstream.crypto.merkle import MerkleFrontier, MerkleTree, consistency_proo
 from memstream.crypto.hashing import domain_hash
 from memstream.crypto.proof import verify_inclusion
 from memstream.crypto.signed import CosignedTreeHead, SignedTreeHead, verify_record
-from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError, IntegrityError, ReplayError,
-                              ServiceError, SignatureError, VerificationError)
+from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError, IntegrityError, KeyRoleError,
+                              LeaseError, ReplayError, ServiceError, SignatureError, VerificationError)
 from memstream.faults import crash_point
 from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, check_row,
                                       entry_leaf_hash, purge_message, subject_hash, table_leaves)
@@ -175,6 +176,10 @@ def _head_key(size: int) -> str:
     return f"_heads/{size:020d}.json"
 
 
+# The intent of the append in progress (one at a time: appends hold the sequencer).
+_INTENT = "_appends/pending.json"
+
+
 def head_size(head: SignedTreeHead | None) -> int:
     return head.tree_size if head is not None else 0
 
@@ -191,10 +196,15 @@ class LongTermStore:
     """Open (creating if needed) a long-term store.
 
     ``keyring`` holds the validator keys whose signatures the store accepts (old keys stay
-    after a rotation); ``signer`` is this process's validator key, needed to write.
-    ``governance`` enables :meth:`remove`. With ``kafka_bootstrap`` every new signed tree
-    head is also published to ``tree_head_topic``; with ``witness`` (a
-    :class:`memstream.witness.Witness`, with its own storage and key) it is also cosigned.
+    after a rotation); ``signer`` is this process's validator key, needed to write: entries
+    and tree heads are a validator's to sign, never a maintenance or governance key's.
+    ``governance`` enables :meth:`remove`. ``maintenance_keys`` are the public keys of the
+    maintenance key that signs purge attestations. One key never serves two roles. With
+    ``kafka_bootstrap`` every new signed tree head is also published to ``tree_head_topic``;
+    with ``witness`` (a :class:`memstream.witness.Witness`, with its own storage and key) it is
+    also cosigned.
+
+    Opening finishes, or undoes, an append that a crash interrupted (see :meth:`append`).
     """
 
     def __init__(self, uri: str, *, keyring: KeyRing, signer: SigningKey | None = None,
@@ -202,7 +212,8 @@ class LongTermStore:
                  cold_storage_options: dict[str, str] | None = None, governance: GovernancePolicy | None = None,
                  dim: int = LATENT_DIM, metric: str = LONGTERM_METRIC, kafka_bootstrap: str | None = None,
                  tree_head_topic: str = ATTESTATIONS_TOPIC, lease_ttl_s: float = LEASE_TTL_S,
-                 access_flush_every: int = 256, witness=None):
+                 access_flush_every: int = 256, maintenance_keys: Iterable[VerifyKey | SigningKey] = (),
+                 witness=None):
         self.uri = uri.rstrip("/")
         self.keyring = keyring
         self.signer = signer
@@ -215,9 +226,15 @@ class LongTermStore:
         self.tree_head_topic = tree_head_topic
         self.access_flush_every = access_flush_every
         self.witness = witness
+        if signer is not None and signer.role not in (None, "validator"):
+            raise KeyRoleError(f"the long-term store signs entries and tree heads with a validator key, and "
+                               f"key {signer.key_id} is a {signer.role} key: pass the validator's key as signer "
+                               "(make one with `memstream keys new --role validator`)")
         if signer is not None and signer.key_id not in keyring:
             keyring.add(signer)
+        self.maintenance_keys = KeyRing(maintenance_keys)
         check_distinct_roles({"validator": keyring, "governance": governance.keys if governance else None,
+                              "maintenance": self.maintenance_keys,
                               "witness": witness.witness_keys if witness is not None else None})
         objects = object_store(self.uri, self.storage_options)
         self._objects = objects
@@ -236,6 +253,7 @@ class LongTermStore:
         self._producer = None
         self._unindexed = LOOKUP_INDEX_EVERY  # unknown at open: check the lookup indexes on the first append
         self._lookup: dict[str, object] = {}  # table name -> lance dataset kept open: its index cache stays warm
+        self.recover()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -287,9 +305,15 @@ class LongTermStore:
         log one Merkle leaf per entry and publish a new signed tree head.
 
         ``if_absent=True`` makes a retried batch harmless: entries already logged are skipped
-        (``AppendResult.skipped``) instead of refused. A batch a crash interrupted is
-        finished by the next append: rows written but not logged are logged without being
-        written twice, and leaves logged under no tree head get one."""
+        (``AppendResult.skipped``) instead of refused.
+
+        The batch is all or nothing. Under the writer and sequencer leases it first stores its
+        intent (entry ids, leaves, and the tree head that will cover them, signed in advance),
+        then commits rows, leaves and head, checking its fencing tokens before each commit. A
+        crash or a fenced writer leaves the intent behind, and the next append or open of the
+        store resolves it (:meth:`recover`): the batch is finished from the intent if its rows
+        were committed, and otherwise dropped, so a crash at any point leaves a store that
+        verifies, with each entry written once or not at all."""
         entries = list(entries)
         if not entries:
             raise ConfigError("append() needs at least one entry")
@@ -303,8 +327,13 @@ class LongTermStore:
         ids = [e.entry_id for e in entries]
         if len(set(ids)) != len(ids):
             raise ReplayError("the batch holds the same entry twice: each entry is written once")
-        with self.leases.writer(), self.leases.sequencer():
-            head, frontier = self._finish_logged(*self._latest_head())
+        with self.leases.writer() as writer, self.leases.sequencer() as sequencer:
+            def fence() -> None:
+                writer.check()
+                sequencer.check()
+
+            self._resolve_intent(fence)
+            head, frontier = self._finish_logged(*self._latest_head(), fence)
             # Under the sequencer no other batch can log these ids between check and append.
             seen = self._present(self._tables["merkle_log"], ids)
             if seen and not if_absent:
@@ -322,33 +351,128 @@ class LongTermStore:
                 missing = targets - known
                 if missing:
                     raise ConfigError(f"superseded entr(y/ies) not in this store: {sorted(missing)[:3]}")
-            # Rows a crashed attempt of this batch wrote but never logged are not written again.
+            # Rows written but never logged (by a store older than intents) are not written again.
             written = self._present(self._tables["entries"], [e.entry_id for e, _ in todo])
             fresh = [e for e, _ in todo if e.entry_id not in written]
-            if fresh:
-                self._tables["entries"].add(self._rows(fresh))
-            crash_point("longterm.append.rows")
             first = frontier.size
             for _, lh in todo:
                 frontier.append_hash(lh)
-            self._tables["merkle_log"].add(pa.table({
-                "leaf_index": pa.array(range(first, first + len(todo)), pa.int64()),
-                "entry_id": pa.array([e.entry_id for e, _ in todo], pa.string()),
-                "leaf_hash": pa.array([lh for _, lh in todo], pa.binary())}, schema=SCHEMAS["merkle_log"]))
+            row = self._head_row(frontier)
+            intent = {"first": first, "entry_ids": [e.entry_id for e, _ in todo],
+                      "leaf_hashes": [lh.hex() for _, lh in todo], "head": json.loads(row.to_json()),
+                      "token": sequencer.token}
+            fence()
+            if not self._objects.put_if_absent(_INTENT, json.dumps(intent).encode()):
+                raise VerificationError(f"{_INTENT} appeared while this append held the sequencer: another "
+                                        "process writes without it; stop it and run `memstream verify longterm`")
+            crash_point("longterm.append.intent")
+            if fresh:
+                fence()
+                self._tables["entries"].add(self._rows(fresh))
+            crash_point("longterm.append.rows")
+            fence()
+            self._log_leaves(first, intent["entry_ids"], [lh for _, lh in todo])
             crash_point("longterm.append.leaves")
-            sth = self._sign_head(frontier)
+            fence()
+            self._store_head(row)
+            crash_point("longterm.append.head")
+            self._objects.delete(_INTENT)
+            sth = self._head_of(dataclasses.asdict(row))
             self._keep_lookup_indexes(len(todo))
         self._publish(sth)
         return AppendResult([e.entry_id for e, _ in todo], first, sth, skipped)
 
-    def _sign_head(self, frontier: MerkleFrontier) -> SignedTreeHead:
+    def _log_leaves(self, first: int, entry_ids: list[str], leaf_hashes: list[bytes]) -> None:
+        self._tables["merkle_log"].add(pa.table({
+            "leaf_index": pa.array(range(first, first + len(entry_ids)), pa.int64()),
+            "entry_id": pa.array(entry_ids, pa.string()),
+            "leaf_hash": pa.array(leaf_hashes, pa.binary())}, schema=SCHEMAS["merkle_log"]))
+
+    def _head_row(self, frontier: MerkleFrontier) -> TreeHeadRow:
         sth = SignedTreeHead.create(self.signer, self.store_id, frontier.size, frontier.root(), time.time_ns())
-        row = TreeHeadRow(**dataclasses.asdict(sth), frontier=frontier.hashes)
+        return TreeHeadRow(**dataclasses.asdict(sth), frontier=frontier.hashes)
+
+    def _store_head(self, row: TreeHeadRow) -> None:
         self._tables["tree_heads"].add(to_arrow([row], TreeHeadRow))
         # Also as an object named by its size: the next append reads the head it extends with
         # one GET instead of a scan of tree_heads (one fragment per append until compacted).
-        self._objects.put_if_absent(_head_key(sth.tree_size), row.to_json())
-        return sth
+        self._objects.put_if_absent(_head_key(row.tree_size), row.to_json())
+
+    def recover(self, timeout_s: float = 0.0, strict: bool = False) -> bool:
+        """Resolve an append that a crash (or a fenced writer) left unfinished: finish it when
+        its rows were committed, drop it when they were not. Opening the store and
+        :meth:`verify` call this; an append in progress elsewhere is left alone (its leases
+        are live). Returns whether an interrupted append was resolved. An intent that does
+        not check out is logged and left for :meth:`verify` to report, unless ``strict``."""
+        if self._objects.get(_INTENT) is None:
+            return False
+        try:
+            with self.leases.writer(timeout_s) as writer, self.leases.sequencer(timeout_s) as sequencer:
+                def fence() -> None:
+                    writer.check()
+                    sequencer.check()
+                return self._resolve_intent(fence)
+        except LeaseError:
+            log.info("an append is in progress in another process: it finishes its own batch")
+            return False
+        except IntegrityError as e:
+            if strict:
+                raise
+            log.error("the interrupted append in %s/%s was left as it is: %s", self.uri, _INTENT, e)
+            return False
+
+    def _resolve_intent(self, fence) -> bool:
+        """Under the sequencer: finish or drop the batch of a stored intent."""
+        body = self._objects.get(_INTENT)
+        if body is None:
+            return False
+        try:
+            intent = json.loads(body)
+            row = TreeHeadRow.from_json(json.dumps(intent["head"]).encode())
+            ids, hashes, first = intent["entry_ids"], [bytes.fromhex(h) for h in intent["leaf_hashes"]], intent["first"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise VerificationError(f"{_INTENT} is unreadable ({e}): run `memstream verify longterm` and "
+                                    "investigate") from None
+        sth = self._head_of(dataclasses.asdict(row))
+        sth.verify(self.keyring)
+        if row.tree_size != first + len(ids) or len(hashes) != len(ids):
+            raise VerificationError(f"{_INTENT} does not describe one batch: investigate")
+        present: set[str] = set()
+        for _, table in self._tier_tables(True):  # a demotion may have moved them since
+            for start in range(0, len(ids), 1000):
+                present.update(self._read(table, ["entry_id"], _ids_predicate(ids[start:start + 1000]))["entry_id"]
+                               .to_pylist())
+        if len(present) < len(ids):
+            # The rows commit never happened: nothing of the batch was logged. Drop it.
+            fence()
+            self._objects.delete(_INTENT)
+            log.warning("dropped an interrupted append of %d entries whose rows were never committed", len(ids))
+            return True
+        logged = self._tables["merkle_log"].count_rows()
+        if logged == first:
+            prev = self._latest_head()[1]
+            if prev.size != first:
+                raise VerificationError(f"the interrupted append extends a log of {first} leaves; the latest "
+                                        f"signed tree head covers {prev.size}: investigate")
+            for lh in hashes:
+                prev.append_hash(lh)
+            if prev.root() != row.root_hash:
+                raise VerificationError(f"the leaves of {_INTENT} do not match its signed tree head: investigate")
+            fence()
+            self._log_leaves(first, ids, hashes)
+        elif logged != first + len(ids):
+            raise VerificationError(f"the merkle_log holds {logged} leaves; the interrupted append logs "
+                                    f"{first}..{first + len(ids)}: run `memstream verify longterm` and investigate")
+        stored = self._read(self._tables["tree_heads"], ["signature"], f"tree_size = {row.tree_size}")
+        if row.signature not in stored["signature"].to_pylist():
+            fence()
+            self._store_head(row)
+        else:
+            self._objects.put_if_absent(_head_key(row.tree_size), row.to_json())
+        fence()
+        self._objects.delete(_INTENT)
+        log.warning("finished an interrupted append of %d entries (tree size %d)", len(ids), row.tree_size)
+        return True
 
     def _lookup_ds(self, name: str):
         """The table as a lance dataset at its latest version, kept open between calls so that
@@ -371,10 +495,10 @@ class LongTermStore:
                          .to_pylist())
         return found
 
-    def _finish_logged(self, head: SignedTreeHead | None,
-                       frontier: MerkleFrontier) -> tuple[SignedTreeHead | None, MerkleFrontier]:
-        """Leaves logged by a batch that crashed before its tree head was signed: sign one
-        that covers them, so they are never logged twice (their rows were written first)."""
+    def _finish_logged(self, head: SignedTreeHead | None, frontier: MerkleFrontier,
+                       fence) -> tuple[SignedTreeHead | None, MerkleFrontier]:
+        """Leaves logged under no tree head and no intent (by a store older than intents):
+        sign a head that covers them, so they are never logged twice."""
         logged = self._tables["merkle_log"].count_rows()
         if logged == frontier.size:
             return head, frontier
@@ -387,7 +511,10 @@ class LongTermStore:
         for lh in tail["leaf_hash"].to_pylist():
             frontier.append_hash(lh)
         log.warning("signing a tree head for %d leaves an interrupted append logged", logged - head_size(head))
-        return self._sign_head(frontier), frontier
+        row = self._head_row(frontier)
+        fence()
+        self._store_head(row)
+        return self._head_of(dataclasses.asdict(row)), frontier
 
     def _keep_lookup_indexes(self, added: int) -> None:
         """Keep the id, edit and tree-size lookups of :meth:`append` and :meth:`search`
@@ -680,7 +807,7 @@ class LongTermStore:
         """Maintenance: fold the access log into access_stats and empty it. Returns the
         number of log rows merged."""
         self.flush_access_log()
-        with self.leases.maintenance():
+        with self.leases.maintenance() as lease:
             logged = self._read(self._tables["access_log"])
             if not logged.num_rows:
                 return 0
@@ -689,6 +816,7 @@ class LongTermStore:
                 s = stats.setdefault(r["entry_id"], [0, 0])
                 s[0] += 1
                 s[1] = max(s[1], r["ts_ns"])
+            lease.check()
             self._tables["access_stats"].add(pa.table({
                 "entry_id": list(stats), "count": [s[0] for s in stats.values()],
                 "last_ns": [s[1] for s in stats.values()]}, schema=SCHEMAS["access_stats"]), mode="overwrite")
@@ -738,7 +866,7 @@ class LongTermStore:
         """Move entries to the cold tier: copy, verify the signatures of the cold copy,
         then remove them from the hot tier. Excludes writers while it runs."""
         pred = _ids_predicate(entry_ids)
-        with self.leases.maintenance():
+        with self.leases.maintenance() as lease:
             rows = self._read(self._tables["entries"], None, pred)
             if not rows.num_rows:
                 return []
@@ -749,20 +877,23 @@ class LongTermStore:
             already = set(self._read(self._cold, ["entry_id"], _ids_predicate(ids))["entry_id"].to_pylist())
             fresh = rows.filter(pa.array([i not in already for i in ids]))
             if fresh.num_rows:
+                lease.check()
                 self._cold.add(fresh)
             copied = self._read(self._cold, None, _ids_predicate(ids))
             ok, failed = self._check_rows(copied, "cold")
             if failed or set(copied["entry_id"].to_pylist()) != set(ids):
                 raise VerificationError("the cold copy does not verify; the hot rows were kept: "
                                         f"{[f.entry_id for f in failed][:5]}")
+            lease.check()
             self._tables["entries"].delete(_ids_predicate(ids))
             return ids
 
     def compact(self, cleanup_older_than: timedelta = timedelta(days=7)) -> None:
         """Compact files and drop old versions of every table. It deletes storage objects,
         so it holds the maintenance lease: no writer runs meanwhile."""
-        with self.leases.maintenance():
+        with self.leases.maintenance() as lease:
             for table in [*self._tables.values(), self._cold]:
+                lease.check()  # deleting unreferenced files is safe only while writers are kept out
                 table.optimize(cleanup_older_than=cleanup_older_than, delete_unverified=True)
 
     def erase(self, entry_ids: Sequence[str], lease_timeout_s: float = 300.0,
@@ -779,7 +910,7 @@ class LongTermStore:
         erased per tier, the fragments rewritten (of all) and the index rebuilds."""
         ids = sorted(set(entry_ids))
         removed = {"hot": 0, "cold": 0, "fragments_rewritten": 0, "fragments": 0, "index_rebuilds": 0}
-        with self.leases.maintenance(lease_timeout_s):
+        with self.leases.maintenance(lease_timeout_s) as lease:
             for tier, table in self._tier_tables(True):
                 n, vectors, held = 0, [], set()
                 for start in range(0, len(ids), 10_000):
@@ -788,12 +919,13 @@ class LongTermStore:
                     if rows.num_rows:
                         vectors.append(rows["vector"].combine_chunks().values.to_numpy(zero_copy_only=False))
                         held |= {a >> 32 for a in rows["_rowaddr"].to_pylist()}  # the fragment of each row
+                        lease.check()
                         table.delete(pred)
                     n += rows.num_rows
                 removed[tier] = n
                 forgotten = (np.concatenate(vectors).reshape(-1, self.dim) if vectors
                              else np.zeros((0, self.dim), np.float32))
-                done = self._rewrite_without_deleted(table, tier, held, forgotten, rebuild_indexes)
+                done = self._rewrite_without_deleted(table, tier, held, forgotten, rebuild_indexes, lease)
                 for key in ("fragments_rewritten", "fragments", "index_rebuilds"):
                     removed[key] += done[key]
             # Retrieval records of the erased entries hold only their ids; readers append to the
@@ -804,7 +936,7 @@ class LongTermStore:
         return removed
 
     def _rewrite_without_deleted(self, table, tier: str, held: set[int], forgotten: np.ndarray,
-                                 rebuild: bool) -> dict[str, int]:
+                                 rebuild: bool, lease) -> dict[str, int]:
         """Rewrite the fragments ``held`` (those that held erased rows; on a retry, every fragment
         that still has deletions), then clean up."""
         from lancedb.index import Bitmap, BTree, LabelList
@@ -816,6 +948,7 @@ class LongTermStore:
         touched = sorted(held & {f.fragment_id for f in fragments})
         out = {"fragments": len(fragments), "fragments_rewritten": len(touched), "index_rebuilds": 0}
         if touched:
+            lease.check()
             # Other fragments stay as they are (deletions of demoted rows included) and bound the
             # groups compaction merges; the same commit remaps every index to the rewritten rows.
             ds.optimize.compact_files(materialize_deletions_threshold=0.0, excluded_fragment_ids=sorted(
@@ -834,6 +967,7 @@ class LongTermStore:
                     raise ConfigError(f"cannot rebuild index {idx.name} of type {idx.index_type}")
                 table.create_index(idx.columns[0], config=scalar(), replace=True)
         table.checkout_latest()
+        lease.check()
         table.to_lance().cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
         table.checkout_latest()
         return out
@@ -849,7 +983,7 @@ class LongTermStore:
             raise ConfigError("removal request ids are 32 hex digits: let RemovalRequest generate it")
         approved_by = self.governance.check(request.message(), approvals)
         pred = _ids_predicate(request.entry_ids)
-        with self.leases.maintenance():
+        with self.leases.maintenance() as lease:
             done = self._read(self._tables["removals"], ["request_id"], f"request_id = '{request.request_id}'")
             if done.num_rows:
                 raise ReplayError(f"removal request {request.request_id} was already applied: issue a new request")
@@ -857,9 +991,11 @@ class LongTermStore:
             for _, table in self._tier_tables(True):
                 n = self._read(table, ["entry_id"], pred).num_rows
                 if n:
+                    lease.check()
                     table.delete(pred)
                 removed += n
             approvals_json = json.dumps([{"key_id": a.key_id, "signature": a.signature.hex()} for a in approvals])
+            lease.check()
             self._tables["removals"].add(to_arrow([RemovalRecord(request.request_id, request.to_json().decode(),
                                                                  approvals_json, time.time_ns())], RemovalRecord))
         return RemovalReceipt(request.request_id, removed, approved_by)
@@ -928,6 +1064,10 @@ class LongTermStore:
         signature."""
         started = time.monotonic()
         report = VerifyReport()
+        try:
+            self.recover(strict=True)
+        except IntegrityError as e:
+            report.log_failures.append(f"an interrupted append cannot be finished: {e}")
         # The rows are checked by worker processes while this one checks the log and the heads.
         pool = ThreadPoolExecutor(1)
         rows_checked = pool.submit(lambda: [(tier, *self._verify_table(table, tier, workers, full))
@@ -1007,11 +1147,11 @@ class LongTermStore:
         return removed
 
     def _attested_purges(self, report: VerifyReport) -> set[str]:
-        """Entries erased by a forget purge whose attestation is signed by a validator or
-        governance key, names stored and validly signed forget requests with their subject
-        hashes, and carries the M-of-N governance approvals of exactly those requests and
-        entry ids. One key alone cannot launder a removal as a purge."""
-        ring = KeyRing([*self.keyring, *(self.governance.keys if self.governance else ())])
+        """Entries erased by a forget purge whose attestation is signed by a validator,
+        governance or maintenance key, names stored and validly signed forget requests with
+        their subject hashes, and carries the M-of-N governance approvals of exactly those
+        requests and entry ids. One key alone cannot launder a removal as a purge."""
+        ring = KeyRing([*self.keyring, *(self.governance.keys if self.governance else ()), *self.maintenance_keys])
         requests = {r["request_id"]: r for r in self._read(self._tables["forget_requests"]).to_pylist()}
         purged: set[str] = set()
         for r in self._read(self._tables["purges"], None, "attestation IS NOT NULL").to_pylist():

@@ -21,14 +21,17 @@ from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey
 from memstream.errors import ConfigError
 
 
-def signing_key(key_env: str | None = None, key_file: str | None = None) -> SigningKey:
-    """The maintenance key that signs GC records and purge attestations: from a key file or
-    an environment variable (never from a DAG's run configuration)."""
+def signing_key(key_env: str | None = None, key_file: str | None = None, role: str = "maintenance") -> SigningKey:
+    """A signing key from a key file or an environment variable (never from a DAG's run
+    configuration): by default the maintenance key, which signs GC and consolidation records
+    and purge attestations; ``role="validator"`` for the key that signs long-term entries and
+    tree heads (consolidation writes entries)."""
     if key_file:
-        return SigningKey.from_file(key_file, role="maintenance")
+        return SigningKey.from_file(key_file, role=role)
     if key_env:
-        return SigningKey.from_env(key_env)
-    raise ConfigError("no maintenance signing key: set the key_file or key_env Param")
+        return SigningKey.from_env(key_env, role=role)
+    prefix = "" if role == "maintenance" else f"{role}_"
+    raise ConfigError(f"no {role} signing key: set the {prefix}key_file or {prefix}key_env Param")
 
 
 def open_witness(uri: str, storage_options: dict[str, str] | None = None, *, log_keys: KeyRing,

@@ -23,6 +23,7 @@ from memstream.errors import ConfigError
 from memstream.longterm.entry import GovernancePolicy
 from memstream.longterm.store import LongTermStore
 from memstream.maintenance import keyring
+from memstream.settings import LEASE_TTL_S
 from memstream.storage.lance import connect
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def open_store(uri: str, storage_options: dict[str, str] | None = None, *, keys=(), signer=None,
                cold_uri: str | None = None, cold_storage_options: dict[str, str] | None = None,
-               kafka_bootstrap: str | None = None, lease_ttl_s: float = 600.0, governance_keys=(),
+               kafka_bootstrap: str | None = None, lease_ttl_s: float = LEASE_TTL_S, governance_keys=(),
                governance_threshold: int | None = None, **kw):
     """A :class:`LongTermStore` for maintenance: ``keys`` are the validator public keys,
     ``governance_keys`` (with an M-of-N threshold, default N) those of the governance policy."""
