@@ -2,8 +2,8 @@
 real stores of held-out text: served quality and cost, measured in the same run.
 
 - Session: the windows of two held-out documents (``pydoc:logging``, ``pydoc:pathlib``),
-  compressed by the committed compressor, plus summaries of training-corpus windows up to
-  ``--summaries`` (a long session holds much besides what one query is about).
+  compressed by the committed compressor, plus summaries of training-corpus windows (then noisy
+  copies of them) up to ``--summaries`` (a long session holds much besides what one query is about).
 - Long-term store: every latent of three other held-out documents (``pydoc:sqlite3``,
   ``pydoc:threading``, ``pydoc:json``), signed entries, vector index built.
 - Queries: noisy cues (0.5-1.5 x rms) of latents of the session's documents, of the long-term
@@ -47,7 +47,12 @@ def session_tokens(model, docs, filler: np.ndarray, summaries: int) -> np.ndarra
     wins = []
     for d in docs:
         wins += [d[i:i + WINDOW] for i in range(0, len(d), WINDOW)]
-    wins += [filler[i:i + WINDOW] for i in range(0, len(filler) - WINDOW + 1, WINDOW)][:max(0, summaries - len(wins))]
+    fill = [filler[i:i + WINDOW] for i in range(0, len(filler) - WINDOW + 1, WINDOW)]
+    rng = np.random.default_rng(3)
+    for j in range(max(0, summaries - len(wins))):  # past the corpus: its windows again, with noise
+        w = fill[j % len(fill)]
+        wins.append(w if j < len(fill) else w + 0.3 * np.linalg.norm(w, axis=1, keepdims=True) / np.sqrt(D)
+                    * rng.standard_normal(w.shape).astype(np.float32))
     out = []
     with torch.inference_mode():
         for w in wins:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -28,7 +30,7 @@ def licenses():
 
 @pytest.fixture(scope="module")
 def held_out_replays(model, licenses):
-    return wp.replays(model, licenses, 10, seed=7)
+    return wp.replays(model, licenses, 16, seed=7)
 
 
 def test_shipped_policy_retains_what_later_reads_use_better_than_random(model, licenses, held_out_replays):
@@ -37,17 +39,21 @@ def test_shipped_policy_retains_what_later_reads_use_better_than_random(model, l
     rate, budget = policy.info["keep_rate"], policy.info["budget_share"]
     calib = wp.replays(model, licenses, 4, seed=8)  # unlabelled: sets the threshold for the keep rate
     policy.threshold, t_novel = wp.calibrate(policy, calib, rate, budget)
-    table = wp.evaluate(policy, held_out_replays, budget, t_novel, rate, seed=0)
+    tables = [wp.evaluate(policy, held_out_replays, budget, t_novel, rate, seed=s) for s in range(5)]
+    table = tables[0]
     assert all(r["kept"] <= r["budget"] for r in table.values())
     # At the same storage budget and keep rate, what the learned policy keeps answers more
-    # later reads than what a random choice keeps, or the most novel candidates.
-    assert table["learned"]["recall"] > table["random"]["recall"] + 0.02, table
-    assert table["learned"]["recall"] > table["novelty-only"]["recall"], table
+    # later reads than a random choice (averaged over five draws: one draw varies by about
+    # 0.02), than the most novel candidates, and than keeping the first reads until full.
+    random = np.mean([t["random"]["recall"] for t in tables])
+    assert table["learned"]["recall"] > random + 0.005, (table, random)
+    assert table["learned"]["recall"] > table["novelty-only"]["recall"] + 0.05, table
+    assert table["learned"]["recall"] > table["all-until-full"]["recall"], table
     assert table["learned"]["served_cosine"] >= table["random"]["served_cosine"], table
 
 
 def test_labels_mark_candidates_a_later_read_retrieved_and_was_served_better_by(held_out_replays):
-    rep = held_out_replays[0]
+    rep = dataclasses.replace(held_out_replays[0], episodic=held_out_replays[0].episodic.copy())
     helped = wp.help_matrix(rep)
     assert not np.tril(helped).any()  # only later reads
     i, j = np.argwhere(helped)[0]
