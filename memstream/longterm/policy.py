@@ -91,4 +91,6 @@ class WritePolicy:
         sims = np.asarray(neighbor_sims, np.float32).reshape(1, -1)
         score = float(self.scores(np.asarray(latent).reshape(1, -1), sims)[0])
         novelty = 1.0 - float(sims.max()) if sims.size else 1.0
-        return WriteDecision(score >= self.threshold, score, novelty)
+        # A store of fewer than K entries keeps what it is offered: the model scores nearness to
+        # what is stored, so an empty store would otherwise never take its first entry.
+        return WriteDecision(score >= self.threshold or sims.size < K, score, novelty)
