@@ -733,6 +733,25 @@ class LongTermStore:
             self.record_access(hits)
         return hits
 
+    def neighbor_sims(self, vectors, k: int = K, *, nprobes: int = NPROBES, ef: int = LONGTERM_EF) -> np.ndarray:
+        """[n, k] cosine similarities of each of ``vectors`` [n, d] to its ``k`` nearest hot
+        entries as stored (no edit chains followed), NaN where the store holds fewer: the write
+        policy's neighbourhood. One query for all vectors, so a retention batch costs one search."""
+        if self.metric != "cosine":
+            raise ConfigError("neighbor_sims reads cosine similarities: open the store with metric='cosine'")
+        q = np.atleast_2d(np.asarray(vectors, np.float32))
+        out = np.full((len(q), k), np.nan, np.float32)
+        if not len(q):
+            return out
+        res = (self._tables["entries"].search(q if len(q) > 1 else q[0], vector_column_name="vector")
+               .distance_type("cosine").nprobes(nprobes).ef(max(ef, k)).limit(k).select(["_distance"]).to_arrow())
+        rows = res["query_index"].to_numpy() if "query_index" in res.schema.names else np.zeros(res.num_rows, int)
+        dist = res["_distance"].to_numpy()
+        for i in range(len(q)):  # each query's hits come nearest first
+            d = dist[rows == i][:k]
+            out[i, :len(d)] = 1.0 - d
+        return out
+
     def _newest(self, q: np.ndarray, hits: list[Hit], include_cold: bool) -> list[Hit]:
         """Follow each hit's ``supersedes`` links forward to the newest version."""
         cols = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
