@@ -180,7 +180,12 @@ def main() -> None:
         "| path | seconds | latents/s |\n|---|---:|---:|\n"
         + "".join(f"| {k} | {result['seconds'].get(k, pipeline_s - startup_s):.2f} | {v:,.0f} |\n"
                   for k, v in rates.items())
-        + f"\nRunner start-up (empty topic): {startup_s:.2f} s.\n\n"
+        + f"\nRunner start-up (empty topic): {startup_s:.2f} s. Operator alone before and after the pipeline: "
+        + ", ".join(f"{t:.2f} s" for t in result["operator_runs_s"]) + " (the faster is the ceiling).\n\n"
+        + "CPU seconds by process: " + "; ".join(f"{phase}: " + ", ".join(f"{k} {v:.1f}" for k, v in used.items())
+                                               for phase, used in cpu.items()) + ".\n\n"
+        + "Steps (Beam metrics): " + ", ".join(f"{k} {v['count']} calls, {v['sum_ms']} ms" if isinstance(v, dict)
+                                              else f"{k} {v}" for k, v in result["steps"].items()) + ".\n\n"
         f"Pipeline / min(raw, operator): **{result['ratio_whole_to_min']:.2f}** whole, "
         f"**{result['ratio_steady_to_min']:.2f}** without the runner's start-up (target 0.8).\n\n"
         f"Machine: {m.get('cpu_model')}, {m['cpus']} CPUs, load {m['load_average_at_start'][0]:.1f} at start, "
