@@ -38,6 +38,29 @@ def machine_info(*packages: str) -> dict:
     return info
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of this process and every descendant, by pid."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (p.name(), t.user + t.system)
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two :func:`cpu_seconds` snapshots, summed by process name."""
+    used: dict[str, float] = {}
+    for pid, (name, t) in after.items():
+        used[name] = used.get(name, 0.0) + t - before.get(pid, (name, 0.0))[1]
+    return {k: round(v, 2) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v > 0.005}
+
+
 def machine_line(m: dict) -> str:
     """The machine in one sentence, for a result's Markdown."""
     return (f"Machine: {m.get('cpu_model')}, {m['cpus']} CPUs, {m.get('mem_total_gib')} GiB; load average at start "

@@ -30,6 +30,7 @@ import signal
 import threading
 import time
 import typing
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import apache_beam as beam
@@ -52,10 +53,10 @@ from memstream.errors import (CollectedSessionError, ConfigError, FencedError, I
                               UnknownSessionError, WindowTooLargeError)
 from memstream.pipelines.kafka_io import KafkaRecord, ReadFromKafka
 from memstream.pipelines.log import LogReader, close_readers
-from memstream.schemas.records import DeadLetterReason, DeadLetterRecord, SessionEvent, SummaryRecord
+from memstream.schemas.records import DeadLetterReason, DeadLetterRecord, DType, SessionEvent, SummaryRecord
 from memstream.settings import (BATCH_SIZE, DEADLETTER_TOPIC, HORIZON, IDLE_TIMEOUT_S, LATENTS_TOPIC,
                                 MAX_MESSAGE_BYTES, MAX_WINDOW_BYTES, PIPELINE_GROUP, SUMMARIES_TOPIC, WINDOW)
-from memstream.wire.codec import ChunkMeta, LatentChunk, decode, to_float32
+from memstream.wire.codec import ChunkMeta, LatentChunk, decode, to_float32, write_float32
 from memstream.wire.deadletter import fit_dead_letter
 from memstream.wire.validation import Verdict
 
@@ -210,16 +211,27 @@ class WindowCompressor:
         self.device = device
         self.version = operator_version(config.checkpoint)
         self.window = config.window
+        self._batch = None  # the input batch, kept between calls: a fresh one costs its page faults
 
-    def __call__(self, latents: list[np.ndarray]) -> np.ndarray:
-        """Windows of latents [n_i, d] -> tokens [B, 256, d] (fp16)."""
+    def __call__(self, latents: list) -> np.ndarray:
+        """Windows -> tokens [B, 256, d] (fp16). A window is its latents [n, d] (float32), or
+        its pieces in order as (raw array, wire dtype) pairs, converted straight into the batch."""
         import torch
 
         d = self.model.config.dim
-        lengths = torch.tensor([len(x) for x in latents])
-        x = torch.zeros((len(latents), self.window, d), dtype=torch.float32)
+        if self._batch is None or len(self._batch) < len(latents):
+            self._batch = torch.empty((len(latents), self.window, d), dtype=torch.float32)
+        x = self._batch[:len(latents)]
+        xn = x.numpy()  # the same memory
+        lengths = []
         for i, w in enumerate(latents):
-            x[i, :len(w)] = torch.from_numpy(w)
+            pos = 0
+            for raw, dtype in ([(w, DType.fp32)] if isinstance(w, np.ndarray) else w):
+                write_float32(raw, dtype, xn[i, pos:pos + len(raw)])
+                pos += len(raw)
+            xn[i, pos:] = 0
+            lengths.append(pos)
+        lengths = torch.tensor(lengths)
         with torch.inference_mode():
             tokens = self.model.encode(x.to(self.device), lengths.to(self.device)).to(torch.float16).cpu().numpy()
         if not np.isfinite(tokens).all():  # the input checks should make this impossible
@@ -445,7 +457,7 @@ class Summarise(beam.DoFn):
         self._operator_ms = Metrics.distribution(NS, "operator_ms")
 
     def start_bundle(self):
-        self._pending: list[tuple[Window, int, np.ndarray]] = []
+        self._pending: list[tuple[Window, int, list]] = []
 
     def process(self, item):
         window, start = item
@@ -466,14 +478,15 @@ class Summarise(beam.DoFn):
     def _dim(self) -> int:
         return self._compress.model.config.dim
 
-    def _latents(self, window: Window) -> np.ndarray:
+    def _latents(self, window: Window) -> list[tuple[np.ndarray, DType]]:
+        """The window's latents as pieces of their chunks (views, in wire dtype)."""
         positions = sorted({p.ref for p in window.pieces})
         values = self._log.values(self.config.latents_topic, positions)
         parts = []
         for p in window.pieces:
             chunk = decode(window.session_id.encode(), values[p.ref])
-            parts.append(to_float32(chunk.array()[p.start:p.start + p.count], chunk.dtype))
-        return np.concatenate(parts)
+            parts.append((chunk.array()[p.start:p.start + p.count], chunk.dtype))
+        return parts
 
     def _flush(self):
         if not self._pending:
@@ -493,6 +506,7 @@ class Summarise(beam.DoFn):
 # A transaction lasts one bundle's sends and commit; one a killed worker left open hides what
 # follows it from read_committed consumers until the broker aborts it after this long.
 TRANSACTION_TIMEOUT_MS = 10_000
+PRODUCER_BATCH_BYTES = 1 << 20
 _PRODUCERS: dict[str, object] = {}  # transactional id -> KafkaProducer, one per worker process
 _PRODUCERS_LOCK = threading.Lock()
 
@@ -508,7 +522,9 @@ def _transactional_producer(bootstrap: str, transactional_id: str, fresh: bool =
             producer.close(timeout=5)
         producer = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=transactional_id,
                                  enable_idempotence=True, acks="all", max_request_size=MAX_MESSAGE_BYTES,
-                                 linger_ms=5, transaction_timeout_ms=TRANSACTION_TIMEOUT_MS)
+                                 linger_ms=5, transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
+                                 # a summary is about 260 KB: batch several into one request
+                                 batch_size=PRODUCER_BATCH_BYTES)
         producer.init_transactions()  # fences any older producer of this partition
         _PRODUCERS[transactional_id] = producer
         return producer
@@ -645,8 +661,18 @@ class Commit(beam.DoFn):
             self._sealed.inc(len(sealed))
             crash_point("after-store")  # fault tests: stored, not yet published
         published: list[SummaryRecord] = []
-        for partition, work in sorted(self._work.items()):
-            published += self._send(partition, work)
+        # The partitions' transactions are independent (a producer each): run them side by side,
+        # so that the bundle waits for the broker's round trips once, not once per partition.
+        parts = sorted(self._work.items())
+        if len(parts) > 1:
+            with ThreadPoolExecutor(len(parts), thread_name_prefix="commit") as pool:
+                sent = list(pool.map(lambda pw: self._send(*pw), parts))
+        else:
+            sent = [self._send(*pw) for pw in parts]
+        for records, letters in sent:
+            published += records
+            for d in letters:  # counted here: Beam's metrics belong to the bundle's own thread
+                Metrics.counter(NS, f"dead_letters_{DeadLetterReason(d.reason).value}").inc()
         if published:
             self._store.mark_published(published)
             heads: dict[str, int] = {}
@@ -655,9 +681,9 @@ class Commit(beam.DoFn):
             self._store.evict_beyond_horizon(heads)
         self._sink_ms.update(int((time.perf_counter() - started) * 1000))
 
-    def _send(self, partition: int, work: _Work) -> list[SummaryRecord]:
+    def _send(self, partition: int, work: _Work) -> tuple[list[SummaryRecord], list[DeadLetterRecord]]:
         """One partition's transaction: its new summaries, replayed ones Kafka never got, its
-        dead letters and its offset. Returns the summaries it sent."""
+        dead letters and its offset. Returns the summaries and the dead letters it sent."""
         publish = list(work.sealed)
         by_session = collections.defaultdict(list)
         for sid, w in work.replayed:
@@ -675,12 +701,10 @@ class Commit(beam.DoFn):
         mark = (work.commit, work.acked)
         if publish or letters or mark != self._committed.get(partition):
             self._transact(partition, publish, letters, mark)
-            for d in letters:
-                Metrics.counter(NS, f"dead_letters_{DeadLetterReason(d.reason).value}").inc()
             self._committed[partition] = mark
             if publish:
                 crash_point("after-transaction")  # fault tests: summaries sent, not yet marked in the store
-        return publish
+        return publish, letters
 
     def _letters(self, partition: int, rejected: list[Rejected]) -> list[DeadLetterRecord]:
         if not rejected:

@@ -1,7 +1,9 @@
-"""Kafka source and sink for Beam in pure Python (kafka-python), for every runner.
+"""Kafka source and sink for Beam in Python, for every runner.
 
 Beam's own ``ReadFromKafka`` is a cross-language Java transform that needs an expansion
-service jar; this splittable DoFn needs nothing but kafka-python.
+service jar; this splittable DoFn needs only Python clients from PyPI: the records are read
+with librdkafka (``confluent-kafka``), partitions, group offsets and writes go through
+kafka-python.
 
 Offsets: each topic partition is one restriction ``[start, stop)`` of offsets, read by one
 reader in offset order (the runner may checkpoint the unclaimed remainder, ``defer_remainder``,
@@ -24,6 +26,7 @@ In streaming mode the partitions are listed again every ``discover_s`` seconds
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -40,6 +43,11 @@ from memstream.errors import ServiceError, TopicMissingError
 from memstream.settings import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
+
+# A reader's bundle ends past this many bytes of records or this long after it began.
+BUNDLE_BYTES = 64 * 1024 * 1024
+BUNDLE_S = 0.5
+CONSUME_S = 0.01
 
 # Largest offset a partition can have; an unbounded read's restriction ends here.
 UNBOUNDED = 2**63 - 1
@@ -76,6 +84,35 @@ def consumer(bootstrap: str, **extra):
     return KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                          max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES, fetch_max_bytes=4 * MAX_MESSAGE_BYTES,
                          consumer_timeout_ms=1000, **extra)
+
+
+def reader(bootstrap: str):
+    """A librdkafka consumer for reading partitions by position: assigned, never a group
+    member, committing nothing. The pipeline's bulk reads go through it (the latents' bytes
+    cost a fraction of kafka-python's CPU); metadata, group offsets and transactions stay with
+    kafka-python."""
+    from confluent_kafka import Consumer
+
+    return Consumer({"bootstrap.servers": bootstrap,
+                     "group.id": "memstream-reader",  # required by the client; never joined
+                     "enable.auto.commit": False, "enable.auto.offset.store": False,
+                     "enable.partition.eof": True,  # the end of a bounded read is seen, not waited for
+                     "auto.offset.reset": "earliest", "isolation.level": "read_uncommitted",
+                     "max.partition.fetch.bytes": 2 * MAX_MESSAGE_BYTES, "fetch.max.bytes": 4 * MAX_MESSAGE_BYTES,
+                     "receive.message.max.bytes": 4 * MAX_MESSAGE_BYTES + (1 << 20)},
+                    logger=logging.getLogger("memstream.kafka"))
+
+
+def read_error(message, where: str) -> bool:
+    """True for the end-of-partition event; raises ServiceError for any other error event."""
+    from confluent_kafka import KafkaError
+
+    err = message.error()
+    if err is None:
+        return False
+    if err.code() == KafkaError._PARTITION_EOF:
+        return True
+    raise ServiceError(f"reading {where} from Kafka failed: {err.str()}; the step fails and is run again")
 
 
 def list_partitions(bootstrap: str, topics: Iterable[str], start: str = "committed", until_idle: bool = False,
@@ -135,24 +172,28 @@ class _PartitionRestrictions(RestrictionProvider):
 class ReadPartitionFn(beam.DoFn):
     """Reads one partition from its restriction's start offset, claiming each offset it emits."""
 
-    def __init__(self, bootstrap: str, poll_ms: int = 200, max_records: int = 64):
+    def __init__(self, bootstrap: str, poll_ms: int = 200, max_records: int = 64,
+                 bundle_bytes: int = BUNDLE_BYTES, bundle_s: float = BUNDLE_S):
         self.bootstrap, self.poll_ms, self.max_records = bootstrap, poll_ms, max_records
+        self.bundle_bytes, self.bundle_s = bundle_bytes, bundle_s
         self._consumers: dict = {}
+        self._next: dict = {}  # (topic, partition) -> the offset its consumer delivers next
 
     def teardown(self):
         for c in self._consumers.values():
             c.close()
         self._consumers.clear()
 
-    def _assigned(self, spec: PartitionSpec):
-        from kafka import TopicPartition
+    def _assigned(self, spec: PartitionSpec, offset: int):
+        from confluent_kafka import TopicPartition
 
         key = (spec.topic, spec.partition)
         if key not in self._consumers:
-            c = consumer(self.bootstrap)
-            c.assign([TopicPartition(spec.topic, spec.partition)])
-            self._consumers[key] = c
-        return self._consumers[key], TopicPartition(spec.topic, spec.partition)
+            self._consumers[key] = reader(self.bootstrap)
+        if self._next.get(key) != offset:  # a new assignment drops the prefetched records: only when needed
+            self._consumers[key].assign([TopicPartition(spec.topic, spec.partition, offset)])
+            self._next[key] = offset
+        return self._consumers[key]
 
     @beam.DoFn.unbounded_per_element()
     def process(self, spec: PartitionSpec,
@@ -161,32 +202,54 @@ class ReadPartitionFn(beam.DoFn):
         restriction = tracker.current_restriction()
         if restriction.start >= restriction.stop:
             return
-        c, tp = self._assigned(spec)
-        if c.position(tp) != restriction.start:  # a seek drops the prefetched batch: only when needed
-            c.seek(tp, restriction.start)
-        records = c.poll(timeout_ms=self.poll_ms, max_records=self.max_records).get(tp, [])
+        key = (spec.topic, spec.partition)
+        c = self._assigned(spec, restriction.start)
+        where = f"{spec.topic}[{spec.partition}]"
         first = restriction.start
-        for rec in records:
-            if not tracker.try_claim(rec.offset):
+        # Read until the bundle is worth its fixed costs downstream (each bundle of the later
+        # steps pays state round trips, a store write and a Kafka transaction per partition),
+        # or until the partition has nothing more to give right now.
+        began = time.monotonic()
+        read = size = 0
+        while True:
+            # consume() waits its whole timeout unless max_records come: ask often, briefly
+            messages = c.consume(self.max_records, CONSUME_S)
+            end = None
+            for m in messages:
+                if read_error(m, where):
+                    end = m.offset()  # the partition's end as it stands now
+                    continue
+                offset = m.offset()
+                if not tracker.try_claim(offset):
+                    self._next[key] = None  # the consumer is past what was claimed: assign again
+                    return
+                # Strictly increasing within the partition: a runner ordering by time keeps offset order.
+                last = watermark.current_watermark()
+                ts = Timestamp(micros=max(m.timestamp()[1] * 1000, last.micros + 1 if last is not None else 0))
+                watermark.set_watermark(ts)
+                value = m.value() or b""
+                yield beam.window.TimestampedValue(
+                    KafkaRecord(spec.topic, spec.partition, offset, m.key(), value, m.timestamp()[1], first,
+                                spec.start), ts)
+                first = self._next[key] = offset + 1
+                size += len(value)
+                read += 1
+            if restriction.stop != UNBOUNDED and max(first, end or 0) >= restriction.stop:
+                # Nothing left below stop (the end offset at start-up): the restriction is done.
+                tracker.try_claim(restriction.stop)
                 return
-            # Strictly increasing within the partition: a runner ordering by time keeps offset order.
-            last = watermark.current_watermark()
-            ts = Timestamp(micros=max(rec.timestamp * 1000, last.micros + 1 if last is not None else 0))
-            watermark.set_watermark(ts)
-            yield beam.window.TimestampedValue(
-                KafkaRecord(rec.topic, rec.partition, rec.offset, rec.key, rec.value, rec.timestamp, first,
-                            spec.start), ts)
-            first = rec.offset + 1
-        if restriction.stop != UNBOUNDED and c.position(tp) >= restriction.stop:
-            tracker.try_claim(restriction.stop)  # nothing left below stop: the restriction is done
-            return
-        if not records:
+            waited = time.monotonic() - began
+            if end is not None or size >= self.bundle_bytes or waited >= self.bundle_s:
+                break
+            if not messages and (read or waited >= self.poll_ms / 1000):
+                break  # nothing more for now
+        if not read:
             # Idle partition: the event-time clock follows the wall clock, so timers downstream fire.
             now = Timestamp.now() - Duration(seconds=1)
             current = watermark.current_watermark()
             if current is None or now > current:
                 watermark.set_watermark(now)
-        tracker.defer_remainder(Duration(seconds=0 if records else self.poll_ms / 1000))
+        tracker.defer_remainder(Duration(seconds=0 if read else self.poll_ms / 1000))
 
 
 class WatchPartitions(beam.DoFn):

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 import weakref
 
 from memstream.errors import ServiceError
-from memstream.pipelines.kafka_io import consumer
+from memstream.pipelines.kafka_io import CONSUME_S, read_error, reader
 from memstream.settings import LOG_CACHE_BYTES
 
 
@@ -59,6 +60,8 @@ class _Cache:
                     self.size -= len(value)
 
 
+READ_TIMEOUT_S = 30.0  # a read by position that sees neither its record nor the partition's end fails
+
 CACHE = _Cache(LOG_CACHE_BYTES)  # one per worker process: what its source has read
 
 
@@ -93,32 +96,47 @@ class LogReader:
             out.update(self._fetch(topic, missing))
         return out
 
-    def _fetch(self, topic: str, positions: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        from kafka import TopicPartition
+    def _reader(self):
+        if self._consumer is None:
+            self._consumer = reader(self.bootstrap)
+        return self._consumer
 
+    def _scan(self, topic: str, partition: int, offset: int):
+        """Records of the partition from ``offset`` on, in order, until the caller stops or the
+        partition's end (then None is yielded once)."""
+        from confluent_kafka import TopicPartition
+
+        c = self._reader()
+        c.assign([TopicPartition(topic, partition, offset)])
+        where = f"{topic}[{partition}]"
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for m in c.consume(64, CONSUME_S):
+                if read_error(m, where):
+                    yield None
+                    return
+                yield m
+        raise ServiceError(f"{where}: no record and no end of the partition came in {READ_TIMEOUT_S:.0f}s from "
+                           f"offset {offset}: is the broker up?")
+
+    def _fetch(self, topic: str, positions: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         out: dict[tuple[int, int], bytes] = {}
         with self._lock:
-            if self._consumer is None:
-                self._consumer = consumer(self.bootstrap)
-            c = self._consumer
             by_partition: dict[int, set[int]] = collections.defaultdict(set)
             for p, o in positions:
                 by_partition[p].add(o)
             for partition, wanted in sorted(by_partition.items()):
-                tp = TopicPartition(topic, partition)
-                c.assign([tp])
                 pending = set(wanted)
                 for offset in sorted(wanted):
                     if offset not in pending:
                         continue
-                    c.seek(tp, offset)
-                    for _ in range(50):  # a record batch can start before the offset asked for
-                        records = c.poll(timeout_ms=2000, max_records=16).get(tp, [])
-                        for rec in records:
-                            if rec.offset in pending:
-                                pending.discard(rec.offset)
-                                out[(partition, rec.offset)] = rec.value
-                        if offset not in pending or (records and records[-1].offset > offset):
+                    for m in self._scan(topic, partition, offset):  # a later read may hold the next ones
+                        if m is None or m.offset() > max(pending):
+                            break
+                        if m.offset() in pending:
+                            pending.discard(m.offset())
+                            out[(partition, m.offset())] = m.value()
+                        if m.offset() >= offset and (m.offset() + 1) not in pending:
                             break
                 if pending:
                     raise ServiceError(f"{topic}[{partition}] no longer holds offsets {sorted(pending)[:5]}: the "
@@ -130,24 +148,17 @@ class LogReader:
                         limit: int = 100_000) -> list[int]:
         """Offsets in ``first..last`` (inclusive) of records keyed ``key``; at most ``limit``
         records are read (None when the range is longer: the question is then not answered)."""
-        from kafka import TopicPartition
-
         if last < first:
             return []
         if last - first + 1 > limit:
             return None
         found = []
         with self._lock:
-            if self._consumer is None:
-                self._consumer = consumer(self.bootstrap)
-            tp = TopicPartition(topic, partition)
-            self._consumer.assign([tp])
-            self._consumer.seek(tp, first)
-            while self._consumer.position(tp) <= last:
-                records = self._consumer.poll(timeout_ms=2000, max_records=256).get(tp, [])
-                if not records:
+            for m in self._scan(topic, partition, first):
+                if m is None or m.offset() > last:
                     break
-                found += [r.offset for r in records if first <= r.offset <= last and r.key == key]
+                if m.key() == key:
+                    found.append(m.offset())
         return found
 
     def close(self) -> None:

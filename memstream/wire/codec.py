@@ -107,6 +107,16 @@ def to_float32(raw: np.ndarray, dtype: DType) -> np.ndarray:
     return raw.astype(np.float32)
 
 
+def write_float32(raw: np.ndarray, dtype: DType, out: np.ndarray) -> None:
+    """:func:`to_float32` into ``out`` (float32, the shape of ``raw``), with no array between."""
+    if dtype is DType.bf16:
+        bits = out.view(np.uint32)
+        bits[...] = raw
+        bits <<= 16
+    else:
+        out[...] = raw
+
+
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """Round float32 to bfloat16 (nearest, ties to even) and return the 16-bit patterns."""
     u = np.ascontiguousarray(x, dtype="<f4").view(np.uint32)
