@@ -69,6 +69,9 @@ LOOKUP_INDEX_EVERY = 20_000
 LOOKUP_INDEXES = (("merkle_log", "entry_id"), ("entries", "entry_id"), ("entries", "supersedes"),
                   ("tree_heads", "tree_size"))
 ROW_COLUMNS = [f.name for f in dataclasses.fields(LongTermEntry)]
+# What a search hit carries (Hit), besides its distance.
+_HIT_COLUMNS = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
+                "query_hash", "key_id"]
 
 
 def entries_schema(dim: int) -> pa.Schema:
@@ -227,6 +230,11 @@ class LongTermStore:
         self._producer = None
         self._unindexed = LOOKUP_INDEX_EVERY  # unknown at open: check the lookup indexes on the first append
         self._lookup: dict[str, object] = {}  # table name -> lance dataset kept open: its index cache stays warm
+        # Searches read a tier through one lance dataset per version, shared by reader threads:
+        # one version check a search, and the edit lookup reads the version the search read.
+        self._search_ds: dict[str, object] = {}
+        self._search_lock = threading.Lock()
+        self._has_edits: dict[tuple[str, int], bool] = {}  # (tier, version) -> does any row supersede another
 
     # ------------------------------------------------------------------ plumbing
 
@@ -537,38 +545,63 @@ class LongTermStore:
             if bad:  # hashes only: nothing a caller controls reaches the predicate
                 raise ConfigError(f"subjects must be subject hashes (64 hex digits, subject_hash()), got {bad[0]!r}")
             where = f"forget_subject IN ({', '.join(repr(h) for h in sorted(subjects))})"
-        cols = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
-                "query_hash", "key_id", "_distance"]
-        for tier, table in self._tier_tables(include_cold):
-            query = (table.search(q, vector_column_name="vector").distance_type(self.metric).nprobes(nprobes)
-                     .ef(ef).limit(k).select(cols))
-            if where is not None:  # before the vector search: a post-filter would return fewer than k
-                query = query.where(where, prefilter=True)
+        tiers = [(tier, self._tier_ds(tier, table)) for tier, table in self._tier_tables(include_cold)]
+        for tier, ds in tiers:
+            if not ds.count_rows():
+                continue
+            nearest = {"column": "vector", "q": q, "k": k, "metric": self.metric, "nprobes": nprobes, "ef": ef}
             if refine:
-                query = query.refine_factor(refine)
-            res = query.to_arrow()
-            for r in res.to_pylist():
-                hits.append(Hit(r["entry_id"], float(r["_distance"]), tier, r["payload"], r["payload_kind"],
-                                r["supersedes"], r["timestamp_ns"], r["validator_key_hash"], r["query_hash"],
-                                r["key_id"]))
+                nearest["refine_factor"] = refine
+            # Before the vector search: a post-filter would return fewer than k.
+            res = ds.to_table(columns=_HIT_COLUMNS + ["_distance"], nearest=nearest, filter=where, prefilter=True)
+            hits += [Hit(r["entry_id"], float(r["_distance"]), tier, r["payload"], r["payload_kind"], r["supersedes"],
+                         r["timestamp_ns"], r["validator_key_hash"], r["query_hash"], r["key_id"])
+                     for r in res.to_pylist()]
         if not history:
-            hits = self._newest(q, hits, include_cold)
+            hits = self._newest(q, hits, tiers)
         hits.sort(key=lambda h: h.distance)
         hits = hits[:k]
         if record_access:
             self.record_access(hits)
         return hits
 
-    def _newest(self, q: np.ndarray, hits: list[Hit], include_cold: bool) -> list[Hit]:
-        """Follow each hit's ``supersedes`` links forward to the newest version."""
-        cols = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
-                "query_hash", "key_id", "vector"]
+    def _tier_ds(self, tier: str, table):
+        """The tier's lance dataset at its latest version (a version check; reopened only when
+        a writer committed). Each version's object is shared and never moved to another."""
+        with self._search_lock:
+            ds = self._search_ds.get(tier)
+            if ds is None:
+                ds = self._search_ds[tier] = table.to_lance()
+            else:
+                latest = ds.latest_version
+                if latest != ds.version:
+                    ds = self._search_ds[tier] = ds.checkout_version(latest)
+            return ds
+
+    def _edits_in(self, tier: str, ds) -> bool:
+        """Whether any row of this version supersedes another: if none does, a search needs
+        no edit lookup (counted once a version)."""
+        key = (tier, ds.version)
+        found = self._has_edits.get(key)
+        if found is None:
+            found = ds.count_rows("supersedes IS NOT NULL") > 0
+            with self._search_lock:
+                if len(self._has_edits) > 64:
+                    self._has_edits.clear()
+                self._has_edits[key] = found
+        return found
+
+    def _newest(self, q: np.ndarray, hits: list[Hit], tiers: list) -> list[Hit]:
+        """Follow each hit's ``supersedes`` links forward to the newest version, in the
+        versions of the tiers the search read."""
+        tiers = [(tier, ds) for tier, ds in tiers if self._edits_in(tier, ds)]
         successor: dict[str, tuple[str, dict]] = {}  # entry id -> (tier, row of its newest direct edit)
-        frontier = [h.entry_id for h in hits]
+        frontier = [h.entry_id for h in hits] if tiers else []
         while frontier:
             found = []
-            for tier, table in self._tier_tables(include_cold):
-                for r in self._read(table, cols, _ids_predicate(frontier, "supersedes")).to_pylist():
+            for tier, ds in tiers:
+                for r in ds.to_table(columns=_HIT_COLUMNS + ["vector"],
+                                     filter=_ids_predicate(frontier, "supersedes")).to_pylist():
                     old = successor.get(r["supersedes"])
                     if old is None or (r["timestamp_ns"], r["entry_id"]) > (old[1]["timestamp_ns"], old[1]["entry_id"]):
                         successor[r["supersedes"]] = (tier, r)
