@@ -208,7 +208,9 @@ def test_retention_in_its_own_process_writes_what_reads_offered(tmp_path, model,
 def test_batched_leaves_are_the_canonical_encodings(key):
     """verify() hashes rows in batches (entry.table_leaves); every shape of row must give the
     id and leaf that Entry.create and Entry.leaf give through canonical_encode."""
-    from memstream.longterm.entry import Entry, table_leaves
+    from memstream.longterm.entry import Entry, arrow_leaves, hex_rows, table_leaves
+    from memstream.schemas.generate import to_arrow
+    from memstream.schemas.records import LongTermEntry
 
     other = SigningKey.generate()
     rng = np.random.default_rng(12)
@@ -219,5 +221,10 @@ def test_batched_leaves_are_the_canonical_encodings(key):
     cols = {c: [getattr(e, c) for e in es] for c in (*Entry.CONTENT, "key_id", "signature") if c != "vector"}
     assert table_leaves("store", cols, np.stack([e.vector for e in es])) == [(e.entry_id, e.leaf("store"))
                                                                               for e in es]
+    # The same bytes straight from the Arrow buffers, mixed shapes in one table.
+    table = to_arrow(es, LongTermEntry, 8)
+    ids, leaves = arrow_leaves("store", table, np.stack([e.vector for e in es]))
+    assert [bytes(h).decode() for h in hex_rows(ids)] == [e.entry_id for e in es]
+    assert [bytes(lh) for lh in leaves] == [e.leaf("store") for e in es]
     cols["payload"][3] = b"changed"
     assert table_leaves("store", cols, np.stack([e.vector for e in es]))[3][0] != es[3].entry_id

@@ -39,6 +39,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey, check_distinct_roles
 from memstream.crypto.merkle import MerkleFrontier, MerkleTree
@@ -49,7 +50,8 @@ from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError,
                               ServiceError, SignatureError, VerificationError)
 from memstream.faults import crash_point
 from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, check_row,
-                                      entry_leaf_hash, subject_hash, table_leaves)
+                                      arrow_leaves, entry_leaf_hash, fixed_width, hex_rows,
+                                      subject_hash)
 from memstream.longterm.policy import K, WriteDecision, WritePolicy
 from memstream.schemas.generate import arrow_schema, to_arrow
 from memstream.schemas.records import (AccessRecord, AccessStats, ForgetRequestRow, LongTermEntry, MerkleLeaf,
@@ -915,12 +917,16 @@ class LongTermStore:
                                             for tier, table in self._tier_tables(True)])
         pool.shutdown(wait=False)
         heads = self._tree_heads()
-        logt = self._log()
-        leaf_hashes = logt["leaf_hash"].to_pylist()
-        log_ids = logt["entry_id"].to_pylist()
-        if logt["leaf_index"].to_pylist() != list(range(len(leaf_hashes))):
+        logt = self._read(self._tables["merkle_log"])
+        positions = logt["leaf_index"].combine_chunks().to_numpy(zero_copy_only=False)
+        if len(positions) and not (np.diff(positions) > 0).all():
+            logt = logt.take(np.argsort(positions, kind="stable"))
+            positions = np.sort(positions, kind="stable")
+        if not np.array_equal(positions, np.arange(len(positions))):
             report.log_failures.append("merkle_log indices are not 0..n-1 in order: leaves were removed or added")
-        tree = MerkleTree(leaf_hashes)
+        leaf_col = logt["leaf_hash"].combine_chunks()
+        log_ids = logt["entry_id"].combine_chunks()
+        tree = MerkleTree(leaf_col.to_pylist())
         for sth, _ in heads:
             try:
                 sth.verify(self.keyring)
@@ -938,33 +944,56 @@ class LongTermStore:
         report.tree_head = latest
         size = latest.tree_size if latest else 0
         report.tree_size = size
-        index_of = {eid: i for i, eid in enumerate(log_ids)}
-        if len(index_of) != len(log_ids):
+        n_log = len(log_ids)
+        if pc.count_distinct(log_ids, mode="all").as_py() != n_log:
             report.log_failures.append("an entry id appears twice in the merkle_log")
-        seen: set[str] = set()
-        for tier, checked, failed in rows_checked.result():
+        # Row ids are matched to the log's in Arrow (the last occurrence, should an id be logged twice).
+        log_reversed = log_ids[::-1]
+        log_leaves = fixed_width(leaf_col, 32)  # None if a stored leaf is not 32 bytes: compared one by one
+        seen: list[pa.Array] = []
+        for tier, hexed, leaves, failed in rows_checked.result():
             report.failures.extend(failed)
-            report.rows_checked += len(checked) + len(failed)
-            seen.update(f.entry_id for f in failed)
-            for eid, lh in checked:
-                if eid in seen and tier == "cold":
-                    continue  # mid-demotion: the same verified entry in both tiers
-                if eid in seen:
-                    report.failures.append(RowFailure(eid, tier, "entry id appears twice in the table"))
-                    continue
-                seen.add(eid)
-                i = index_of.get(eid)
-                if i is None:
-                    report.failures.append(RowFailure(eid, tier, "not in the Merkle log"))
-                elif i >= size:
-                    report.failures.append(RowFailure(eid, tier, f"leaf {i} is not covered by the latest signed "
-                                                                 f"tree head (size {size})"))
-                elif lh != leaf_hashes[i]:
-                    report.failures.append(RowFailure(eid, tier, f"row does not match Merkle leaf {i}: its bytes "
-                                                                 "were changed after it was signed and logged"))
+            report.rows_checked += len(hexed) + len(failed)
+            m = len(hexed)
+            ids = pa.Array.from_buffers(pa.string(), m, [None, pa.py_buffer(np.arange(0, 64 * m + 1, 64, np.int32)),
+                                                         pa.py_buffer(np.ascontiguousarray(hexed))])
+            seen.append(pa.array([f.entry_id for f in failed], pa.string()))
+            before = pa.concat_arrays(seen)
+            again = ((pc.index_in(ids, value_set=ids).to_numpy(zero_copy_only=False) != np.arange(m))
+                     | pc.is_in(ids, value_set=before).to_numpy(zero_copy_only=False))
+            found: list[tuple[int, RowFailure]] = []
+            if tier != "cold":  # in the cold tier: mid-demotion, the same verified entry in both tiers
+                found += [(int(r), RowFailure(ids[int(r)].as_py(), tier, "entry id appears twice in the table"))
+                          for r in np.flatnonzero(again)]
+            rows = np.flatnonzero(~again)
+            seen.append(ids.take(pa.array(rows)))
+            at = pc.index_in(seen[-1], value_set=log_reversed)
+            logged = at.is_valid().to_numpy(zero_copy_only=False)
+            where = np.where(logged, n_log - 1 - at.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64), -1)
+            for r in rows[~logged]:
+                found.append((int(r), RowFailure(ids[int(r)].as_py(), tier, "not in the Merkle log")))
+            late = logged & (where >= size)
+            for r, i in zip(rows[late], where[late]):
+                found.append((int(r), RowFailure(ids[int(r)].as_py(), tier, f"leaf {i} is not covered by the latest "
+                                                                          f"signed tree head (size {size})")))
+            inside = logged & ~late
+            r_in, i_in = rows[inside], where[inside]
+            if log_leaves is not None:
+                differs = (leaves[r_in] != log_leaves[i_in]).any(1)
+            else:
+                differs = np.array([bytes(leaves[r]) != leaf_col[int(i)].as_py() for r, i in zip(r_in, i_in)], bool)
+            for r, i in zip(r_in[differs], i_in[differs]):
+                found.append((int(r), RowFailure(ids[int(r)].as_py(), tier, f"row does not match Merkle leaf {i}: its "
+                                                                          "bytes were changed after it was signed "
+                                                                          "and logged")))
+            report.failures.extend(f for _, f in sorted(found, key=lambda x: x[0]))
         removed = self._approved_removals(report) | self._attested_purges(report)
-        for eid in log_ids[:size]:
-            if eid not in seen and eid not in removed:
+        covered = log_ids[:size]
+        everything = pa.concat_arrays(seen) if seen else pa.array([], pa.string())
+        unseen = np.flatnonzero(~pc.is_in(covered, value_set=everything).to_numpy(zero_copy_only=False))
+        for r in unseen:
+            eid = covered[int(r)].as_py()
+            if eid not in removed:
                 report.failures.append(RowFailure(eid, "missing", "logged entry has no row and no approved removal"))
         report.seconds = time.monotonic() - started
         return report
@@ -1017,18 +1046,56 @@ class LongTermStore:
             return _verify_fragments(ds.uri, self._opts_for(tier), frags, tier, self.store_id,
                                      [k.raw for k in self.keyring], self.dim, full)
         chunks = [frags[i::workers] for i in range(workers)]
-        checked, failed = [], []
+        ids, leaves, failed = [], [], []
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for c, f in pool.map(_verify_fragments, [ds.uri] * workers, [self._opts_for(tier)] * workers, chunks,
-                                 [tier] * workers, [self.store_id] * workers,
-                                 [[k.raw for k in self.keyring]] * workers, [self.dim] * workers,
-                                 [full] * workers):
-                checked += c
+            for c, lh, f in pool.map(_verify_fragments, [ds.uri] * workers, [self._opts_for(tier)] * workers, chunks,
+                                     [tier] * workers, [self.store_id] * workers,
+                                     [[k.raw for k in self.keyring]] * workers, [self.dim] * workers,
+                                     [full] * workers):
+                ids.append(c)
+                leaves.append(lh)
                 failed += f
-        return checked, failed
+        return np.concatenate(ids), np.concatenate(leaves), failed
 
     def _opts_for(self, tier: str) -> dict[str, str]:
         return self.cold_storage_options if tier == "cold" else self.storage_options
+
+
+def hashed_rows(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing,
+                dim: int) -> tuple[np.ndarray, np.ndarray, list[RowFailure]] | None:
+    """The checks of ``check_table(signatures=False)`` as matrices: the hex ids ([m, 64]
+    uint8) and leaf hashes ([m, 32]) of the rows whose id and key binding hold, in row
+    order, and the failures of the others. None where a row is malformed (a missing vector
+    or a field of the wrong type): ``check_table`` then names it."""
+    vec = rows["vector"].combine_chunks()
+    if vec.null_count:
+        return None
+    flat = vec.values.to_numpy(zero_copy_only=False).reshape(-1, dim) if len(vec) else np.zeros((0, dim), np.float32)
+    try:
+        ids, leaves = arrow_leaves(store_id, rows, flat)
+    except (TypeError, ValueError, AttributeError, pa.ArrowException):
+        return None
+    n = rows.num_rows
+    hexed = hex_rows(ids)
+    computed = pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(np.arange(0, 64 * n + 1, 64, dtype=np.int32)),
+                                                      pa.py_buffer(hexed)])
+    stored = rows["entry_id"].combine_chunks()
+    id_ok = pc.equal(stored, computed).fill_null(False).to_numpy(zero_copy_only=False)
+    key_hashes = {k.key_id: domain_hash("memstream.key.v1", k.raw).hex() for k in keyring}
+    kid = rows["key_id"].combine_chunks().dictionary_encode()
+    expected = pc.take(pa.array([key_hashes.get(k) for k in kid.dictionary.to_pylist()], pa.string()), kid.indices)
+    key_ok = pc.equal(expected, rows["validator_key_hash"].combine_chunks()).fill_null(False).to_numpy(
+        zero_copy_only=False)
+    failed = []
+    for i in np.flatnonzero(~(id_ok & key_ok)):
+        sid, k = stored[int(i)].as_py(), kid[int(i)].as_py()
+        if not id_ok[i]:
+            failed.append(RowFailure(str(sid), tier, "VerificationError: entry id does not match the entry's content"))
+        else:
+            failed.append(RowFailure(str(sid), tier, f"SignatureError: key {k} is not a validator key of the ring, "
+                                                     "or the provenance names another validator"))
+    ok = id_ok & key_ok
+    return hexed[ok], leaves[ok], failed
 
 
 def check_table(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing, dim: int,
@@ -1036,29 +1103,16 @@ def check_table(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing, dim:
     """Verify rows of an entries table: (entry id, leaf hash) of the good ones, and failures.
     ``signatures=False`` checks ids and key bindings only: the caller then matches each leaf
     against a signed tree head."""
+    if not signatures:
+        fast = hashed_rows(rows, tier, store_id, keyring, dim)
+        if fast is not None:
+            hexed, leaves, failed = fast
+            return [(bytes(h).decode(), bytes(lh)) for h, lh in zip(hexed, leaves)], failed
     checked, failed = [], []
     key_hashes = {k.key_id: domain_hash("memstream.key.v1", k.raw).hex() for k in keyring}
     cols = {c: rows[c].to_pylist() for c in ROW_COLUMNS if c != "vector"}
     vec = rows["vector"].combine_chunks()
     flat = vec.values.to_numpy(zero_copy_only=False).reshape(-1, dim) if len(vec) else np.zeros((0, dim), np.float32)
-    if not signatures and not vec.null_count:
-        try:
-            leaves = table_leaves(store_id, cols, flat)
-        except (TypeError, ValueError, AttributeError):
-            leaves = None  # a malformed row: the row-by-row path below names it
-        if leaves is not None:
-            for (eid, lh), stored_id, kid, vkh in zip(leaves, cols["entry_id"], cols["key_id"],
-                                                     cols["validator_key_hash"]):
-                if eid != stored_id:
-                    failed.append(RowFailure(str(stored_id), tier, "VerificationError: entry id does not match the "
-                                                                   "entry's content"))
-                elif key_hashes.get(kid) != vkh:
-                    failed.append(RowFailure(str(stored_id), tier, f"SignatureError: key {kid} is not a validator key "
-                                                                   "of the ring, or the provenance names another "
-                                                                   "validator"))
-                else:
-                    checked.append((eid, lh))
-            return checked, failed
     for i in range(rows.num_rows):
         eid = cols["entry_id"][i]
         try:
@@ -1085,19 +1139,27 @@ def check_table(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing, dim:
 
 def _verify_fragments(uri: str, storage_options: dict[str, str], fragment_ids: list[int], tier: str,
                       store_id: str, raw_keys: list[bytes], dim: int, full: bool = True):
-    """Runs in a worker process too: opens the dataset itself and checks its fragments."""
+    """Runs in a worker process too: opens the dataset itself and checks its fragments.
+    Returns the good rows as matrices (hex ids [m, 64] uint8, leaf hashes [m, 32]), which
+    cross the process boundary as two buffers, and the failures."""
     import lance
 
     ds = lance.dataset(uri, storage_options=storage_options or None)
     keyring = KeyRing([VerifyKey(k) for k in raw_keys])
-    checked, failed = [], []
+    ids, leaves, failed = [np.zeros((0, 64), np.uint8)], [np.zeros((0, 32), np.uint8)], []
     for fid in fragment_ids:
         frag = ds.get_fragment(fid)
-        for batch in frag.to_batches(columns=ROW_COLUMNS, batch_size=8192):
-            c, f = check_table(pa.Table.from_batches([batch]), tier, store_id, keyring, dim, full)
-            checked += c
-            failed += f
-    return checked, failed
+        for batch in frag.to_batches(columns=ROW_COLUMNS, batch_size=65536):
+            rows = pa.Table.from_batches([batch])
+            fast = None if full else hashed_rows(rows, tier, store_id, keyring, dim)
+            if fast is None:
+                c, f = check_table(rows, tier, store_id, keyring, dim, full)
+                fast = (np.frombuffer("".join(e for e, _ in c).encode(), np.uint8).reshape(-1, 64),
+                        np.frombuffer(b"".join(lh for _, lh in c), np.uint8).reshape(-1, 32), f)
+            ids.append(fast[0])
+            leaves.append(fast[1])
+            failed += fast[2]
+    return np.concatenate(ids), np.concatenate(leaves), failed
 
 
 _INDEX_KINDS = {"IvfFlat": "ivf_flat", "IvfHnswSq": "ivf_hnsw_sq", "IvfPq": "ivf_pq", "IvfSq": "ivf_sq"}
