@@ -164,6 +164,20 @@ def test_supersede_then_search_returns_the_newest_version(backend, key):
     assert store.verify().ok
 
 
+def test_a_reader_that_searched_before_any_edit_sees_a_later_edit_by_another_writer(tmp_path, key):
+    """Search skips the edit lookup while no row supersedes another; an edit another store
+    object (another process) writes afterwards must still be followed."""
+    uri = (str(tmp_path / "lt"), None)
+    writer, reader = open_lt(uri, key, dim=16), open_lt(uri, key, dim=16)
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((5, 16)).astype(np.float32)
+    ids = writer.append([writer.new_entry(v, f"v0-{i}".encode(), query=f"q{i}") for i, v in enumerate(base)]).entry_ids
+    assert reader.search(base[1], k=1, record_access=False)[0].entry_id == ids[1]
+    edit = writer.supersede(ids[1], base[1], b"v1", query="edit").entry_ids[0]
+    hit = reader.search(base[1], k=1, record_access=False)[0]
+    assert hit.entry_id == edit and hit.payload == b"v1"
+
+
 def test_appends_use_lookup_indexes_and_keep_refusing_replays(tmp_path, key, monkeypatch):
     monkeypatch.setattr(store_module, "LOOKUP_INDEX_EVERY", 30)
     store = open_lt((str(tmp_path / "lt"), None), key, dim=16)

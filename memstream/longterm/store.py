@@ -236,7 +236,7 @@ class LongTermStore:
         # one version check a search, and the edit lookup reads the version the search read.
         self._search_ds: dict[str, object] = {}
         self._search_lock = threading.Lock()
-        self._has_edits: dict[tuple[str, int], bool] = {}  # (tier, version) -> does any row supersede another
+        self._has_edits: dict[str, tuple[int, set[int], bool]] = {}  # tier -> what _edits_in last found
 
     # ------------------------------------------------------------------ plumbing
 
@@ -555,10 +555,15 @@ class LongTermStore:
             if refine:
                 nearest["refine_factor"] = refine
             # Before the vector search: a post-filter would return fewer than k.
-            res = ds.to_table(columns=_HIT_COLUMNS + ["_distance"], nearest=nearest, filter=where, prefilter=True)
-            hits += [Hit(r["entry_id"], float(r["_distance"]), tier, r["payload"], r["payload_kind"], r["supersedes"],
+            found = ds.to_table(columns=[], with_row_id=True, nearest=nearest, filter=where, prefilter=True)
+            if not found.num_rows:
+                continue
+            # The hits' columns by row id, in the order given: cheaper than the scanner's own
+            # late materialization of the same rows (dictionary-encoded columns cost a decode each).
+            rows = ds._take_rows(found["_rowid"].to_pylist(), columns=_HIT_COLUMNS)
+            hits += [Hit(r["entry_id"], float(d), tier, r["payload"], r["payload_kind"], r["supersedes"],
                          r["timestamp_ns"], r["validator_key_hash"], r["query_hash"], r["key_id"])
-                     for r in res.to_pylist()]
+                     for r, d in zip(rows.to_pylist(), found["_distance"].to_pylist())]
         if not history:
             hits = self._newest(q, hits, tiers)
         hits.sort(key=lambda h: h.distance)
@@ -581,16 +586,20 @@ class LongTermStore:
             return ds
 
     def _edits_in(self, tier: str, ds) -> bool:
-        """Whether any row of this version supersedes another: if none does, a search needs
-        no edit lookup (counted once a version)."""
-        key = (tier, ds.version)
-        found = self._has_edits.get(key)
-        if found is None:
-            found = ds.count_rows("supersedes IS NOT NULL") > 0
-            with self._search_lock:
-                if len(self._has_edits) > 64:
-                    self._has_edits.clear()
-                self._has_edits[key] = found
+        """Whether any row of this version may supersede another: if none does, a search
+        needs no edit lookup. Rows are only appended (in new fragments) or deleted, so a new
+        version is checked in the fragments the last one checked did not have; once an edit
+        is seen the answer stays yes."""
+        with self._search_lock:
+            seen = self._has_edits.get(tier)  # (version, fragment ids, found)
+        if seen is not None and (seen[0] == ds.version or seen[2]):
+            return seen[2]
+        fragments = ds.get_fragments()
+        new = [f for f in fragments if seen is None or f.fragment_id not in seen[1]]
+        found = bool(new) and ds.scanner(columns=[], with_row_id=True, filter="supersedes IS NOT NULL",
+                                         fragments=new, limit=1).to_table().num_rows > 0
+        with self._search_lock:
+            self._has_edits[tier] = (ds.version, {f.fragment_id for f in fragments}, found)
         return found
 
     def _newest(self, q: np.ndarray, hits: list[Hit], tiers: list) -> list[Hit]:
