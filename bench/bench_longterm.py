@@ -64,6 +64,9 @@ def fitted_vectors(n: int, seed: int = 0, components: int = 1024) -> tuple[np.nd
     from memstream.operators.data import split_latents
 
     real = np.concatenate([*split_latents("train").values(), *split_latents("validation").values()])
+    # Each latent once: the corpus repeats some (the same text in the same context), and a
+    # repeated vector would survive the purge of its forgotten copy in the erasure scan.
+    real = real[np.sort(np.unique(real, axis=0, return_index=True)[1])]
     held = np.concatenate(list(split_latents("heldout").values()))
     rng = np.random.default_rng(seed)
     t0 = time.monotonic()
@@ -87,7 +90,7 @@ def fitted_vectors(n: int, seed: int = 0, components: int = 1024) -> tuple[np.nd
     entries = entries[rng.permutation(len(entries))]
     queries = held[rng.choice(len(held), 400, replace=False)]
     info = {"real_entries": int(min(n, len(real))), "drawn_entries": int(extra), "components": components,
-            "fit_s": fit_s, "heldout_latents": int(len(held))}
+            "fit_s": fit_s, "heldout_latents": int(len(held)), "unique": True}
     return entries, queries.astype(np.float32), info
 
 
@@ -125,6 +128,9 @@ def cached_store(args, log) -> tuple[Path, SigningKey, dict]:
     root = Path(args.cache) / f"{args.n}-{args.vectors}"
     done = root / "done.json"
     if args.rebuild and root.exists():
+        shutil.rmtree(root)
+    if args.vectors == "fitted" and done.exists() and not json.loads(done.read_text()).get("unique"):
+        log(f"{root} holds repeated vectors (built before they were made unique): building it again")
         shutil.rmtree(root)
     if not done.exists():
         from memstream.longterm import LongTermStore
