@@ -953,14 +953,89 @@ class LongTermStore:
         report.tree_head = latest
         size = latest.tree_size if latest else 0
         report.tree_size = size
+        results = rows_checked.result()
+        log_leaves = fixed_width(leaf_col, 32)  # None if a stored leaf is not 32 bytes: compared one by one
+        log_hex = fixed_width(log_ids, 64)
+        log_index = _HexIndex(log_hex) if log_hex is not None else None
+        indexes = [_HexIndex(hexed) for _, hexed, _, _ in results] if log_index and log_index.exact else []
+        if indexes and all(i.exact for i in indexes):
+            # No id twice in the log or in a tier (and no two sharing 64 bits): sorted lookups.
+            unseen_at = self._match_sorted(report, results, indexes, log_index, log_leaves, leaf_col, size)
+            removed = self._approved_removals(report) | self._attested_purges(report)
+            for r in unseen_at:
+                eid = bytes(log_hex[r]).decode()
+                if eid not in removed:
+                    report.failures.append(RowFailure(eid, "missing", "logged entry has no row and no approved "
+                                                                       "removal"))
+        else:
+            self._match_arrow(report, results, log_ids, log_leaves, leaf_col, size)
+        report.seconds = time.monotonic() - started
+        return report
+
+    @staticmethod
+    def _row_failures(tier: str, hexed: np.ndarray, rows: np.ndarray, where: np.ndarray, leaves: np.ndarray,
+                      log_leaves: np.ndarray | None, leaf_col, size: int) -> list[tuple[int, RowFailure]]:
+        """The failures of rows ``rows`` (not seen before), ``where`` their leaf index (-1: not logged)."""
+        def eid(r) -> str:
+            return bytes(hexed[r]).decode()
+
+        logged = where >= 0
+        found = [(int(r), RowFailure(eid(r), tier, "not in the Merkle log")) for r in rows[~logged]]
+        late = logged & (where >= size)
+        found += [(int(r), RowFailure(eid(r), tier, f"leaf {i} is not covered by the latest signed tree head "
+                                                    f"(size {size})")) for r, i in zip(rows[late], where[late])]
+        inside = logged & ~late
+        r_in, i_in = rows[inside], where[inside]
+        if log_leaves is not None:
+            differs = (leaves[r_in] != log_leaves[i_in]).any(1)
+        else:
+            differs = np.array([bytes(leaves[r]) != leaf_col[int(i)].as_py() for r, i in zip(r_in, i_in)], bool)
+        found += [(int(r), RowFailure(eid(r), tier, f"row does not match Merkle leaf {i}: its bytes were changed "
+                                                    "after it was signed and logged"))
+                  for r, i in zip(r_in[differs], i_in[differs])]
+        return found
+
+    def _match_sorted(self, report: VerifyReport, results, indexes, log_index, log_leaves, leaf_col,
+                      size: int) -> np.ndarray:
+        """Match each tier's checked rows to the log (ids unique everywhere); return the log
+        positions below ``size`` that no row and no failing row accounts for."""
+        kept: list[_HexIndex] = []  # the rows of earlier tiers
+        failing: set[str] = set()
+        for (tier, hexed, leaves, failed), index in zip(results, indexes):
+            report.failures.extend(failed)
+            report.rows_checked += len(hexed) + len(failed)
+            failing |= {f.entry_id for f in failed}
+            again = np.zeros(len(hexed), bool)
+            for k in kept:
+                again |= k.find(hexed) >= 0
+            hit = index.find(_hex_of(failing))
+            again[hit[hit >= 0]] = True
+            found = []
+            if tier != "cold":  # in the cold tier: mid-demotion, the same verified entry in both tiers
+                found += [(int(r), RowFailure(bytes(hexed[r]).decode(), tier, "entry id appears twice in the table"))
+                          for r in np.flatnonzero(again)]
+            rows = np.flatnonzero(~again)
+            found += self._row_failures(tier, hexed, rows, log_index.find(hexed[rows]), leaves, log_leaves, leaf_col,
+                                        size)
+            report.failures.extend(f for _, f in sorted(found, key=lambda x: x[0]))
+            kept.append(index if len(rows) == len(hexed) else _HexIndex(hexed[rows]))
+        covered = log_index.hexed[:size]
+        seen = np.zeros(len(covered), bool)
+        for k in kept:
+            seen |= k.find(covered) >= 0
+        hit = log_index.find(_hex_of(failing))
+        seen[hit[(hit >= 0) & (hit < size)]] = True
+        return np.flatnonzero(~seen)
+
+    def _match_arrow(self, report: VerifyReport, results, log_ids, log_leaves, leaf_col, size: int) -> None:
+        """The general match, in Arrow hash lookups: ids may be logged or stored twice."""
         n_log = len(log_ids)
         if pc.count_distinct(log_ids, mode="all").as_py() != n_log:
             report.log_failures.append("an entry id appears twice in the merkle_log")
-        # Row ids are matched to the log's in Arrow (the last occurrence, should an id be logged twice).
+        # The last occurrence, should an id be logged twice.
         log_reversed = log_ids[::-1]
-        log_leaves = fixed_width(leaf_col, 32)  # None if a stored leaf is not 32 bytes: compared one by one
         seen: list[pa.Array] = []
-        for tier, hexed, leaves, failed in rows_checked.result():
+        for tier, hexed, leaves, failed in results:
             report.failures.extend(failed)
             report.rows_checked += len(hexed) + len(failed)
             m = len(hexed)
@@ -977,24 +1052,9 @@ class LongTermStore:
             rows = np.flatnonzero(~again)
             seen.append(ids.take(pa.array(rows)))
             at = pc.index_in(seen[-1], value_set=log_reversed)
-            logged = at.is_valid().to_numpy(zero_copy_only=False)
-            where = np.where(logged, n_log - 1 - at.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64), -1)
-            for r in rows[~logged]:
-                found.append((int(r), RowFailure(ids[int(r)].as_py(), tier, "not in the Merkle log")))
-            late = logged & (where >= size)
-            for r, i in zip(rows[late], where[late]):
-                found.append((int(r), RowFailure(ids[int(r)].as_py(), tier, f"leaf {i} is not covered by the latest "
-                                                                          f"signed tree head (size {size})")))
-            inside = logged & ~late
-            r_in, i_in = rows[inside], where[inside]
-            if log_leaves is not None:
-                differs = (leaves[r_in] != log_leaves[i_in]).any(1)
-            else:
-                differs = np.array([bytes(leaves[r]) != leaf_col[int(i)].as_py() for r, i in zip(r_in, i_in)], bool)
-            for r, i in zip(r_in[differs], i_in[differs]):
-                found.append((int(r), RowFailure(ids[int(r)].as_py(), tier, f"row does not match Merkle leaf {i}: its "
-                                                                          "bytes were changed after it was signed "
-                                                                          "and logged")))
+            where = np.where(at.is_valid().to_numpy(zero_copy_only=False),
+                             n_log - 1 - at.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64), -1)
+            found += self._row_failures(tier, hexed, rows, where, leaves, log_leaves, leaf_col, size)
             report.failures.extend(f for _, f in sorted(found, key=lambda x: x[0]))
         removed = self._approved_removals(report) | self._attested_purges(report)
         covered = log_ids[:size]
@@ -1004,8 +1064,6 @@ class LongTermStore:
             eid = covered[int(r)].as_py()
             if eid not in removed:
                 report.failures.append(RowFailure(eid, "missing", "logged entry has no row and no approved removal"))
-        report.seconds = time.monotonic() - started
-        return report
 
     def _approved_removals(self, report: VerifyReport) -> set[str]:
         removed: set[str] = set()
@@ -1169,6 +1227,47 @@ def _verify_fragments(uri: str, storage_options: dict[str, str], fragment_ids: l
             leaves.append(fast[1])
             failed += fast[2]
     return np.concatenate(ids), np.concatenate(leaves), failed
+
+
+class _HexIndex:
+    """Exact lookups among many ids of 64 hex digits ([n, 64] uint8), by a sort on their first
+    16 digits, each match confirmed on all 64. ``exact`` is False when two ids share those
+    digits (the same id twice, or a made-up one): lookups could then miss one of them."""
+
+    def __init__(self, hexed: np.ndarray):
+        self.hexed = hexed
+        key = _prefix_keys(hexed)
+        self.order = np.argsort(key, kind="stable")
+        self.sorted = key[self.order]
+        self.exact = not (np.diff(self.sorted) == 0).any()
+
+    def find(self, hexed: np.ndarray) -> np.ndarray:
+        """The index of each id among these, -1 where absent."""
+        if not len(self.sorted) or not len(hexed):
+            return np.full(len(hexed), -1, np.int64)
+        key = _prefix_keys(hexed)
+        pos = np.minimum(np.searchsorted(self.sorted, key), len(self.sorted) - 1)
+        at = self.order[pos]
+        hit = (self.sorted[pos] == key) & (self.hexed[at] == hexed).all(1)
+        return np.where(hit, at, -1)
+
+
+_NIBBLE = np.zeros(256, np.uint8)
+_NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def _prefix_keys(hexed: np.ndarray) -> np.ndarray:
+    """The first 16 digits of each id as one integer (any other byte counts as 0: a match is
+    confirmed on every digit, and a shared key makes the index inexact)."""
+    nib = _NIBBLE[hexed[:, :16]]
+    head = np.ascontiguousarray((nib[:, 0::2] << 4) | nib[:, 1::2])
+    return head.view(">u8").reshape(-1).astype(np.uint64)
+
+
+def _hex_of(ids: Iterable[str]) -> np.ndarray:
+    """The ids that are 64 lower-case hex digits, as an [n, 64] uint8 matrix."""
+    good = [i for i in ids if isinstance(i, str) and _ID.fullmatch(i)]
+    return np.frombuffer("".join(good).encode(), np.uint8).reshape(-1, 64)
 
 
 _INDEX_KINDS = {"IvfFlat": "ivf_flat", "IvfHnswSq": "ivf_hnsw_sq", "IvfPq": "ivf_pq", "IvfSq": "ivf_sq"}
