@@ -19,6 +19,7 @@ whole store, and read latency with and without query-time retention.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -126,7 +127,7 @@ def reads_with_and_without_retention(root: Path, key, model, summaries: int, que
 
 
 def writes(root: Path, key, centers, args) -> dict:
-    from memstream.crypto import KeyRing
+    from memstream.crypto import KeyRing, SigningKey
     from memstream.longterm import LongTermStore
 
     res = {}
@@ -137,13 +138,27 @@ def writes(root: Path, key, centers, args) -> dict:
     t = time.monotonic()
     full = store.verify(full=True)
     res["verify_full_small"] = {"rows": full.rows_checked, "ok": full.ok, "seconds": time.monotonic() - t}
+    cached = Path(args.large_from) if args.large_from else None
+    if cached is not None and (cached / "store").exists():
+        # bench_longterm.py's signed store (written by 2 processes in batches of 10k), copied:
+        # filling one here would sign and verify the same million entries again.
+        from bench_longterm import lookup_indexes
+
+        store.close()
+        t = time.monotonic()
+        shutil.copytree(cached / "store", root / "lt-large")
+        lookup_indexes(root / "lt-large")  # what appends keep from 20k rows on
+        key = SigningKey.parse((cached / "key.pem").read_bytes())
+        store = LongTermStore(str(root / "lt-large"), keyring=KeyRing([key]), signer=key, dim=D)
+        res["large_from"] = {"path": str(cached / "store"), "copy_s": time.monotonic() - t}
     res["fill_large_s"] = fill(store, key, args.large, args.fill_batch, centers, 2 * 10**7)
     res["appends_large"] = probe_appends(store, key, args.probes, args.probe_batch, centers, 3 * 10**7)
     print("appends at", store.count(), res["appends_large"], flush=True)
+    load = os.getloadavg()
     t = time.monotonic()
     report = store.verify()
     res["verify_large"] = {"rows": report.rows_checked, "ok": report.ok, "seconds": time.monotonic() - t,
-                           "tree_heads": len(store.tree_heads())}
+                           "tree_heads": len(store.tree_heads()), "load_average_before": load}
     print("verify", res["verify_large"], flush=True)
     store.close()
     return res
@@ -164,12 +179,20 @@ def main(argv=None) -> int:
     ap.add_argument("--retention", choices=["process", "thread"], nargs="+", default=["process", "thread"],
                     help="the retention writers to measure against no retention, in the same run: in its own "
                          "process (nice 10) and/or a thread of the reader")
+    ap.add_argument("--large-from", default=None,
+                    help="bench_longterm.py's cached store of --large entries to copy for the large size "
+                         "(default: $MEMSTREAM_CACHE/bench/longterm/<large>-fitted if built; 'none' fills one)")
     ap.add_argument("--root", default=None, help="folder of the stores (default: temporary, removed after)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
 
     from memstream.crypto import SigningKey
+    from memstream.settings import cache_dir
 
+    if args.large_from is None:
+        args.large_from = str(cache_dir() / "bench" / "longterm" / f"{args.large}-fitted")
+    elif args.large_from == "none":
+        args.large_from = None
     root = Path(args.root or tempfile.mkdtemp(prefix="bench-writes-"))
     res = {"machine": common.machine_info("lancedb", "pylance", "cryptography"), "args": vars(args)}
     key = SigningKey.generate()
@@ -201,8 +224,13 @@ def write_results(res: dict, out: Path) -> None:
         for a in (s, big):
             lines.append(f"| {a['log_size_before']:,} | {a['appends']} | {a['batch']} | {a['p50_ms']:.1f} | "
                          f"{a['p90_ms']:.1f} | {a['appends_per_s']:.1f} | {a['entries_per_s']:,.0f} |")
+        if "large_from" in res:
+            lines += ["", f"The large store is a copy of bench_longterm.py's signed store ({res['large_from']['path']}, "
+                          "written by 2 processes in batches of 10k, lookup BTREEs added as appends keep them)."]
+        lv = v.get("load_average_before")
         lines += ["", f"Verification of {v['rows']:,} entries (tree-head signatures, every leaf hashed): "
-                      f"{v['seconds']:.1f} s, ok={v['ok']}, {v['tree_heads']} tree heads.",
+                      f"{v['seconds']:.1f} s, ok={v['ok']}, {v['tree_heads']} tree heads"
+                      + (f" (load average {lv[0]:.1f} when it started)." if lv else "."),
                   f"With every entry's Ed25519 signature (`full=True`) at {vf['rows']:,} entries: "
                   f"{vf['seconds']:.1f} s ({vf['seconds'] / max(vf['rows'], 1) * 1e6:.0f} µs an entry)."]
     if "reads" in res:

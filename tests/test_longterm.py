@@ -165,6 +165,23 @@ def test_key_rotation_old_rows_still_verify(backend, keys):
     assert set(old_ids) <= failing(report) and not set(new_ids) & failing(report)
 
 
+def test_verify_names_rows_stored_twice_and_rows_never_logged(tmp_path, keys):
+    """Both ways of matching rows to the log (sorted ids, and Arrow's hash lookups once an id
+    repeats) name the same failures."""
+    backend = (str(tmp_path / "ltm"), {})
+    store = open_store(backend, keys)
+    ids = fill(store, 6)
+    raw = raw_table(backend)
+    stray = store.new_entry(vectors(1, 9)[0], b"never logged", query="stray")
+    raw.add(store._rows([stray]))  # a valid signed row that no append logged
+    assert failing(store.verify()) == {stray.entry_id}
+    assert "not in the Merkle log" in store.verify().failures[0].reason
+    raw.add(raw.search().where(f"entry_id = '{ids[2]}'").to_arrow())  # the same row twice
+    report = store.verify()
+    assert failing(report) == {stray.entry_id, ids[2]}
+    assert {f.reason for f in report.failures} == {"not in the Merkle log", "entry id appears twice in the table"}
+
+
 def test_tampering_with_any_stored_field_is_caught(backend, keys):
     store = open_store(backend, keys)
     ids = fill(store, 14)

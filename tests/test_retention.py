@@ -164,6 +164,20 @@ def test_supersede_then_search_returns_the_newest_version(backend, key):
     assert store.verify().ok
 
 
+def test_a_reader_that_searched_before_any_edit_sees_a_later_edit_by_another_writer(tmp_path, key):
+    """Search skips the edit lookup while no row supersedes another; an edit another store
+    object (another process) writes afterwards must still be followed."""
+    uri = (str(tmp_path / "lt"), None)
+    writer, reader = open_lt(uri, key, dim=16), open_lt(uri, key, dim=16)
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((5, 16)).astype(np.float32)
+    ids = writer.append([writer.new_entry(v, f"v0-{i}".encode(), query=f"q{i}") for i, v in enumerate(base)]).entry_ids
+    assert reader.search(base[1], k=1, record_access=False)[0].entry_id == ids[1]
+    edit = writer.supersede(ids[1], base[1], b"v1", query="edit").entry_ids[0]
+    hit = reader.search(base[1], k=1, record_access=False)[0]
+    assert hit.entry_id == edit and hit.payload == b"v1"
+
+
 def test_appends_use_lookup_indexes_and_keep_refusing_replays(tmp_path, key, monkeypatch):
     monkeypatch.setattr(store_module, "LOOKUP_INDEX_EVERY", 30)
     store = open_lt((str(tmp_path / "lt"), None), key, dim=16)
@@ -208,7 +222,9 @@ def test_retention_in_its_own_process_writes_what_reads_offered(tmp_path, model,
 def test_batched_leaves_are_the_canonical_encodings(key):
     """verify() hashes rows in batches (entry.table_leaves); every shape of row must give the
     id and leaf that Entry.create and Entry.leaf give through canonical_encode."""
-    from memstream.longterm.entry import Entry, table_leaves
+    from memstream.longterm.entry import Entry, arrow_leaves, hex_rows, table_leaves
+    from memstream.schemas.generate import to_arrow
+    from memstream.schemas.records import LongTermEntry
 
     other = SigningKey.generate()
     rng = np.random.default_rng(12)
@@ -219,5 +235,10 @@ def test_batched_leaves_are_the_canonical_encodings(key):
     cols = {c: [getattr(e, c) for e in es] for c in (*Entry.CONTENT, "key_id", "signature") if c != "vector"}
     assert table_leaves("store", cols, np.stack([e.vector for e in es])) == [(e.entry_id, e.leaf("store"))
                                                                               for e in es]
+    # The same bytes straight from the Arrow buffers, mixed shapes in one table.
+    table = to_arrow(es, LongTermEntry, 8)
+    ids, leaves = arrow_leaves("store", table, np.stack([e.vector for e in es]))
+    assert [bytes(h).decode() for h in hex_rows(ids)] == [e.entry_id for e in es]
+    assert [bytes(lh) for lh in leaves] == [e.leaf("store") for e in es]
     cols["payload"][3] = b"changed"
     assert table_leaves("store", cols, np.stack([e.vector for e in es]))[3][0] != es[3].entry_id

@@ -114,6 +114,18 @@ def _str_or_none(name: str):
     return enc
 
 
+def _hash_heads(mlen: int, key_id: bytes):
+    """The hash states of an entry id and of a Merkle leaf after everything that precedes a
+    message of ``mlen`` bytes: copy them and feed the message (then the signature's field)."""
+    id_base = hashlib.sha256(struct.pack(">I", len("memstream.longterm.entry-id.v1"))
+                             + b"memstream.longterm.entry-id.v1" + struct.pack(">Q", mlen))
+    leaf_base = hashlib.sha256(b"\x00MSCE1" + struct.pack(">I", len("memstream.longterm.leaf.v1"))
+                               + b"memstream.longterm.leaf.v1" + _name("key_id") + b"\x02"
+                               + struct.pack(">Q", len(key_id)) + key_id + _name("message") + b"\x01"
+                               + struct.pack(">Q", mlen))
+    return id_base, leaf_base
+
+
 def table_leaves(store_id: str, cols: Mapping[str, Sequence], vectors) -> list[tuple[str, bytes]]:
     """(entry id recomputed from the content, Merkle leaf hash) of each row of an entries
     table, for verification at scale: the same bytes as :meth:`Entry.message`,
@@ -164,12 +176,7 @@ def table_leaves(store_id: str, cols: Mapping[str, Sequence], vectors) -> list[t
         ]
         msgs = np.ascontiguousarray(np.concatenate(parts, axis=1))
         mlen = msgs.shape[1]
-        id_base = hashlib.sha256(struct.pack(">I", len("memstream.longterm.entry-id.v1"))
-                                 + b"memstream.longterm.entry-id.v1" + struct.pack(">Q", mlen))
-        leaf_base = hashlib.sha256(b"\x00MSCE1" + struct.pack(">I", len("memstream.longterm.leaf.v1"))
-                                   + b"memstream.longterm.leaf.v1" + _name("key_id") + b"\x02"
-                                   + struct.pack(">Q", len(k)) + k + _name("message") + b"\x01"
-                                   + struct.pack(">Q", mlen))
+        id_base, leaf_base = _hash_heads(mlen, k)
         sig_head = _name("signature") + b"\x01" + struct.pack(">Q", slen)
         for j, i in enumerate(rows):
             msg = msgs[j].data
@@ -181,6 +188,128 @@ def table_leaves(store_id: str, cols: Mapping[str, Sequence], vectors) -> list[t
             lh.update(cols["signature"][i])
             out[i] = (h.hexdigest(), lh.digest())
     return [out[i] for i in range(n)]
+
+
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def hex_rows(digests: np.ndarray) -> np.ndarray:
+    """[n, k] bytes as [n, 2k] lower-case hex characters (uint8), as ``bytes.hex()`` writes them."""
+    d = np.asarray(digests, np.uint8)
+    out = np.empty((len(d), 2 * d.shape[1]), np.uint8)
+    out[:, 0::2], out[:, 1::2] = _HEX[d >> 4], _HEX[d & 15]
+    return out
+
+
+def fixed_width(arr, width: int) -> np.ndarray | None:
+    """The values of a binary or string Arrow array whose every value is ``width`` bytes long,
+    as an [n, width] uint8 matrix (no copy); None if one is null or of another length."""
+    import pyarrow as pa
+
+    if len(arr) == 0:
+        return np.zeros((0, width), np.uint8)
+    if arr.null_count:
+        return None
+    if pa.types.is_large_binary(arr.type) or pa.types.is_large_string(arr.type):
+        odt = np.int64
+    elif pa.types.is_binary(arr.type) or pa.types.is_string(arr.type):
+        odt = np.int32
+    else:
+        return None
+    _, offsets, data = arr.buffers()
+    off = np.frombuffer(offsets, odt, len(arr) + 1, arr.offset * np.dtype(odt).itemsize)
+    if not (np.diff(off) == width).all():
+        return None
+    return np.frombuffer(data, np.uint8, len(arr) * width, int(off[0])).reshape(len(arr), width)
+
+
+def arrow_leaves(store_id: str, rows, vectors) -> tuple[np.ndarray, np.ndarray]:
+    """(entry id digest, Merkle leaf hash) of each row of an Arrow table of entries, as two
+    [n, 32] uint8 matrices: the bytes of :func:`table_leaves`, without a Python object per
+    field. Rows of one shape are assembled as one byte matrix straight from the Arrow
+    buffers and hashed with two hashlib calls a row; other rows go through
+    :func:`table_leaves` one by one."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = rows.num_rows
+    ids, leaves = np.zeros((n, 32), np.uint8), np.zeros((n, 32), np.uint8)
+    if not n:
+        return ids, leaves
+    vec = np.ascontiguousarray(vectors, dtype="<f4")
+    col = {c: rows.column(c).combine_chunks() if isinstance(rows, pa.Table) else rows.column(c)
+           for c in ("forget_subject", "forget_tag", "supersedes", "payload", "payload_kind", "query_hash",
+                     "validator_key_hash", "timestamp_ns", "key_id", "signature")}
+    regular = pc.and_(pc.and_(col["forget_subject"].is_null(), col["forget_tag"].is_null()),
+                      col["supersedes"].is_null())
+    for c in ("payload", "payload_kind", "timestamp_ns", "key_id", "signature"):
+        regular = pc.and_(regular, col[c].is_valid())
+    for c in ("query_hash", "validator_key_hash"):
+        regular = pc.and_(regular, pc.and_(pc.equal(pc.binary_length(col[c]), 64), pc.string_is_ascii(col[c])))
+    regular = regular.fill_null(False).to_numpy(zero_copy_only=False)
+    odd = np.flatnonzero(~regular)
+    if len(odd):
+        sub = {c: pc.take(a, pa.array(odd)).to_pylist() for c, a in col.items()}
+        got = table_leaves(store_id, sub, vec[odd])
+        ids[odd] = np.frombuffer(b"".join(bytes.fromhex(e) for e, _ in got), np.uint8).reshape(-1, 32)
+        leaves[odd] = np.frombuffer(b"".join(lh for _, lh in got), np.uint8).reshape(-1, 32)
+    good = np.flatnonzero(regular)
+    if not len(good):
+        return ids, leaves
+    plen = pc.binary_length(col["payload"]).to_numpy(zero_copy_only=False)[good]
+    slen = pc.binary_length(col["signature"]).to_numpy(zero_copy_only=False)[good]
+    kind = pc.take(col["payload_kind"], pa.array(good)).dictionary_encode()
+    kid = pc.take(col["key_id"], pa.array(good)).dictionary_encode()
+    kcode, kdcode = kind.indices.to_numpy(zero_copy_only=False), kid.indices.to_numpy(zero_copy_only=False)
+    order = np.lexsort((kdcode, kcode, slen, plen))
+    keys = np.stack([plen, slen, kcode, kdcode], 1)[order]
+    cuts = np.flatnonzero((np.diff(keys, axis=0) != 0).any(1)) + 1
+    none = {c: _name(c) + struct.pack(">BQ", 0, 0) for c in ("forget_subject", "forget_tag", "supersedes")}
+    for run in np.split(np.arange(len(good)), cuts):
+        first = order[run[0]]
+        p, sl = int(plen[first]), int(slen[first])
+        kd, k = kind.dictionary[int(kcode[first])].as_py(), kid.dictionary[int(kdcode[first])].as_py().encode()
+        at = good[order[run]]
+        m, take = len(at), pa.array(at)
+
+        def const(b: bytes) -> np.ndarray:
+            return np.broadcast_to(np.frombuffer(b, np.uint8), (m, len(b)))
+
+        def fixed(c: str, width: int) -> np.ndarray:
+            return fixed_width(pc.take(col[c], take), width)
+
+        parts = [
+            const(b"MSCE1" + struct.pack(">I", len(ENTRY_DOMAIN)) + ENTRY_DOMAIN.encode() + none["forget_subject"]
+                  + none["forget_tag"] + _name("payload") + b"\x01" + struct.pack(">Q", p)),
+            fixed("payload", p),
+            const(_str_or_none("payload_kind")(kd) + _name("query_hash") + b"\x02" + struct.pack(">Q", 64)),
+            fixed("query_hash", 64),
+            const(_str_or_none("store_id")(store_id) + none["supersedes"] + _name("timestamp_ns")
+                  + struct.pack(">BQ", 3, 8)),
+            pc.take(col["timestamp_ns"], take).to_numpy().astype(">i8").view(np.uint8).reshape(m, 8),
+            const(_name("validator_key_hash") + b"\x02" + struct.pack(">Q", 64)),
+            fixed("validator_key_hash", 64),
+            const(_name("vector") + struct.pack(">BQ", 4, vec.shape[1] * 4)),
+            vec[at].view(np.uint8).reshape(m, -1),
+        ]
+        mlen = sum(x.shape[1] for x in parts)
+        # The leaf hashes the message, then the signature: one row of this matrix each.
+        rows_ = np.ascontiguousarray(np.concatenate(
+            parts + [const(_name("signature") + b"\x01" + struct.pack(">Q", sl)), fixed("signature", sl)], axis=1))
+        w = rows_.shape[1]
+        id_base, leaf_base = _hash_heads(mlen, k)
+        flat = memoryview(rows_.reshape(-1))
+        id_out, leaf_out = bytearray(), bytearray()
+        for o in range(0, m * w, w):
+            h = id_base.copy()
+            h.update(flat[o:o + mlen])
+            id_out += h.digest()
+            h = leaf_base.copy()
+            h.update(flat[o:o + w])
+            leaf_out += h.digest()
+        ids[at] = np.frombuffer(id_out, np.uint8).reshape(m, 32)
+        leaves[at] = np.frombuffer(leaf_out, np.uint8).reshape(m, 32)
+    return ids, leaves
 
 
 def _table_leaves_rows(store_id: str, cols: Mapping[str, Sequence], vectors, rows=None) -> dict[int, tuple[str, bytes]]:

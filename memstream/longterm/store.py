@@ -42,6 +42,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey, check_distinct_roles
 from memstream.crypto.merkle import MerkleFrontier, MerkleTree, consistency_proof_from
@@ -52,7 +53,8 @@ from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError,
                               LeaseError, ReplayError, ServiceError, SignatureError, VerificationError)
 from memstream.faults import crash_point
 from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, check_row,
-                                      entry_leaf_hash, purge_message, subject_hash, table_leaves)
+                                      arrow_leaves, entry_leaf_hash, fixed_width, hex_rows, purge_message,
+                                      subject_hash)
 from memstream.longterm.policy import K, WriteDecision, WritePolicy
 from memstream.schemas.generate import arrow_schema, to_arrow
 from memstream.schemas.records import (AccessRecord, AccessStats, ForgetRequestRow, LongTermEntry, MerkleLeaf,
@@ -72,6 +74,9 @@ LOOKUP_INDEX_EVERY = 20_000
 LOOKUP_INDEXES = (("merkle_log", "entry_id"), ("entries", "entry_id"), ("entries", "supersedes"),
                   ("tree_heads", "tree_size"))
 ROW_COLUMNS = [f.name for f in dataclasses.fields(LongTermEntry)]
+# What a search hit carries (Hit), besides its distance.
+_HIT_COLUMNS = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
+                "query_hash", "key_id"]
 
 
 def entries_schema(dim: int) -> pa.Schema:
@@ -253,6 +258,11 @@ class LongTermStore:
         self._producer = None
         self._unindexed = LOOKUP_INDEX_EVERY  # unknown at open: check the lookup indexes on the first append
         self._lookup: dict[str, object] = {}  # table name -> lance dataset kept open: its index cache stays warm
+        # Searches read a tier through one lance dataset per version, shared by reader threads:
+        # one version check a search, and the edit lookup reads the version the search read.
+        self._search_ds: dict[str, object] = {}
+        self._search_lock = threading.Lock()
+        self._has_edits: dict[str, tuple[int, set[int], bool]] = {}  # tier -> what _edits_in last found
         self.recover()
 
     # ------------------------------------------------------------------ plumbing
@@ -711,22 +721,25 @@ class LongTermStore:
             if bad:  # hashes only: nothing a caller controls reaches the predicate
                 raise ConfigError(f"subjects must be subject hashes (64 hex digits, subject_hash()), got {bad[0]!r}")
             where = f"forget_subject IN ({', '.join(repr(h) for h in sorted(subjects))})"
-        cols = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
-                "query_hash", "key_id", "_distance"]
-        for tier, table in self._tier_tables(include_cold):
-            query = (table.search(q, vector_column_name="vector").distance_type(self.metric).nprobes(nprobes)
-                     .ef(ef).limit(k).select(cols))
-            if where is not None:  # before the vector search: a post-filter would return fewer than k
-                query = query.where(where, prefilter=True)
+        tiers = [(tier, self._tier_ds(tier, table)) for tier, table in self._tier_tables(include_cold)]
+        for tier, ds in tiers:
+            if not ds.count_rows():
+                continue
+            nearest = {"column": "vector", "q": q, "k": k, "metric": self.metric, "nprobes": nprobes, "ef": ef}
             if refine:
-                query = query.refine_factor(refine)
-            res = query.to_arrow()
-            for r in res.to_pylist():
-                hits.append(Hit(r["entry_id"], float(r["_distance"]), tier, r["payload"], r["payload_kind"],
-                                r["supersedes"], r["timestamp_ns"], r["validator_key_hash"], r["query_hash"],
-                                r["key_id"]))
+                nearest["refine_factor"] = refine
+            # Before the vector search: a post-filter would return fewer than k.
+            found = ds.to_table(columns=[], with_row_id=True, nearest=nearest, filter=where, prefilter=True)
+            if not found.num_rows:
+                continue
+            # The hits' columns by row id, in the order given: cheaper than the scanner's own
+            # late materialization of the same rows (dictionary-encoded columns cost a decode each).
+            rows = ds._take_rows(found["_rowid"].to_pylist(), columns=_HIT_COLUMNS)
+            hits += [Hit(r["entry_id"], float(d), tier, r["payload"], r["payload_kind"], r["supersedes"],
+                         r["timestamp_ns"], r["validator_key_hash"], r["query_hash"], r["key_id"])
+                     for r, d in zip(rows.to_pylist(), found["_distance"].to_pylist())]
         if not history:
-            hits = self._newest(q, hits, include_cold)
+            hits = self._newest(q, hits, tiers)
         hits.sort(key=lambda h: h.distance)
         hits = hits[:k]
         if record_access:
@@ -752,16 +765,47 @@ class LongTermStore:
             out[i, :len(d)] = 1.0 - d
         return out
 
-    def _newest(self, q: np.ndarray, hits: list[Hit], include_cold: bool) -> list[Hit]:
-        """Follow each hit's ``supersedes`` links forward to the newest version."""
-        cols = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
-                "query_hash", "key_id", "vector"]
+    def _tier_ds(self, tier: str, table):
+        """The tier's lance dataset at its latest version (a version check; reopened only when
+        a writer committed). Each version's object is shared and never moved to another."""
+        with self._search_lock:
+            ds = self._search_ds.get(tier)
+            if ds is None:
+                ds = self._search_ds[tier] = table.to_lance()
+            else:
+                latest = ds.latest_version
+                if latest != ds.version:
+                    ds = self._search_ds[tier] = ds.checkout_version(latest)
+            return ds
+
+    def _edits_in(self, tier: str, ds) -> bool:
+        """Whether any row of this version may supersede another: if none does, a search
+        needs no edit lookup. Rows are only appended (in new fragments) or deleted, so a new
+        version is checked in the fragments the last one checked did not have; once an edit
+        is seen the answer stays yes."""
+        with self._search_lock:
+            seen = self._has_edits.get(tier)  # (version, fragment ids, found)
+        if seen is not None and (seen[0] == ds.version or seen[2]):
+            return seen[2]
+        fragments = ds.get_fragments()
+        new = [f for f in fragments if seen is None or f.fragment_id not in seen[1]]
+        found = bool(new) and ds.scanner(columns=[], with_row_id=True, filter="supersedes IS NOT NULL",
+                                         fragments=new, limit=1).to_table().num_rows > 0
+        with self._search_lock:
+            self._has_edits[tier] = (ds.version, {f.fragment_id for f in fragments}, found)
+        return found
+
+    def _newest(self, q: np.ndarray, hits: list[Hit], tiers: list) -> list[Hit]:
+        """Follow each hit's ``supersedes`` links forward to the newest version, in the
+        versions of the tiers the search read."""
+        tiers = [(tier, ds) for tier, ds in tiers if self._edits_in(tier, ds)]
         successor: dict[str, tuple[str, dict]] = {}  # entry id -> (tier, row of its newest direct edit)
-        frontier = [h.entry_id for h in hits]
+        frontier = [h.entry_id for h in hits] if tiers else []
         while frontier:
             found = []
-            for tier, table in self._tier_tables(include_cold):
-                for r in self._read(table, cols, _ids_predicate(frontier, "supersedes")).to_pylist():
+            for tier, ds in tiers:
+                for r in ds.to_table(columns=_HIT_COLUMNS + ["vector"],
+                                     filter=_ids_predicate(frontier, "supersedes")).to_pylist():
                     old = successor.get(r["supersedes"])
                     if old is None or (r["timestamp_ns"], r["entry_id"]) > (old[1]["timestamp_ns"], old[1]["entry_id"]):
                         successor[r["supersedes"]] = (tier, r)
@@ -1093,12 +1137,16 @@ class LongTermStore:
                                             for tier, table in self._tier_tables(True)])
         pool.shutdown(wait=False)
         heads = self._tree_heads()
-        logt = self._log()
-        leaf_hashes = logt["leaf_hash"].to_pylist()
-        log_ids = logt["entry_id"].to_pylist()
-        if logt["leaf_index"].to_pylist() != list(range(len(leaf_hashes))):
+        logt = self._read(self._tables["merkle_log"])
+        positions = logt["leaf_index"].combine_chunks().to_numpy(zero_copy_only=False)
+        if len(positions) and not (np.diff(positions) > 0).all():
+            logt = logt.take(np.argsort(positions, kind="stable"))
+            positions = np.sort(positions, kind="stable")
+        if not np.array_equal(positions, np.arange(len(positions))):
             report.log_failures.append("merkle_log indices are not 0..n-1 in order: leaves were removed or added")
-        tree = MerkleTree(leaf_hashes)
+        leaf_col = logt["leaf_hash"].combine_chunks()
+        log_ids = logt["entry_id"].combine_chunks()
+        tree = MerkleTree(leaf_col.to_pylist())
         for sth, _ in heads:
             try:
                 sth.verify(self.keyring)
@@ -1119,36 +1167,117 @@ class LongTermStore:
                 self.store_id, self.keyring, tree, heads[-1][0] if heads else None, witnessed)
         size = latest.tree_size if latest else 0
         report.tree_size = size
-        index_of = {eid: i for i, eid in enumerate(log_ids)}
-        if len(index_of) != len(log_ids):
-            report.log_failures.append("an entry id appears twice in the merkle_log")
-        seen: set[str] = set()
-        for tier, checked, failed in rows_checked.result():
-            report.failures.extend(failed)
-            report.rows_checked += len(checked) + len(failed)
-            seen.update(f.entry_id for f in failed)
-            for eid, lh in checked:
-                if eid in seen and tier == "cold":
-                    continue  # mid-demotion: the same verified entry in both tiers
-                if eid in seen:
-                    report.failures.append(RowFailure(eid, tier, "entry id appears twice in the table"))
-                    continue
-                seen.add(eid)
-                i = index_of.get(eid)
-                if i is None:
-                    report.failures.append(RowFailure(eid, tier, "not in the Merkle log"))
-                elif i >= size:
-                    report.failures.append(RowFailure(eid, tier, f"leaf {i} is not covered by the latest signed "
-                                                                 f"tree head (size {size})"))
-                elif lh != leaf_hashes[i]:
-                    report.failures.append(RowFailure(eid, tier, f"row does not match Merkle leaf {i}: its bytes "
-                                                                 "were changed after it was signed and logged"))
-        removed = self._approved_removals(report) | self._attested_purges(report)
-        for eid in log_ids[:size]:
-            if eid not in seen and eid not in removed:
-                report.failures.append(RowFailure(eid, "missing", "logged entry has no row and no approved removal"))
+        results = rows_checked.result()
+        log_leaves = fixed_width(leaf_col, 32)  # None if a stored leaf is not 32 bytes: compared one by one
+        log_hex = fixed_width(log_ids, 64)
+        log_index = _HexIndex(log_hex) if log_hex is not None else None
+        indexes = [_HexIndex(hexed) for _, hexed, _, _ in results] if log_index and log_index.exact else []
+        if indexes and all(i.exact for i in indexes):
+            # No id twice in the log or in a tier (and no two sharing 64 bits): sorted lookups.
+            unseen_at = self._match_sorted(report, results, indexes, log_index, log_leaves, leaf_col, size)
+            removed = self._approved_removals(report) | self._attested_purges(report)
+            for r in unseen_at:
+                eid = bytes(log_hex[r]).decode()
+                if eid not in removed:
+                    report.failures.append(RowFailure(eid, "missing", "logged entry has no row and no approved "
+                                                                       "removal"))
+        else:
+            self._match_arrow(report, results, log_ids, log_leaves, leaf_col, size)
         report.seconds = time.monotonic() - started
         return report
+
+    @staticmethod
+    def _row_failures(tier: str, hexed: np.ndarray, rows: np.ndarray, where: np.ndarray, leaves: np.ndarray,
+                      log_leaves: np.ndarray | None, leaf_col, size: int) -> list[tuple[int, RowFailure]]:
+        """The failures of rows ``rows`` (not seen before), ``where`` their leaf index (-1: not logged)."""
+        def eid(r) -> str:
+            return bytes(hexed[r]).decode()
+
+        logged = where >= 0
+        found = [(int(r), RowFailure(eid(r), tier, "not in the Merkle log")) for r in rows[~logged]]
+        late = logged & (where >= size)
+        found += [(int(r), RowFailure(eid(r), tier, f"leaf {i} is not covered by the latest signed tree head "
+                                                    f"(size {size})")) for r, i in zip(rows[late], where[late])]
+        inside = logged & ~late
+        r_in, i_in = rows[inside], where[inside]
+        if log_leaves is not None:
+            differs = (leaves[r_in] != log_leaves[i_in]).any(1)
+        else:
+            differs = np.array([bytes(leaves[r]) != leaf_col[int(i)].as_py() for r, i in zip(r_in, i_in)], bool)
+        found += [(int(r), RowFailure(eid(r), tier, f"row does not match Merkle leaf {i}: its bytes were changed "
+                                                    "after it was signed and logged"))
+                  for r, i in zip(r_in[differs], i_in[differs])]
+        return found
+
+    def _match_sorted(self, report: VerifyReport, results, indexes, log_index, log_leaves, leaf_col,
+                      size: int) -> np.ndarray:
+        """Match each tier's checked rows to the log (ids unique everywhere); return the log
+        positions below ``size`` that no row and no failing row accounts for."""
+        kept: list[_HexIndex] = []  # the rows of earlier tiers
+        failing: set[str] = set()
+        for (tier, hexed, leaves, failed), index in zip(results, indexes):
+            report.failures.extend(failed)
+            report.rows_checked += len(hexed) + len(failed)
+            failing |= {f.entry_id for f in failed}
+            again = np.zeros(len(hexed), bool)
+            for k in kept:
+                again |= k.find(hexed) >= 0
+            hit = index.find(_hex_of(failing))
+            again[hit[hit >= 0]] = True
+            found = []
+            if tier != "cold":  # in the cold tier: mid-demotion, the same verified entry in both tiers
+                found += [(int(r), RowFailure(bytes(hexed[r]).decode(), tier, "entry id appears twice in the table"))
+                          for r in np.flatnonzero(again)]
+            rows = np.flatnonzero(~again)
+            found += self._row_failures(tier, hexed, rows, log_index.find(hexed[rows]), leaves, log_leaves, leaf_col,
+                                        size)
+            report.failures.extend(f for _, f in sorted(found, key=lambda x: x[0]))
+            kept.append(index if len(rows) == len(hexed) else _HexIndex(hexed[rows]))
+        covered = log_index.hexed[:size]
+        seen = np.zeros(len(covered), bool)
+        for k in kept:
+            seen |= k.find(covered) >= 0
+        hit = log_index.find(_hex_of(failing))
+        seen[hit[(hit >= 0) & (hit < size)]] = True
+        return np.flatnonzero(~seen)
+
+    def _match_arrow(self, report: VerifyReport, results, log_ids, log_leaves, leaf_col, size: int) -> None:
+        """The general match, in Arrow hash lookups: ids may be logged or stored twice."""
+        n_log = len(log_ids)
+        if pc.count_distinct(log_ids, mode="all").as_py() != n_log:
+            report.log_failures.append("an entry id appears twice in the merkle_log")
+        # The last occurrence, should an id be logged twice.
+        log_reversed = log_ids[::-1]
+        seen: list[pa.Array] = []
+        for tier, hexed, leaves, failed in results:
+            report.failures.extend(failed)
+            report.rows_checked += len(hexed) + len(failed)
+            m = len(hexed)
+            ids = pa.Array.from_buffers(pa.string(), m, [None, pa.py_buffer(np.arange(0, 64 * m + 1, 64, np.int32)),
+                                                         pa.py_buffer(np.ascontiguousarray(hexed))])
+            seen.append(pa.array([f.entry_id for f in failed], pa.string()))
+            before = pa.concat_arrays(seen)
+            again = ((pc.index_in(ids, value_set=ids).to_numpy(zero_copy_only=False) != np.arange(m))
+                     | pc.is_in(ids, value_set=before).to_numpy(zero_copy_only=False))
+            found: list[tuple[int, RowFailure]] = []
+            if tier != "cold":  # in the cold tier: mid-demotion, the same verified entry in both tiers
+                found += [(int(r), RowFailure(ids[int(r)].as_py(), tier, "entry id appears twice in the table"))
+                          for r in np.flatnonzero(again)]
+            rows = np.flatnonzero(~again)
+            seen.append(ids.take(pa.array(rows)))
+            at = pc.index_in(seen[-1], value_set=log_reversed)
+            where = np.where(at.is_valid().to_numpy(zero_copy_only=False),
+                             n_log - 1 - at.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64), -1)
+            found += self._row_failures(tier, hexed, rows, where, leaves, log_leaves, leaf_col, size)
+            report.failures.extend(f for _, f in sorted(found, key=lambda x: x[0]))
+        removed = self._approved_removals(report) | self._attested_purges(report)
+        covered = log_ids[:size]
+        everything = pa.concat_arrays(seen) if seen else pa.array([], pa.string())
+        unseen = np.flatnonzero(~pc.is_in(covered, value_set=everything).to_numpy(zero_copy_only=False))
+        for r in unseen:
+            eid = covered[int(r)].as_py()
+            if eid not in removed:
+                report.failures.append(RowFailure(eid, "missing", "logged entry has no row and no approved removal"))
 
     def _approved_removals(self, report: VerifyReport) -> set[str]:
         removed: set[str] = set()
@@ -1229,15 +1358,16 @@ class LongTermStore:
             return _verify_fragments(ds.uri, self._opts_for(tier), frags, tier, self.store_id,
                                      [k.raw for k in self.keyring], self.dim, full)
         chunks = [frags[i::workers] for i in range(workers)]
-        checked, failed = [], []
+        ids, leaves, failed = [], [], []
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for c, f in pool.map(_verify_fragments, [ds.uri] * workers, [self._opts_for(tier)] * workers, chunks,
-                                 [tier] * workers, [self.store_id] * workers,
-                                 [[k.raw for k in self.keyring]] * workers, [self.dim] * workers,
-                                 [full] * workers):
-                checked += c
+            for c, lh, f in pool.map(_verify_fragments, [ds.uri] * workers, [self._opts_for(tier)] * workers, chunks,
+                                     [tier] * workers, [self.store_id] * workers,
+                                     [[k.raw for k in self.keyring]] * workers, [self.dim] * workers,
+                                     [full] * workers):
+                ids.append(c)
+                leaves.append(lh)
                 failed += f
-        return checked, failed
+        return np.concatenate(ids), np.concatenate(leaves), failed
 
     def _opts_for(self, tier: str) -> dict[str, str]:
         return self.cold_storage_options if tier == "cold" else self.storage_options
@@ -1274,34 +1404,58 @@ def check_witnessed(store_id: str, keyring: KeyRing, tree: MerkleTree, newest: S
     return n, failures + ([behind] if behind else [])
 
 
+def hashed_rows(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing,
+                dim: int) -> tuple[np.ndarray, np.ndarray, list[RowFailure]] | None:
+    """The checks of ``check_table(signatures=False)`` as matrices: the hex ids ([m, 64]
+    uint8) and leaf hashes ([m, 32]) of the rows whose id and key binding hold, in row
+    order, and the failures of the others. None where a row is malformed (a missing vector
+    or a field of the wrong type): ``check_table`` then names it."""
+    vec = rows["vector"].combine_chunks()
+    if vec.null_count:
+        return None
+    flat = vec.values.to_numpy(zero_copy_only=False).reshape(-1, dim) if len(vec) else np.zeros((0, dim), np.float32)
+    try:
+        ids, leaves = arrow_leaves(store_id, rows, flat)
+    except (TypeError, ValueError, AttributeError, pa.ArrowException):
+        return None
+    n = rows.num_rows
+    hexed = hex_rows(ids)
+    computed = pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(np.arange(0, 64 * n + 1, 64, dtype=np.int32)),
+                                                      pa.py_buffer(hexed)])
+    stored = rows["entry_id"].combine_chunks()
+    id_ok = pc.equal(stored, computed).fill_null(False).to_numpy(zero_copy_only=False)
+    key_hashes = {k.key_id: domain_hash("memstream.key.v1", k.raw).hex() for k in keyring}
+    kid = rows["key_id"].combine_chunks().dictionary_encode()
+    expected = pc.take(pa.array([key_hashes.get(k) for k in kid.dictionary.to_pylist()], pa.string()), kid.indices)
+    key_ok = pc.equal(expected, rows["validator_key_hash"].combine_chunks()).fill_null(False).to_numpy(
+        zero_copy_only=False)
+    failed = []
+    for i in np.flatnonzero(~(id_ok & key_ok)):
+        sid, k = stored[int(i)].as_py(), kid[int(i)].as_py()
+        if not id_ok[i]:
+            failed.append(RowFailure(str(sid), tier, "VerificationError: entry id does not match the entry's content"))
+        else:
+            failed.append(RowFailure(str(sid), tier, f"SignatureError: key {k} is not a validator key of the ring, "
+                                                     "or the provenance names another validator"))
+    ok = id_ok & key_ok
+    return hexed[ok], leaves[ok], failed
+
+
 def check_table(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing, dim: int,
                 signatures: bool = True) -> tuple[list[tuple[str, bytes]], list[RowFailure]]:
     """Verify rows of an entries table: (entry id, leaf hash) of the good ones, and failures.
     ``signatures=False`` checks ids and key bindings only: the caller then matches each leaf
     against a signed tree head."""
+    if not signatures:
+        fast = hashed_rows(rows, tier, store_id, keyring, dim)
+        if fast is not None:
+            hexed, leaves, failed = fast
+            return [(bytes(h).decode(), bytes(lh)) for h, lh in zip(hexed, leaves)], failed
     checked, failed = [], []
     key_hashes = {k.key_id: domain_hash("memstream.key.v1", k.raw).hex() for k in keyring}
     cols = {c: rows[c].to_pylist() for c in ROW_COLUMNS if c != "vector"}
     vec = rows["vector"].combine_chunks()
     flat = vec.values.to_numpy(zero_copy_only=False).reshape(-1, dim) if len(vec) else np.zeros((0, dim), np.float32)
-    if not signatures and not vec.null_count:
-        try:
-            leaves = table_leaves(store_id, cols, flat)
-        except (TypeError, ValueError, AttributeError):
-            leaves = None  # a malformed row: the row-by-row path below names it
-        if leaves is not None:
-            for (eid, lh), stored_id, kid, vkh in zip(leaves, cols["entry_id"], cols["key_id"],
-                                                     cols["validator_key_hash"]):
-                if eid != stored_id:
-                    failed.append(RowFailure(str(stored_id), tier, "VerificationError: entry id does not match the "
-                                                                   "entry's content"))
-                elif key_hashes.get(kid) != vkh:
-                    failed.append(RowFailure(str(stored_id), tier, f"SignatureError: key {kid} is not a validator key "
-                                                                   "of the ring, or the provenance names another "
-                                                                   "validator"))
-                else:
-                    checked.append((eid, lh))
-            return checked, failed
     for i in range(rows.num_rows):
         eid = cols["entry_id"][i]
         try:
@@ -1328,19 +1482,68 @@ def check_table(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing, dim:
 
 def _verify_fragments(uri: str, storage_options: dict[str, str], fragment_ids: list[int], tier: str,
                       store_id: str, raw_keys: list[bytes], dim: int, full: bool = True):
-    """Runs in a worker process too: opens the dataset itself and checks its fragments."""
+    """Runs in a worker process too: opens the dataset itself and checks its fragments.
+    Returns the good rows as matrices (hex ids [m, 64] uint8, leaf hashes [m, 32]), which
+    cross the process boundary as two buffers, and the failures."""
     import lance
 
     ds = lance.dataset(uri, storage_options=storage_options or None)
     keyring = KeyRing([VerifyKey(k) for k in raw_keys])
-    checked, failed = [], []
+    ids, leaves, failed = [np.zeros((0, 64), np.uint8)], [np.zeros((0, 32), np.uint8)], []
     for fid in fragment_ids:
         frag = ds.get_fragment(fid)
-        for batch in frag.to_batches(columns=ROW_COLUMNS, batch_size=8192):
-            c, f = check_table(pa.Table.from_batches([batch]), tier, store_id, keyring, dim, full)
-            checked += c
-            failed += f
-    return checked, failed
+        for batch in frag.to_batches(columns=ROW_COLUMNS, batch_size=65536):
+            rows = pa.Table.from_batches([batch])
+            fast = None if full else hashed_rows(rows, tier, store_id, keyring, dim)
+            if fast is None:
+                c, f = check_table(rows, tier, store_id, keyring, dim, full)
+                fast = (np.frombuffer("".join(e for e, _ in c).encode(), np.uint8).reshape(-1, 64),
+                        np.frombuffer(b"".join(lh for _, lh in c), np.uint8).reshape(-1, 32), f)
+            ids.append(fast[0])
+            leaves.append(fast[1])
+            failed += fast[2]
+    return np.concatenate(ids), np.concatenate(leaves), failed
+
+
+class _HexIndex:
+    """Exact lookups among many ids of 64 hex digits ([n, 64] uint8), by a sort on their first
+    16 digits, each match confirmed on all 64. ``exact`` is False when two ids share those
+    digits (the same id twice, or a made-up one): lookups could then miss one of them."""
+
+    def __init__(self, hexed: np.ndarray):
+        self.hexed = hexed
+        key = _prefix_keys(hexed)
+        self.order = np.argsort(key, kind="stable")
+        self.sorted = key[self.order]
+        self.exact = not (np.diff(self.sorted) == 0).any()
+
+    def find(self, hexed: np.ndarray) -> np.ndarray:
+        """The index of each id among these, -1 where absent."""
+        if not len(self.sorted) or not len(hexed):
+            return np.full(len(hexed), -1, np.int64)
+        key = _prefix_keys(hexed)
+        pos = np.minimum(np.searchsorted(self.sorted, key), len(self.sorted) - 1)
+        at = self.order[pos]
+        hit = (self.sorted[pos] == key) & (self.hexed[at] == hexed).all(1)
+        return np.where(hit, at, -1)
+
+
+_NIBBLE = np.zeros(256, np.uint8)
+_NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def _prefix_keys(hexed: np.ndarray) -> np.ndarray:
+    """The first 16 digits of each id as one integer (any other byte counts as 0: a match is
+    confirmed on every digit, and a shared key makes the index inexact)."""
+    nib = _NIBBLE[hexed[:, :16]]
+    head = np.ascontiguousarray((nib[:, 0::2] << 4) | nib[:, 1::2])
+    return head.view(">u8").reshape(-1).astype(np.uint64)
+
+
+def _hex_of(ids: Iterable[str]) -> np.ndarray:
+    """The ids that are 64 lower-case hex digits, as an [n, 64] uint8 matrix."""
+    good = [i for i in ids if isinstance(i, str) and _ID.fullmatch(i)]
+    return np.frombuffer("".join(good).encode(), np.uint8).reshape(-1, 64)
 
 
 _INDEX_KINDS = {"IvfFlat": "ivf_flat", "IvfHnswSq": "ivf_hnsw_sq", "IvfPq": "ivf_pq", "IvfSq": "ivf_sq"}
