@@ -55,7 +55,7 @@ from memstream.pipelines.log import LogReader, close_readers
 from memstream.schemas.records import DeadLetterReason, DeadLetterRecord, SessionEvent, SummaryRecord
 from memstream.settings import (BATCH_SIZE, DEADLETTER_TOPIC, HORIZON, IDLE_TIMEOUT_S, LATENTS_TOPIC,
                                 MAX_MESSAGE_BYTES, MAX_WINDOW_BYTES, PIPELINE_GROUP, SUMMARIES_TOPIC, WINDOW)
-from memstream.wire.codec import ChunkMeta, LatentChunk, decode, to_float32
+from memstream.wire.codec import ChunkMeta, LatentChunk, decode, seal_tokens, to_float32
 from memstream.wire.deadletter import fit_dead_letter
 from memstream.wire.validation import Verdict
 
@@ -90,6 +90,16 @@ class EpisodicConfig:
     max_window_bytes: int = MAX_WINDOW_BYTES
     epoch: int = 0  # taken by run(); the Commit step stops when a newer one exists
     discover_s: float = 30.0
+    master_key_file: str | None = None  # opens sealed chunks with the store's key table
+
+    def data_keys(self):
+        """The store's key table, or None without a master key (sealed chunks are then dead letters)."""
+        if not self.master_key_file:
+            return None
+        from memstream.crypto.datakeys import MasterKey
+        from memstream.storage.keytable import KeyTable
+
+        return KeyTable(self.store_uri, self.storage_options, MasterKey.from_file(self.master_key_file))
 
     def signing_key(self) -> SigningKey:
         if self.key_file:
@@ -244,10 +254,11 @@ class Decode(beam.DoFn):
 
         self._log = LogReader(self.config.bootstrap)
         self._limits = operator_limits(load_compressor(self.config.checkpoint))
+        self._keys = self.config.data_keys()
     def process(self, rec: KafkaRecord):
         self._log.remember(rec.topic, rec.partition, rec.offset, rec.value)
         try:
-            record = decode(rec.key, rec.value)
+            record = decode(rec.key, rec.value, keys=self._keys)
             if isinstance(record, LatentChunk):
                 self._check(record)
                 record = record.meta()
@@ -442,6 +453,7 @@ class Summarise(beam.DoFn):
     def setup(self):
         self._log = LogReader(self.config.bootstrap)
         self._compress = WindowCompressor(self.config)
+        self._keys = self.config.data_keys()
         self._operator_ms = Metrics.distribution(NS, "operator_ms")
 
     def start_bundle(self):
@@ -471,7 +483,7 @@ class Summarise(beam.DoFn):
         values = self._log.values(self.config.latents_topic, positions)
         parts = []
         for p in window.pieces:
-            chunk = decode(window.session_id.encode(), values[p.ref])
+            chunk = decode(window.session_id.encode(), values[p.ref], keys=self._keys)
             parts.append(to_float32(chunk.array()[p.start:p.start + p.count], chunk.dtype))
         return np.concatenate(parts)
 
@@ -546,6 +558,7 @@ class Commit(beam.DoFn):
     def setup(self):
         self._store = self.config.store()
         self._key = self.config.signing_key()
+        self._keys = self.config.data_keys()
         self._log = LogReader(self.config.bootstrap)
         self._sink_ms = Metrics.distribution(NS, "sink_ms")
         self._sealed = Metrics.counter(NS, "summaries_stored")
@@ -618,10 +631,13 @@ class Commit(beam.DoFn):
 
     def _seal(self, m: Compressed, prev_hash: bytes) -> SummaryRecord:
         w = m.window
+        tokens = m.tokens  # sealed under the session's data key when the store has a key table
+        if self._keys is not None:
+            tokens = seal_tokens(w.session_id, w.window_index, tokens, *self._keys.session_key(w.session_id))
         return seal(SummaryRecord(
             schema_version=SummaryRecord.SCHEMA_VERSION, session_id=w.session_id, window_index=w.window_index,
             seq_start=w.seq_start, seq_end=w.seq_end, cut=w.cut, token_count=m.token_count, dim=m.dim,
-            tokens_dtype="fp16", tokens=m.tokens, operator_version=m.operator_version, producer_id=w.producer_id,
+            tokens_dtype="fp16", tokens=tokens, operator_version=m.operator_version, producer_id=w.producer_id,
             latents_dtype=w.latents_dtype, latent_dim=w.latent_dim, event_time_us=w.event_time_us,
             prev_hash=prev_hash, hash=b"", signature=b"", key_id=""), self._key)
 
