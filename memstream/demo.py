@@ -61,7 +61,7 @@ def run(sessions: int = 3, keep: bool = False) -> int:
         key = SigningKey.generate()
         write_key_file(key_file, key, "validator")
         master_key_file = MasterKey.generate().write(root / "master.key")
-        keys = KeyTable(str(root / "episodic"), None, MasterKey.from_file(master_key_file))
+        keys = KeyTable.open(str(root / "episodic"), None, str(master_key_file))
 
         corpus = text_latents.corpus_texts()
         names = [n for n in DEMO_TEXTS if n in corpus][:sessions]

@@ -96,10 +96,9 @@ class EpisodicConfig:
         """The store's key table, or None without a master key (sealed chunks are then dead letters)."""
         if not self.master_key_file:
             return None
-        from memstream.crypto.datakeys import MasterKey
         from memstream.storage.keytable import KeyTable
 
-        return KeyTable(self.store_uri, self.storage_options, MasterKey.from_file(self.master_key_file))
+        return KeyTable.open(self.store_uri, self.storage_options, self.master_key_file)
 
     def signing_key(self) -> SigningKey:
         if self.key_file:

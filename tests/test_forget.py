@@ -16,16 +16,19 @@ from memstream.crypto.keys import KeyRing, SigningKey
 from memstream.episodic.chain import verify_chain
 from memstream.episodic.ledger import ReadLedger
 from memstream.errors import ConfigError, KeyDestroyedError
+from memstream.longterm.entry import session_subject, subject_hash
+from memstream.longterm.store import LongTermStore
+from memstream.maintenance.consolidate import consolidate_sessions
 from memstream.maintenance.forget import forget_session, scan_locations
 from memstream.maintenance.scan import Markers
 from memstream.operators.checkpoint import load_compressor
 from memstream.read.memory import Memory
-from memstream.schemas.records import LatentChunkHeader
+from memstream.schemas.records import HEADER_SIZE, LatentChunkHeader
 from memstream.sdk import Publisher
-from memstream.settings import WINDOW
+from memstream.settings import CHUNK_BYTES, WINDOW
 from memstream.storage.keytable import KeyTable
 from memstream.topics import read_summaries
-from memstream.wire.codec import LatentChunk, decode, summary_tokens, tokens_sealed
+from memstream.wire.codec import SEALED_EXTRA, LatentChunk, decode, summary_tokens, tokens_sealed
 from tests.test_episodic import checkpoint, dead_letters, key_file, make_config, prism  # noqa: F401 (fixtures)
 
 CHUNK = 700
@@ -81,9 +84,19 @@ def test_forget_reaches_the_kafka_logs_the_store_the_ledger_and_the_key_table(
     model = load_compressor(checkpoint)
     with Memory(config.store_uri, model=model, keyring=ring, keys=keys) as memory:
         for sid in "AB":
-            assert memory.read(data[sid][5], sid, k=2, route="episodic").fragments
+            assert memory.read(data[sid][5], sid, k=1, route="episodic").fragments
     with ReadLedger(config.store_uri) as ledger:
         assert ledger.query_count("A") == 1
+    # Consolidation copies the most-read summaries of A and B to long-term memory, bound to
+    # each session's forget subject.
+    validator = config.signing_key()
+    lt = LongTermStore(str(tmp_path / "ltm"), keyring=ring, signer=validator)
+    slept = consolidate_sessions(config.store_uri, None, lt, key=SigningKey.generate(), retention_s=1e9,
+                                 closed=["A", "B"], keys=keys)
+    entry_ids = {sid: slept["sessions"][sid]["entry_ids"] for sid in "AB"}
+    assert all(len(ids) == 1 for ids in entry_ids.values())
+    (_, a_entry), = lt.get(entry_ids["A"]).values()
+    assert a_entry.forget_subject == subject_hash(session_subject("A"))
 
     a_key = keys.data_key(session_key_id("A"))
     markers = Markers()
@@ -91,6 +104,7 @@ def test_forget_reaches_the_kafka_logs_the_store_the_ledger_and_the_key_table(
         markers.add_with_base64(data["A"][i:i + CHUNK].tobytes())  # each chunk's plaintext payload
     for t in tokens["A"]:
         markers.add_with_base64(t.astype("<f2").tobytes())  # base64: in JSON on the summaries topic
+    markers.add_with_base64(np.asarray(a_entry.vector, "<f4").tobytes())
     markers.add_with_base64(a_key)
     markers.add_with_base64(keys.wrapped(session_key_id("A")))
     assert markers.skipped == 0
@@ -99,12 +113,17 @@ def test_forget_reaches_the_kafka_logs_the_store_the_ledger_and_the_key_table(
     for r in records["B"]:
         control.add_with_base64(r.tokens)
     logs = stack.kafka_log_dirs()
-    where = {"kafka_log_dirs": logs, "stores": [(config.store_uri, None)]}
-    before = scan_locations(markers, **where)
-    assert before.hits  # the scan finds A's wrapped key, in the key table, before forgetting
+    where = {"kafka_log_dirs": logs, "stores": [(config.store_uri, None), (lt.uri, None)]}
+    before = {f for f, _ in scan_locations(markers, **where).hits}
+    # Before forgetting, the scan finds A's wrapped key in the key table, and A's tokens in
+    # the long-term entry that consolidation wrote.
+    assert any("_datakeys" in f for f in before) and any(f.startswith(lt.uri) for f in before), before
 
-    out = forget_session(config.store_uri, None, "A", keys=keys, key=SigningKey.generate())
+    out = forget_session(config.store_uri, None, "A", keys=keys, key=SigningKey.generate(), longterm=lt,
+                         longterm_key=validator)
     assert out["key_destroyed"] and out["summaries_removed"] == 2 and out["record"]["reason"] == "forgotten"
+    assert out["longterm"]["entries"] == 1 and lt.get(entry_ids["A"]) == {} and len(lt.get(entry_ids["B"])) == 1
+    assert lt.verify().ok
 
     def assert_gone():
         report = scan_locations(markers, **where)
@@ -120,7 +139,8 @@ def test_forget_reaches_the_kafka_logs_the_store_the_ledger_and_the_key_table(
     # Nothing sealed under A's key opens any more, through any key table of the store.
     fresh = KeyTable(config.store_uri, None, MasterKey.from_file(master_key_file))
     chunks = [v for v in _latents_records(config, "A") if v[:4] == b"MSLT"]
-    assert len(chunks) == -(-len(data["A"]) // CHUNK)
+    per_chunk = (CHUNK_BYTES - HEADER_SIZE - SEALED_EXTRA) // (384 * 4)  # a publish of 700 makes two chunks
+    assert len(chunks) == sum(-(-len(data["A"][i:i + CHUNK]) // per_chunk) for i in range(0, len(data["A"]), CHUNK))
     for v in chunks:
         with pytest.raises(KeyDestroyedError):
             decode(b"A", v, keys=fresh)
@@ -164,3 +184,27 @@ def test_a_sealed_chunk_header_is_bound_to_its_ciphertext(tmp_path):
     moved = prefix + chunk_crc(prefix, value[HEADER.size:]).to_bytes(4, "little") + value[HEADER.size:]
     with pytest.raises(ChecksumError, match="does not authenticate"):
         decode(b"S", moved, keys=keys)
+
+
+def test_the_key_table_destroys_a_key_for_good_on_local_and_s3(backend):
+    from memstream.storage.objects import iter_objects, read_object
+
+    uri, options = backend
+    master = MasterKey.generate()
+    keys, other = KeyTable(uri, options, master), KeyTable(uri, options, master)
+    kid, key = keys.session_key("s")
+    assert other.session_key("s") == (kid, key) and other.subject_key("h" * 64)[1] != key
+    wrapped = keys.wrapped(kid)
+    assert key not in wrapped and len(wrapped) == 60  # nonce, 32 key bytes, tag
+    assert keys.destroy(kid) and not keys.destroy(kid)
+    objects = {k: read_object(uri, k, options) for k, _ in iter_objects(uri, options)}
+    assert not any(wrapped in body or key in body for body in objects.values())
+    assert any(k.endswith(kid.hex() + ".destroyed") for k in objects)
+    for table in (keys, other, KeyTable(uri, options, master)):  # other's cache: it re-reads after its TTL
+        table._cache.clear()
+        with pytest.raises(KeyDestroyedError):
+            table.data_key(kid)
+        with pytest.raises(KeyDestroyedError, match="forgotten"):
+            table.session_key("s")
+    with pytest.raises(ConfigError):  # another master key cannot open the others
+        KeyTable(uri, options, MasterKey.generate()).data_key(other.subject_key("h" * 64)[0])

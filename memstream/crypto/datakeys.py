@@ -49,10 +49,16 @@ def _aesgcm(key: bytes):
     return AESGCM(key)
 
 
+def encrypt(key: bytes, plaintext: bytes | memoryview, aad: bytes) -> tuple[bytes, bytes]:
+    """(random nonce, AES-256-GCM ciphertext and tag) of ``plaintext``, bound to ``aad``: the
+    parts of :func:`seal`, for a caller that writes them out without joining them first."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce, _aesgcm(key).encrypt(nonce, plaintext, aad)
+
+
 def seal(key: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
     """nonce || AES-256-GCM ciphertext and tag of ``plaintext``, bound to ``aad``."""
-    nonce = os.urandom(NONCE_BYTES)
-    return nonce + _aesgcm(key).encrypt(nonce, plaintext, aad)
+    return b"".join(encrypt(key, plaintext, aad))
 
 
 def unseal(key: bytes, sealed: bytes | memoryview, aad: bytes) -> bytes:

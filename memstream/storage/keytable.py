@@ -16,7 +16,7 @@ import threading
 import time
 
 from memstream.crypto.datakeys import MasterKey, new_data_key, session_key_id, subject_key_id
-from memstream.errors import KeyDestroyedError, KeyUnavailableError
+from memstream.errors import ConfigError, IntegrityError, KeyDestroyedError, KeyUnavailableError
 from memstream.storage.objects import object_store
 
 PREFIX = "_datakeys"
@@ -35,6 +35,11 @@ class KeyTable:
         self._master = master
         self._cache: dict[bytes, tuple[bytes, float]] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, uri: str, storage_options: dict[str, str] | None, master_key_file: str) -> "KeyTable":
+        """The key table of the store at ``uri``, unlocked by the master key in that file."""
+        return cls(uri, storage_options, MasterKey.from_file(master_key_file))
 
     @property
     def location(self) -> str:
@@ -89,7 +94,11 @@ class KeyTable:
                                         "sealed can never be read again")
             raise KeyUnavailableError(f"no data key {key_id.hex()} in the key table at {self.location}: the "
                                       "record was sealed against another store, or its key table was lost")
-        key = self._master.unwrap(key_id, wrapped)
+        try:
+            key = self._master.unwrap(key_id, wrapped)
+        except IntegrityError:
+            raise ConfigError(f"data key {key_id.hex()} at {self.location} is wrapped under another master key than "
+                              f"{self._master.key_id}: pass this store's master key file") from None
         with self._lock:
             self._cache[key_id] = (key, now)
         return key

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from memstream.crypto.datakeys import (KEY_ID_BYTES, SEALED_OVERHEAD, seal, seal_deterministic, unseal,
+from memstream.crypto.datakeys import (KEY_ID_BYTES, SEALED_OVERHEAD, encrypt, seal_deterministic, unseal,
                                        unseal_deterministic)
 
 from memstream.errors import (BadEventError, BadKeyError, BadMagicError, ChecksumError, IntegrityError,
@@ -148,10 +148,16 @@ def encode_chunk(*, producer_id: bytes, dtype: DType, dim: int, count: int, firs
     version = CHUNK_VERSION if sealed_by is None else SEALED_CHUNK_VERSION
     prefix = HEADER.pack(CHUNK_MAGIC, version, dtype, 0, dim, count, first_seq, event_time_us,
                          producer_id, 0)[:_CRC_OFFSET]
-    if sealed_by is not None:
-        session_key, key_id, data_key = sealed_by
-        payload = key_id + seal(data_key, payload, _chunk_aad(session_key, prefix, key_id))
-    return b"".join((prefix, chunk_crc(prefix, payload).to_bytes(4, "little"), payload))
+    if sealed_by is None:
+        return b"".join((prefix, chunk_crc(prefix, payload).to_bytes(4, "little"), payload))
+    import crc32c
+
+    session_key, key_id, data_key = sealed_by
+    parts = (key_id, *encrypt(data_key, payload, _chunk_aad(session_key, prefix, key_id)))
+    crc = crc32c.crc32c(prefix)
+    for part in parts:  # the CRC of the parts, without joining them twice
+        crc = crc32c.crc32c(part, crc)
+    return b"".join((prefix, crc.to_bytes(4, "little"), *parts))
 
 
 def _chunk_aad(session_key: bytes, prefix: bytes | memoryview, key_id: bytes) -> bytes:
@@ -220,7 +226,7 @@ def _decode_chunk(session_id: str, value: bytes, keys: DataKeys | None) -> Laten
     if len(value) > expected:
         raise OversizeError(f"chunk of {header.count} x {header.dim} {dtype.name} needs {expected} bytes, "
                             f"got {len(value)}: trailing bytes")
-    payload = value[HEADER_SIZE:]
+    payload = memoryview(value)[HEADER_SIZE:] if sealed else value[HEADER_SIZE:]  # sealed: opened below
     if chunk_crc(value[:_CRC_OFFSET], payload) != header.crc32c:
         raise ChecksumError(f"CRC-32C mismatch in chunk at seq {header.first_seq}: the bytes were "
                             "corrupted after publishing")
