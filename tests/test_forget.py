@@ -208,3 +208,27 @@ def test_the_key_table_destroys_a_key_for_good_on_local_and_s3(backend):
             table.session_key("s")
     with pytest.raises(ConfigError):  # another master key cannot open the others
         KeyTable(uri, options, MasterKey.generate()).data_key(other.subject_key("h" * 64)[0])
+
+
+def test_sealed_tokens_replay_byte_for_byte_and_are_bound_to_their_window(tmp_path):
+    from memstream.episodic.chain import seal
+    from memstream.errors import IntegrityError, KeyUnavailableError
+    from memstream.schemas.records import SummaryRecord
+    from memstream.wire.codec import seal_tokens
+
+    keys = KeyTable(str(tmp_path), None, MasterKey.generate())
+    kid, key = keys.session_key("s")
+    tokens = np.random.default_rng(0).standard_normal((256, 8)).astype("<f2")
+    sealed = seal_tokens("s", 0, tokens.tobytes(), kid, key)
+    assert sealed == seal_tokens("s", 0, tokens.tobytes(), kid, key) != seal_tokens("s", 1, tokens.tobytes(), kid, key)
+    assert tokens.tobytes()[:32] not in sealed and seal_tokens("s", 0, b"", kid, key) == b""
+    signer = SigningKey.generate()
+    record = seal(SummaryRecord(2, "s", 0, 0, 4096, "full", 256, 8, "fp16", sealed, "op", b"p" * 16, "fp32", 8, 1,
+                                b"", b"", b"", ""), signer)
+    assert tokens_sealed(record) and verify_chain("s", [record], KeyRing([signer])).ok  # no data key needed
+    assert np.array_equal(summary_tokens(record, keys), tokens.astype(np.float32))
+    with pytest.raises(KeyUnavailableError):
+        summary_tokens(record, None)
+    moved = dataclasses.replace(record, window_index=1)  # the same ciphertext under another window
+    with pytest.raises(IntegrityError):
+        summary_tokens(moved, keys)
