@@ -48,7 +48,7 @@ from memstream.episodic.store import EpisodicStore
 from memstream.episodic.window import CutterState, Window, WindowCutter
 from memstream.faults import crash_point
 from memstream.errors import (CollectedSessionError, ConfigError, FencedError, IntegrityError, InvalidInputError,
-                              OperatorWidthError, OutOfRangeError, PublishError, StateLostError,
+                              KeyDestroyedError, OperatorWidthError, OutOfRangeError, PublishError, StateLostError,
                               UnknownSessionError, WindowTooLargeError)
 from memstream.pipelines.kafka_io import KafkaRecord, ReadFromKafka
 from memstream.pipelines.log import LogReader, close_readers
@@ -463,7 +463,12 @@ class Summarise(beam.DoFn):
         if not window.pieces:  # a close or idle mark with no latents: nothing to compress
             yield window.last_ref[0], Compressed(start, window, b"", 0, self._dim(), self._compress.version)
             return
-        self._pending.append((window, start, self._latents(window)))
+        try:
+            latents = self._latents(window)
+        except KeyDestroyedError:  # forgotten while its window was open: nothing to compress, ever
+            yield window.last_ref[0], Compressed(start, window, b"", 0, self._dim(), self._compress.version)
+            return
+        self._pending.append((window, start, latents))
         if len(self._pending) >= self.config.batch_size:
             yield from self._flush()
 
@@ -618,9 +623,11 @@ class Commit(beam.DoFn):
         while ready:
             m = ready.pop()
             record = self._seal(m, prev)
-            work.sealed.append(record)
+            if record is not None:
+                work.sealed.append(record)
+                prev = record.hash
             progress.seal(sid, m.window.window_index, m.last_offset)
-            index, prev = m.window.window_index, record.hash
+            index = m.window.window_index
             ready = [h for h in held if h.window.session_id == sid and h.window.window_index == index + 1]
             held = [h for h in held if h not in ready]
         heads[sid] = (index, prev)
@@ -628,11 +635,15 @@ class Commit(beam.DoFn):
         for h in held:
             waiting.add(h)
 
-    def _seal(self, m: Compressed, prev_hash: bytes) -> SummaryRecord:
+    def _seal(self, m: Compressed, prev_hash: bytes) -> SummaryRecord | None:
+        """The window's signed summary; None for a session forgotten while it was in flight."""
         w = m.window
         tokens = m.tokens  # sealed under the session's data key when the store has a key table
         if self._keys is not None:
-            tokens = seal_tokens(w.session_id, w.window_index, tokens, *self._keys.session_key(w.session_id))
+            try:
+                tokens = seal_tokens(w.session_id, w.window_index, tokens, *self._keys.session_key(w.session_id))
+            except KeyDestroyedError:
+                return None
         return seal(SummaryRecord(
             schema_version=SummaryRecord.SCHEMA_VERSION, session_id=w.session_id, window_index=w.window_index,
             seq_start=w.seq_start, seq_end=w.seq_end, cut=w.cut, token_count=m.token_count, dim=m.dim,

@@ -232,3 +232,31 @@ def test_sealed_tokens_replay_byte_for_byte_and_are_bound_to_their_window(tmp_pa
     moved = dataclasses.replace(record, window_index=1)  # the same ciphertext under another window
     with pytest.raises(IntegrityError):
         summary_tokens(moved, keys)
+
+
+def test_a_window_of_a_session_forgotten_in_flight_is_never_stored(tmp_path, key_file, master_key_file):  # noqa: F811
+    from memstream.episodic.progress import PartitionProgress
+    from memstream.episodic.window import Window
+    from memstream.pipelines.episodic import Commit, Compressed, EpisodicConfig, _Work
+
+    config = EpisodicConfig(bootstrap="127.0.0.1:9", store_uri=str(tmp_path / "episodic"), key_file=key_file,
+                            master_key_file=master_key_file)
+    commit = Commit(config)
+    commit.setup()  # no Kafka client is made before a record is read or sent
+    keys = config.data_keys()
+
+    def compressed(sid: str, index: int) -> Compressed:
+        w = Window(sid, index, index * WINDOW, (index + 1) * WINDOW, "full", (), 1, b"p" * 16, "fp32", 384, (0, index))
+        return Compressed(0, w, bytes(256 * 384 * 2), 256, 384, "op")
+
+    class Bag(list):
+        add, read, clear = list.append, lambda self: list(self), list.clear
+
+    keys.session_key("gone"), keys.session_key("kept")
+    keys.destroy(session_key_id("gone"))
+    work, heads, progress = _Work(), {}, PartitionProgress(0)
+    for sid in ("gone", "kept"):
+        for index in (0, 1):
+            commit._chain(compressed(sid, index), heads, progress, work, Bag())
+    assert [(r.session_id, r.window_index) for r in work.sealed] == [("kept", 0), ("kept", 1)]
+    assert all(tokens_sealed(r) for r in work.sealed) and heads["gone"] == (1, b"")
