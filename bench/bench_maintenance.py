@@ -66,7 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
 
+    from memstream.crypto import SigningKey
     from memstream.longterm import ForgetRequest, LongTermStore
+    from memstream.longterm.entry import GovernancePolicy
     from memstream.maintenance import purge
     from memstream.maintenance.longterm import demote_stale
 
@@ -81,7 +83,9 @@ def main(argv=None) -> int:
            "machine": common.machine_info("lancedb", "pylance", "numpy")}
     try:
         _, res["store_copy_s"] = timed(lambda: shutil.copytree(source, root))
-        store = LongTermStore(str(root), keyring=KeyRing([key]), signer=key)
+        governance = SigningKey.generate()  # one of one: the purge needs its approval before it erases
+        store = LongTermStore(str(root), keyring=KeyRing([key]), signer=key,
+                              governance=GovernancePolicy(KeyRing([governance]), 1))
         res["hot_table_bytes"] = sum(files(root / "entries.lance").values())
         res["fragments"] = len(store.table("entries").to_lance().get_fragments())
         log(json.dumps({k: v for k, v in res.items() if k not in ("machine", "data")}))
@@ -107,6 +111,7 @@ def main(argv=None) -> int:
         steps = {}
         before = files(root)
         planned, steps["plan_s"] = timed(lambda: purge.plan(store))
+        _, steps["approve_s"] = timed(lambda: purge.approve(store, planned["purge_id"], governance))
         erased, steps["erase_s"] = timed(lambda: purge.erase(store, planned["purge_id"]))
         after_erase = files(root)
         scanned, steps["scan_s"] = timed(lambda: purge.check(store, planned["purge_id"]))

@@ -9,8 +9,8 @@ whole store, and read latency with and without query-time retention.
   leaves hashed under the verified tree-head signatures), and ``verify(full=True)`` (every
   entry's own Ed25519 signature too) at the small size, for the per-entry cost.
 - Reads: ``Memory.read`` p50 over a session of ``--summaries`` summaries, route episodic,
-  without retention and with it (the policy and the writer on their background thread),
-  in alternating blocks of the same queries.
+  without retention and with each ``--retention`` writer (a child process at nice 10, a thread
+  of the reader), every arm in the same run, in blocks of the same queries whose order rotates.
 
     python bench/bench_memory_writes.py                  # 10k and 1M
     python bench/bench_memory_writes.py --large 200000   # a smaller second size
@@ -28,7 +28,7 @@ import numpy as np
 
 import common
 from bench_longterm import mixture, percentile
-from bench_read import build_session
+from bench_read import write_session
 
 D = 384
 
@@ -62,44 +62,66 @@ def probe_appends(store, key, probes: int, batch: int, centers, seed: int) -> di
             "appends_per_s": probes / sum(times), "entries_per_s": probes * batch / sum(times)}
 
 
+def build_session(uri: str, key, model, summaries: int, encoded: int, seed: int = 0) -> None:
+    """Session "bench" of ``summaries`` summaries: ``encoded`` compressed windows of random latents,
+    repeated with small noise (what a read costs depends on the count, not on the content)."""
+    import torch
+
+    from memstream.settings import WINDOW
+
+    rng = np.random.default_rng(seed)
+    with torch.inference_mode():
+        base = model.encode(torch.from_numpy(rng.standard_normal((encoded, WINDOW, D), dtype=np.float32))).numpy()
+    tokens = np.stack([base[w % encoded] + 0.05 * rng.standard_normal(base.shape[1:], dtype=np.float32)
+                       for w in range(summaries)]).astype(np.float16)
+    write_session(uri, key, tokens, "bench")
+
+
 def reads_with_and_without_retention(root: Path, key, model, summaries: int, queries: int, blocks: int,
-                                     mode: str = "process") -> dict:
+                                     modes: tuple[str, ...] = ("process", "thread")) -> dict:
+    """Read latency without retention and with each retention writer in ``modes``, measured in
+    the same run: blocks of the same queries, the arms' order rotating from block to block."""
     from memstream.crypto import KeyRing
     from memstream.longterm import LongTermStore
     from memstream.longterm.retention import Retention, RetentionProcess
     from memstream.read.memory import Memory
 
-    uri, lt_uri = str(root / "episodic"), str(root / "lt-reads")
+    uri = str(root / "episodic")
     build_session(uri, key, model, summaries, encoded=min(8, summaries))
     ring = KeyRing([key])
     rng = np.random.default_rng(11)
     qs = rng.standard_normal((queries, D)).astype(np.float32)
-    plain = Memory(uri, keyring=ring, model=model)
-    retention = (RetentionProcess(lt_uri, keyring=ring, signer=key) if mode == "process"
-                 else Retention(LongTermStore(lt_uri, keyring=ring, signer=key)))
-    retaining = Memory(uri, keyring=ring, model=model, retention=retention)
-    for m in (plain, retaining):  # load and cache the window once
+    arms = {"without": Memory(uri, keyring=ring, model=model)}
+    writers = {}
+    for mode in modes:
+        lt_uri = str(root / f"lt-reads-{mode}")
+        writers[mode] = (RetentionProcess(lt_uri, keyring=ring, signer=key) if mode == "process"
+                         else Retention(LongTermStore(lt_uri, keyring=ring, signer=key)))
+        arms[mode] = Memory(uri, keyring=ring, model=model, retention=writers[mode])
+    for m in arms.values():  # load and cache the window once
         m.read(qs[0], "bench", k=8, route="episodic")
-    lat = {"without": [], "with": []}
-    offer_ms = []
+    lat = {name: [] for name in arms}
+    offer_ms = {mode: [] for mode in modes}
+    names = list(arms)
     for b in range(blocks):
-        for name, m in (("without", plain), ("with", retaining)) if b % 2 == 0 else (("with", retaining),
-                                                                                      ("without", plain)):
+        for name in names[b % len(names):] + names[:b % len(names)]:
+            m = arms[name]
             for q in qs:
                 s = time.perf_counter()
                 r = m.read(q, "bench", k=8, route="episodic")
                 lat[name].append(time.perf_counter() - s)
-                if name == "with":
-                    offer_ms.append(r.timings_ms["retain_ms"])
-    plain.close()
-    retaining.close()
-    st = retention.stats
+                if name != "without":
+                    offer_ms[name].append(r.timings_ms["retain_ms"])
+    for m in arms.values():
+        m.close()
     out = {name: {"n": len(v), "p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99)} for name, v in lat.items()}
-    out["added_p50_ms"] = out["with"]["p50_ms"] - out["without"]["p50_ms"]
-    out["offer_p50_ms"] = float(np.percentile(offer_ms, 50))
-    out["retention"] = {"offered": st.offered, "kept": st.kept, "written": st.written, "batches": st.batches,
-                        "failed": st.failed}
-    out["summaries"], out["mode"] = summaries, mode
+    for mode in modes:
+        st = writers[mode].stats
+        out[mode].update({"added_p50_ms": out[mode]["p50_ms"] - out["without"]["p50_ms"],
+                          "offer_p50_ms": float(np.percentile(offer_ms[mode], 50)),
+                          "retention": {"offered": st.offered, "kept": st.kept, "written": st.written,
+                                        "batches": st.batches, "failed": st.failed}})
+    out["summaries"], out["modes"] = summaries, list(modes)
     return out
 
 
@@ -139,8 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--skip-reads", action="store_true")
     ap.add_argument("--skip-writes", action="store_true", help="only the reads with and without retention")
-    ap.add_argument("--retention", choices=["process", "thread"], default="process",
-                    help="the retention writer in its own process (nice 10) or a thread of the reader")
+    ap.add_argument("--retention", choices=["process", "thread"], nargs="+", default=["process", "thread"],
+                    help="the retention writers to measure against no retention, in the same run: in its own "
+                         "process (nice 10) and/or a thread of the reader")
     ap.add_argument("--root", default=None, help="folder of the stores (default: temporary, removed after)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
@@ -158,7 +181,7 @@ def main(argv=None) -> int:
             from memstream.operators.checkpoint import load_default
 
             res["reads"] = reads_with_and_without_retention(root, key, load_default(), args.summaries, args.queries,
-                                                            args.blocks, args.retention)
+                                                            args.blocks, tuple(args.retention))
             print("reads", res["reads"], flush=True)
     finally:
         if args.root is None:
@@ -184,12 +207,17 @@ def write_results(res: dict, out: Path) -> None:
                   f"{vf['seconds']:.1f} s ({vf['seconds'] / max(vf['rows'], 1) * 1e6:.0f} µs an entry)."]
     if "reads" in res:
         r = res["reads"]
-        lines += ["", f"Reads (route episodic, {r['summaries']} summaries, retention writer: "
-                      f"{r.get('mode', 'thread')}), same queries in alternating blocks:",
-                  f"p50 without retention {r['without']['p50_ms']:.2f} ms, with {r['with']['p50_ms']:.2f} ms "
-                  f"(added {r['added_p50_ms']:+.2f} ms; the offer itself {r['offer_p50_ms'] * 1e3:.0f} µs p50); "
-                  f"retention kept {r['retention']['kept']} of {r['retention']['offered']} in "
-                  f"{r['retention']['batches']} batches."]
+        lines += ["", f"Reads (route episodic, {r['summaries']} summaries), the same queries in blocks whose order "
+                      "rotates, every arm in the same run:", "",
+                  "| retention writer | reads | p50 ms | p99 ms | added p50 ms | offer p50 µs | kept / offered | batches |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| none | {r['without']['n']} | {r['without']['p50_ms']:.2f} | {r['without']['p99_ms']:.2f} "
+                  "| | | | |"]
+        for mode in r["modes"]:
+            a = r[mode]
+            lines.append(f"| {mode} | {a['n']} | {a['p50_ms']:.2f} | {a['p99_ms']:.2f} | {a['added_p50_ms']:+.2f} | "
+                         f"{a['offer_p50_ms'] * 1e3:.0f} | {a['retention']['kept']} / {a['retention']['offered']} | "
+                         f"{a['retention']['batches']} |")
     common.save(res, "memory-writes", lines, out)
 
 

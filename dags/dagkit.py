@@ -6,8 +6,10 @@ Defaults come from the environment at parse time (``MEMSTREAM_EPISODIC_URI``,
 ``MEMSTREAM_LONGTERM_URI``, ``MEMSTREAM_BOOTSTRAP``), else local folders under the memstream
 cache, so that scheduled runs have valid Params; a triggered run overrides any of them.
 Credentials never need to be in a run's configuration: ``storage_options_env`` names an
-environment variable holding the storage options as JSON, and the signing key is read from
-the file or environment variable that ``key_file``/``key_env`` name.
+environment variable holding the storage options as JSON, and the signing keys are read from
+the file or environment variable that ``key_file``/``key_env`` (the maintenance key) and
+``validator_key_file``/``validator_key_env`` (the validator key, for DAGs that write long-term
+entries) name. The two are distinct keys: a store refuses one key in both roles.
 """
 
 from __future__ import annotations
@@ -67,6 +69,18 @@ def key_params() -> dict[str, Param]:
     }
 
 
+def validator_key_params() -> dict[str, Param]:
+    return {
+        "validator_key_env": Param("MEMSTREAM_VALIDATOR_KEY", type=["null", "string"],
+                                   pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                   description="environment variable holding the validator Ed25519 signing key, "
+                                               "which signs long-term entries and tree heads"),
+        "validator_key_file": Param(None, type=["null", "string"], minLength=1,
+                                    description="file holding the validator signing key (wins over "
+                                                "validator_key_env)"),
+    }
+
+
 def longterm_params() -> dict[str, Param]:
     return {
         "longterm_uri": longterm_uri(),
@@ -84,6 +98,25 @@ def longterm_params() -> dict[str, Param]:
     }
 
 
+def witness_params() -> dict[str, Param]:
+    """Where the witness keeps what it cosigned and where its key is: its own folder or bucket
+    and its own credentials, never the store's."""
+    return {
+        "witness_uri": Param(None, type=["null", "string"], pattern=URI_PATTERN,
+                             description="the witness's root (its own folder or s3://bucket/prefix); "
+                                         "null: no witness"),
+        "witness_storage_options_env": Param(None, type=["null", "string"], pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                             description="environment variable holding the witness's storage "
+                                                         "options as JSON (its own credentials)"),
+        "witness_key_env": Param("MEMSTREAM_WITNESS_KEY", type=["null", "string"],
+                                 pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                 description="environment variable holding the witness's Ed25519 signing key"),
+        "witness_key_file": Param(None, type=["null", "string"], minLength=1,
+                                  description="file holding the witness key (role witness; wins over "
+                                              "witness_key_env)"),
+    }
+
+
 def bootstrap_param() -> Param:
     return Param(os.environ.get("MEMSTREAM_BOOTSTRAP"), type=["null", "string"], pattern=r"^[^\s,]+(,[^\s,]+)*$",
                  description="Kafka bootstrap servers (host:port,...); null: no Kafka")
@@ -95,21 +128,37 @@ def options(p) -> dict[str, str] | None:
     return storage_options(p.get("storage_options"), p.get("storage_options_env"))
 
 
-def signer(p, required: bool = True):
-    if not required and not (p.get("key_file") or (p.get("key_env") and os.environ.get(p["key_env"]))):
+def signer(p, required: bool = True, role: str = "maintenance"):
+    """The maintenance key (``role="validator"``: the validator key) the Params name."""
+    prefix = "" if role == "maintenance" else f"{role}_"
+    file, env = p.get(f"{prefix}key_file"), p.get(f"{prefix}key_env")
+    if not required and not (file or (env and os.environ.get(env))):
         return None
-    return signing_key(p.get("key_env"), p.get("key_file"))
+    return signing_key(env, file, role=role)
 
 
-def longterm_store(p, *, with_signer: bool = False, kafka: bool = False):
+def witness(p, log_keys):
+    """The witness the Params name, or None without ``witness_uri``."""
+    if not p.get("witness_uri"):
+        return None
+    from memstream.maintenance import open_witness
+
+    return open_witness(p["witness_uri"], storage_options(None, p.get("witness_storage_options_env")),
+                        log_keys=log_keys, key_env=p.get("witness_key_env"), key_file=p.get("witness_key_file"))
+
+
+def longterm_store(p, *, signer=None, maintenance=None, kafka: bool = False):
+    """The long-term store; ``signer`` the validator key that writes entries, ``maintenance``
+    the maintenance key whose purge attestations it accepts."""
     # Stores load pyarrow and LanceDB: inside tasks only, so that parsing a DAG file stays cheap.
     from memstream.maintenance.longterm import open_store
 
     so = options(p)
     extra = {"tree_head_topic": p["attestations_topic"]} if kafka and p.get("attestations_topic") else {}
     return open_store(p["longterm_uri"], so, keys=p.get("validator_keys") or (),
-                      signer=signer(p) if with_signer else None, cold_uri=p.get("cold_uri"), cold_storage_options=so,
+                      signer=signer, cold_uri=p.get("cold_uri"), cold_storage_options=so,
+                      maintenance_keys=[maintenance] if maintenance is not None else (),
                       kafka_bootstrap=p.get("kafka_bootstrap") if kafka else None,
-                      lease_ttl_s=max(600.0, 2 * float(p.get("lease_timeout_s", 300))),
-                      governance_keys=p.get("governance_keys") or (), governance_threshold=p.get("governance_threshold"),
+                      governance_keys=p.get("governance_keys") or (),
+                      governance_threshold=p.get("governance_threshold"),
                       **extra)

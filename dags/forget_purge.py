@@ -2,11 +2,15 @@
 erased from every file of the long-term store (data, deletion, index, old-version and
 transaction files, both tiers) with writers excluded; a final scan of all storage fails the
 run if any forgotten bytes remain; a signed attestation records the purge by hash
-(see memstream.maintenance.purge)."""
+(see memstream.maintenance.purge). Nothing is erased before M of N governance keys approved
+the plan (``purge.approve``): until then the run skips the erase, and a later run resumes it."""
 
 from __future__ import annotations
 
+from airflow.sdk.exceptions import AirflowSkipException
 from airflow.sdk import dag, task
+
+from memstream.errors import GovernanceError
 
 from memstream.dags import dagkit
 
@@ -30,7 +34,14 @@ def forget_purge():
         p = context["params"]
         if planned["purge_id"] is None:
             return {"purge_id": None}
-        return purge.erase(dagkit.longterm_store(p), planned["purge_id"], lease_timeout_s=p["lease_timeout_s"])
+        store = dagkit.longterm_store(p)
+        try:
+            purge.approved(store, planned["purge_id"])
+        except GovernanceError as e:
+            # Not yet approved by M of N: a later run resumes the plan once they have approved.
+            raise AirflowSkipException(f"purge {planned['purge_id']} awaits governance approval "
+                                       f"(`purge.approve`): {e}") from None
+        return purge.erase(store, planned["purge_id"], lease_timeout_s=p["lease_timeout_s"])
 
     @task
     def scan_storage(erased: dict, **context) -> dict:
@@ -46,8 +57,9 @@ def forget_purge():
 
         if scanned["purge_id"] is None:
             return {"purge_id": None}
-        store = dagkit.longterm_store(context["params"], with_signer=True)
-        return purge.attest(store, scanned["purge_id"], store.signer, scanned)
+        key = dagkit.signer(context["params"])  # the maintenance key; the store needs no validator key
+        store = dagkit.longterm_store(context["params"], maintenance=key)
+        return purge.attest(store, scanned["purge_id"], key, scanned)
 
     attest(scan_storage(erase(plan())))
 

@@ -21,7 +21,7 @@ from memstream.dags import dagkit
                       description="most-read summaries per session moved to long-term memory"),
          "min_reads": Param(settings.CONSOLIDATE_MIN_READS, type="integer", minimum=1,
                             description="summaries read fewer times are not moved"),
-         **dagkit.key_params(),
+         **dagkit.key_params(), **dagkit.validator_key_params(),
          "dry_run": dagkit.dry_run(),
      })
 def session_consolidation():
@@ -30,8 +30,10 @@ def session_consolidation():
         from memstream.maintenance.consolidate import consolidate_sessions
 
         p = context["params"]
+        # The maintenance key signs the consolidation records, the validator key the entries.
         key = dagkit.signer(p, required=not p["dry_run"])
-        store = dagkit.longterm_store(p, with_signer=key is not None)
+        store = dagkit.longterm_store(p, signer=dagkit.signer(p, required=not p["dry_run"], role="validator"),
+                                      maintenance=key)
         try:
             return consolidate_sessions(p["episodic_uri"], dagkit.options(p), store, key=key,
                                         retention_s=p["retention_hours"] * 3600, top=p["top"],

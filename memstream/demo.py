@@ -156,13 +156,16 @@ def cross_session_recall(store_uri: str, longterm_uri: str, key: SigningKey, kep
           f"in {st.batches} batch(es) off the read path")
     episodic = EpisodicStore(store_uri)
     windows = {r.window_index: r for r in episodic.records(a)}
-    slept = consolidate_sessions(store_uri, None, writer, key=key, retention_s=1e9, closed=[a], keys=keys)
+    # The sleep and GC sign their records with a maintenance key of their own: the validator key
+    # signs summaries and long-term entries, and one key never serves two roles.
+    maintenance = SigningKey.generate()
+    slept = consolidate_sessions(store_uri, None, writer, key=maintenance, retention_s=1e9, closed=[a], keys=keys)
     record = episodic.consolidation(a)
     distilled = {query_hash(consolidation_query(windows[int(s.split(":")[0])])): windows[int(s.split(":")[0])]
                  for s in (record.summaries if record else [])}
     print(f"session {a}: consolidation moved windows {[int(s.split(':')[0]) for s in record.summaries]} "
           f"(reads {record.reads}) to long-term memory" if record else f"session {a}: NOT consolidated")
-    gc = collect_sessions(store_uri, retention_s=1e9, key=key, closed=[a])
+    gc = collect_sessions(store_uri, retention_s=1e9, key=maintenance, closed=[a])
     print(f"session {a}: collected by session GC after consolidation: {a in gc['collected']}; "
           f"episodic summaries left: {len(episodic.hashes(a))}")
     retained = {h: asked[h] for h in writer.rows(["query_hash"])["query_hash"].to_pylist() if h in asked}

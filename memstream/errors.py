@@ -7,13 +7,15 @@ says what to do about it::
     ├── ConfigError                  a setting is missing or invalid
     │   ├── TopicMissingError
     │   ├── ChunkLimitError
-    │   └── CheckpointError          a compressor checkpoint is missing or does not fit
+    │   ├── CheckpointError          a compressor checkpoint is missing or does not fit
+    │   ├── KeyPermissionError       a private key file others than its owner may read
+    │   └── KeyRoleError             a key used in another role than its own, or in two
     ├── ServiceError                 Kafka, S3, a Beam runner or a tool failed
     │   ├── ToolMissingError
     │   ├── ServiceNotReadyError
     │   ├── PublishError
     │   ├── LeaseError
-    │   ├── FencedError              a newer pipeline instance took over
+    │   ├── FencedError              a newer holder took over: a pipeline instance, a lease
     │   ├── StateLostError           the runner lost keyed state: the bundle fails, not the windows
     │   └── TextLatentsError         the MiniLM model or a text could not be loaded
     ├── SessionInUseError
@@ -91,6 +93,16 @@ class TextLatentsError(ServiceError):
 
 class CheckpointError(ConfigError):
     """A compressor checkpoint is missing, unreadable, or does not fit the model."""
+
+
+class KeyPermissionError(ConfigError):
+    """A private key file is readable (or writable) by its group or others: ``chmod 600`` it."""
+
+
+class KeyRoleError(ConfigError):
+    """A key file states another role than the one asked for, or one key is configured in two
+    roles (validator, governance, maintenance, witness): make a key per role with
+    ``memstream keys new --role ROLE``."""
 
 
 # -- invalid latents and records -------------------------------------------------------------
@@ -239,6 +251,17 @@ class VerificationError(IntegrityError):
     """A Merkle proof, tree head or stored row does not check out."""
 
 
+class WitnessRefusal(IntegrityError):
+    """A witness refused to cosign a head: it does not extend the heads the witness cosigned
+    before (``kind`` rollback, truncation, fork or unlinked), or its proof or signature fails
+    (``kind`` proof, signature). A rollback, truncation or fork means the operator's storage
+    went back or was rewritten: investigate it before writing anything more."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 class ReplayError(IntegrityError):
     """A signed write or request was already applied: sign a fresh one instead of resending."""
 
@@ -256,8 +279,8 @@ class LeaseError(ServiceError):
 
 
 class FencedError(ServiceError):
-    """A newer instance of the pipeline took over its topic and store: this one stops, so that
-    two never write at once."""
+    """A newer holder took over: a newer instance of the pipeline (its topic and store), or a
+    newer holder of a storage lease. This one stops, so that two never write at once."""
 
 
 class StateLostError(ServiceError):
@@ -307,7 +330,8 @@ class AuthorizationError(ReadError):
 __all__ = [
     "MemstreamError", "ConfigError", "ServiceError", "ToolMissingError", "ServiceNotReadyError",
     "TopicMissingError", "ChunkLimitError", "SessionInUseError", "PublishError", "TextLatentsError",
-    "CheckpointError", "InvalidInputError", "BadKeyError", "TruncatedError", "OversizeError", "BadMagicError",
+    "CheckpointError", "KeyPermissionError", "KeyRoleError", "InvalidInputError", "BadKeyError", "TruncatedError",
+    "OversizeError", "BadMagicError",
     "UnknownVersionError", "UnsupportedDTypeError", "ShapeError", "ChecksumError", "BadEventError",
     "NonFiniteError", "DTypeMismatchError", "DimMismatchError", "ReorderedError",
     "UnknownSessionError", "ClosedSessionError", "OperatorWidthError", "OutOfRangeError",

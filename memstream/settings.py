@@ -39,7 +39,7 @@ COLD_AFTER_DAYS = 90.0  # long-term entries not retrieved for this long go cold
 CONSOLIDATE_TOP = 4  # summaries per session that consolidation moves to long-term memory
 CONSOLIDATE_MIN_READS = 1  # a summary read fewer times than this is not consolidated
 RETAIN_BATCH = 64  # retained entries per long-term append (query-time retention)
-RETAIN_LINGER_S = 0.2  # how long a partial retention batch waits for more
+RETAIN_LINGER_S = 1.0  # how long a partial retention batch waits for more (each append costs the cores a commit)
 
 # -- Kafka -------------------------------------------------------------------------------------
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the broker, topics and clients accept messages up to this
@@ -81,7 +81,7 @@ LONGTERM_INDEX = "ivf_hnsw_sq"  # the hot tier's vector index (LongTermStore.bui
 HNSW_ROWS = 65_536  # entries per IVF partition of an ivf_hnsw_sq index
 LONGTERM_EF = 100  # HNSW candidates per probed partition
 LONGTERM_REFINE = 4  # re-rank refine * k candidates by the stored vectors
-LEASE_TTL_S = 600.0
+LEASE_TTL_S = 60.0  # leases are renewed by heartbeats every third of it; a dead holder blocks at most this long
 
 
 def cache_dir() -> Path:

@@ -316,6 +316,38 @@ class TreeHeadRow(TreeHead):
 
 
 @dataclass(frozen=True)
+class CosignedTreeHead(TreeHead):
+    """A signed tree head as a witness keeps it: the log's head, and the witness's Ed25519
+    cosignature over it, made only after the witness checked that the head extends every head
+    it cosigned before (RFC 9162 consistency proof). Kept in the witness's own storage."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "cosigned_tree_head"
+
+    witness_key_id: str = _f("identifier of the witness key")
+    witnessed_at_ns: int = _f("when the witness cosigned, nanoseconds since the epoch")
+    cosignature: bytes = _f("the witness's Ed25519 signature over the canonical encoding of the other fields")
+
+
+@dataclass(frozen=True)
+class CosignedChainHead(JsonRecord):
+    """An episodic chain head as a witness keeps it: a session's newest summary (window index
+    and hash, with the validator's signature over that hash), cosigned by the witness after it
+    checked that the chain links it to the head it cosigned before."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "cosigned_chain_head"
+
+    session_id: str = _f("the session")
+    window_index: int = _f("window index of the chain head")
+    head_hash: bytes = _f("hash of the chain head summary")
+    seq_end: int = _f("last latent sequence number the head summarises (exclusive)")
+    key_id: str = _f("identifier of the validator key that signed the head summary")
+    signature: bytes = _f("the validator's signature of the head summary (over its hash)")
+    witness_key_id: str = _f("identifier of the witness key")
+    witnessed_at_ns: int = _f("when the witness cosigned, nanoseconds since the epoch")
+    cosignature: bytes = _f("the witness's Ed25519 signature over the canonical encoding of the other fields")
+
+
+@dataclass(frozen=True)
 class MerkleLeaf(JsonRecord):
     """A row of the ``merkle_log`` table: the log's leaves in order."""
 
@@ -416,6 +448,19 @@ class PurgeRecord(JsonRecord):
 
 
 @dataclass(frozen=True)
+class PurgeApprovalRecord(JsonRecord):
+    """A row of ``purge_approvals``: one governance key's approval of a planned forget purge
+    (its signature over the plan: requests, subjects and entry ids)."""
+
+    SCHEMA_NAME: typing.ClassVar[str] = "purge_approval_record"
+
+    purge_id: str = _f("the planned purge")
+    key_id: str = _f("identifier of the governance key")
+    signature: bytes = _f("Ed25519 signature over the purge plan's approval message")
+    approved_ns: int = _f("when the approval was stored, nanoseconds since the epoch")
+
+
+@dataclass(frozen=True)
 class PublishMark(JsonRecord):
     """A row of the episodic store's ``published`` table: Kafka acknowledged this summary."""
 
@@ -500,11 +545,14 @@ class PurgeAttestation(JsonRecord):
     and the storage scan that found none of their bytes left."""
 
     SCHEMA_NAME: typing.ClassVar[str] = "purge_attestation"
+    SCHEMA_VERSION: typing.ClassVar[int] = 2
 
-    schema_version: int = _f("1")
+    schema_version: int = _f("2")
     store_id: str = _f("the long-term store purged")
     purge_id: str = _f("32 hex digits naming this purge")
     request_ids: list[str] = _f("the signed forget requests this purge carried out")
+    subject_hashes: list[str] = _f("the subject hash of each forget request, in the order of request_ids")
+    approvals: str = _f("the M-of-N governance approvals of the plan as JSON: [{key_id, signature (hex)}]")
     entry_ids: list[str] = _f("ids (content hashes) of the erased entries, sorted")
     removed_hot: int = _f("entries erased from the hot tier")
     removed_cold: int = _f("entries erased from the cold tier")
@@ -560,5 +608,5 @@ class ReadDivergence(JsonRecord):
 
 JSON_RECORDS: tuple[type[JsonRecord], ...] = (
     SessionEvent, SummaryRecord, DeadLetterRecord, GcRecord, ConsolidationRecord, ReadDivergence, PublishMark, ReadRecord, SummaryBias,
-    LongTermEntry, TreeHead, TreeHeadRow, MerkleLeaf, AccessRecord, AccessStats, RemovalRequest, RemovalRecord,
-    ForgetRequest, ForgetRequestRow, PurgeRecord, PurgeAttestation)
+    LongTermEntry, TreeHead, TreeHeadRow, CosignedTreeHead, CosignedChainHead, MerkleLeaf, AccessRecord, AccessStats, RemovalRequest, RemovalRecord,
+    ForgetRequest, ForgetRequestRow, PurgeRecord, PurgeApprovalRecord, PurgeAttestation)

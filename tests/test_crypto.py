@@ -262,3 +262,51 @@ def test_one_key_is_refused_in_two_roles(tmp_path):
     store = LongTermStore(str(tmp_path / "ltm"), keyring=KeyRing([shared]), signer=shared, dim=8,
                           governance=GovernancePolicy(KeyRing([SigningKey.generate(), keys["governance"]]), 2))
     store.close()
+
+
+def test_key_file_readable_by_others_refused(tmp_path):
+    """A private key file open to the group or others is refused with what to do; the key
+    files memstream writes are owner-only whatever the umask."""
+    import os
+    import stat
+
+    from memstream.crypto.keys import write_key_file
+    from memstream.errors import KeyPermissionError
+
+    old = os.umask(0)  # the most permissive umask: the file must still be 0600
+    try:
+        f = write_key_file(tmp_path / "m.pem", SigningKey.generate(), "maintenance")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    assert SigningKey.from_file(f, role="maintenance").role == "maintenance"
+    for mode in (0o644, 0o640, 0o604, 0o660):
+        f.chmod(mode)
+        with pytest.raises(KeyPermissionError, match=f"chmod 600 {f}"):
+            SigningKey.from_file(f, role="maintenance")
+
+
+def test_shared_key_roles_refused(tmp_path, monkeypatch):
+    """Where roles meet, one key in two of them is refused: a maintenance key as the long-term
+    store's signer (entries and tree heads are a validator's to sign), a validator key among
+    the maintenance keys, and one key for both the entries and the records of consolidation."""
+    from memstream.crypto.keys import write_key_file
+    from memstream.errors import KeyRoleError
+    from memstream.longterm import LongTermStore
+    from memstream.maintenance.consolidate import consolidate_sessions
+
+    maintenance = SigningKey.from_file(write_key_file(tmp_path / "m.pem", SigningKey.generate(), "maintenance"))
+    validator = SigningKey.generate()
+    with pytest.raises(KeyRoleError, match="is a maintenance key"):
+        LongTermStore(str(tmp_path / "a"), keyring=KeyRing([validator]), signer=maintenance, dim=8)
+    monkeypatch.setenv("MS_TEST_KEY", (tmp_path / "m.pem").read_text())
+    with pytest.raises(KeyRoleError, match="holds a maintenance key"):
+        SigningKey.from_env("MS_TEST_KEY", role="validator")
+    with pytest.raises(KeyRoleError, match="both a validator key and a maintenance key"):
+        LongTermStore(str(tmp_path / "b"), keyring=KeyRing([validator]), signer=validator, dim=8,
+                      maintenance_keys=[validator.verify_key])
+    store = LongTermStore(str(tmp_path / "c"), keyring=KeyRing([validator]), signer=validator, dim=8,
+                          maintenance_keys=[maintenance.verify_key])
+    with pytest.raises(KeyRoleError, match="both a validator key and a maintenance key"):
+        consolidate_sessions(str(tmp_path / "episodic"), None, store, key=validator, retention_s=1.0)
+    store.close()

@@ -28,6 +28,7 @@ DAGS = Path(memstream.dags.__file__).resolve().parent
 DAG_IDS = {"episodic_decay", "session_gc", "longterm_cold_demotion", "forget_purge", "longterm_compaction",
            "longterm_anchoring", "session_consolidation"}
 KEY_ENV = "MEMSTREAM_TEST_MAINTENANCE_KEY"
+VALIDATOR_ENV = "MEMSTREAM_TEST_VALIDATOR_KEY"
 DAY_NS = 86400 * 10**9
 
 
@@ -67,8 +68,17 @@ def run_dag(dag_id: str, conf: dict):
 
 @pytest.fixture
 def key(monkeypatch):
+    """The maintenance key, in KEY_ENV."""
     k = SigningKey.generate()
     monkeypatch.setenv(KEY_ENV, k.private_pem().decode())
+    return k
+
+
+@pytest.fixture
+def validator(monkeypatch):
+    """A validator key of its own, in VALIDATOR_ENV: roles never share a key."""
+    k = SigningKey.generate()
+    monkeypatch.setenv(VALIDATOR_ENV, k.private_pem().decode())
     return k
 
 
@@ -182,7 +192,7 @@ def test_episodic_decay(airflow_db, backend, key):
     print(f"episodic_decay dag.test: {took:.2f}s")
 
 
-def test_session_gc(airflow_db, backend, key):
+def test_session_gc(airflow_db, backend, key, validator):
     from memstream.longterm.entry import query_hash
     from memstream.maintenance.consolidate import consolidation_query
     from memstream.episodic.store import EpisodicStore
@@ -217,8 +227,9 @@ def test_session_gc(airflow_db, backend, key):
     assert len(store.sessions()) == 4 and [r.session_id for r in gc_records(uri, so or None)] == ["gc-reads-only"]
 
     lt_uri = f"{uri}/longterm"
-    lt = longterm((lt_uri, so), key, dim=8)
-    lt_conf = {**conf, "longterm_uri": lt_uri, "validator_keys": [key.verify_key.hex()]}
+    lt = longterm((lt_uri, so), validator, dim=8)
+    lt_conf = {**conf, "longterm_uri": lt_uri, "validator_keys": [validator.verify_key.hex()],
+               "validator_key_env": VALIDATOR_ENV}
     run_dag("session_consolidation", {**lt_conf, "dry_run": True})
     assert lt.count() == 0 and store.consolidation("gc-idle") is None
     run_dag("session_consolidation", lt_conf)
@@ -306,12 +317,16 @@ def stored_bytes(where) -> list[bytes]:
     return [read_object(uri, k, so or None) for k, _ in iter_objects(uri, so or None)]
 
 
-def test_forget_purge(airflow_db, backend, key):
+def test_forget_purge(airflow_db, backend, key, validator):
     from memstream.longterm import ForgetRequest
     from memstream.crypto.signed import verify_record
     from memstream.maintenance import purge
 
-    store = longterm(backend, key)
+    from memstream.longterm.entry import GovernancePolicy
+
+    gov = [SigningKey.generate(), SigningKey.generate()]
+    store = longterm(backend, validator, maintenance_keys=[key.verify_key],  # key: the maintenance key
+                     governance=GovernancePolicy(KeyRing(gov), 2))
     rng = np.random.default_rng(2)
     secret = {}
     batch = []
@@ -332,7 +347,7 @@ def test_forget_purge(airflow_db, backend, key):
     store.build_index("hot", num_partitions=4)
     store.search(batch[5].vector, k=3)
     store.close()
-    store.request_forget("alice@example.org", ForgetRequest.create(key, store.store_id, "alice@example.org"))
+    store.request_forget("alice@example.org", ForgetRequest.create(validator, store.store_id, "alice@example.org"))
 
     def leftovers():
         blobs = stored_bytes(backend)
@@ -348,8 +363,14 @@ def test_forget_purge(airflow_db, backend, key):
 
     assert leftovers() == {"payload", "vector", "signature"}  # the scan sees them before the purge
     uri, so = backend
-    took = run_dag("forget_purge", {"longterm_uri": uri, "storage_options": so, "key_env": KEY_ENV,
-                                    "validator_keys": [key.verify_key.hex()]})
+    conf = {"longterm_uri": uri, "storage_options": so, "key_env": KEY_ENV,
+            "validator_keys": [validator.verify_key.hex()], "governance_keys": [g.verify_key.hex() for g in gov]}
+    run_dag("forget_purge", conf)  # planned, not approved yet: nothing is erased
+    assert leftovers() == {"payload", "vector", "signature"} and purge.attestations(store) == []
+    (pending,) = store.table("purges").to_lance().to_table(columns=["purge_id"]).to_pylist()
+    for g in gov:
+        purge.approve(store, pending["purge_id"], g)
+    took = run_dag("forget_purge", conf)
     assert leftovers() == set()
     (att,) = purge.attestations(store)
     verify_record(att, KeyRing([key]))
@@ -363,13 +384,12 @@ def test_forget_purge(airflow_db, backend, key):
     report = store.verify()
     assert report.ok and report.rows_checked == len(kept) and report.tree_size == 60, report.to_json()
 
-    run_dag("forget_purge", {"longterm_uri": uri, "storage_options": so, "key_env": KEY_ENV,
-                             "validator_keys": [key.verify_key.hex()]})
+    run_dag("forget_purge", conf)
     assert len(purge.attestations(store)) == 1  # nothing pending: no second purge
     print(f"forget_purge dag.test: {took:.2f}s")
 
 
-def test_compaction_and_anchoring(airflow_db, tmp_path, key, kafka_bootstrap, topic_name):
+def test_compaction_and_anchoring(airflow_db, tmp_path, key, kafka_bootstrap, topic_name, monkeypatch):
 
     from kafka import KafkaConsumer
 
@@ -388,7 +408,23 @@ def test_compaction_and_anchoring(airflow_db, tmp_path, key, kafka_bootstrap, to
     assert store.verify().ok and len(store.table("entries").to_lance().get_fragments()) == 1
 
     topics.create_topics(kafka_bootstrap, [topic_name], partitions=1)
-    run_dag("longterm_anchoring", {**conf, "kafka_bootstrap": kafka_bootstrap, "attestations_topic": topic_name})
+    from memstream.episodic.chain import seal
+    from memstream.episodic.store import EpisodicStore
+    from memstream.schemas.records import SummaryRecord
+    from memstream.witness import WitnessLog
+
+    head = seal(SummaryRecord(2, "anchored", 0, 0, 10, "full", 2, 4, "fp16", bytes(16), "op-1", b"\x01" * 16, "fp32",
+                              4, 1_000, b"", b"", b"", ""), key)
+    EpisodicStore(str(tmp_path / "ep")).append([head])
+    witness_key = SigningKey.generate()
+    monkeypatch.setenv("MEMSTREAM_TEST_WITNESS_KEY", witness_key.private_pem().decode())
+    run_dag("longterm_anchoring", {**conf, "kafka_bootstrap": kafka_bootstrap, "attestations_topic": topic_name,
+                                   "witness_uri": str(tmp_path / "witness"), "episodic_uri": str(tmp_path / "ep"),
+                                   "witness_key_env": "MEMSTREAM_TEST_WITNESS_KEY"})
+    audit = WitnessLog(str(tmp_path / "witness"), witness_keys=KeyRing([witness_key]))
+    assert [h.tree_size for h in audit.tree_heads(store.store_id)] == [60]
+    assert [(h.window_index, h.head_hash) for h in audit.chain_heads("anchored")] == [(0, head.hash)]
+    assert store.verify(witnessed=audit.tree_heads(store.store_id)).ok
     consumer = KafkaConsumer(topic_name, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
                              consumer_timeout_ms=10000, group_id=None)
     msg = next(iter(consumer))  # the one head published

@@ -16,7 +16,7 @@ from memstream.crypto.keys import KeyRing, SigningKey
 from memstream.episodic.chain import verify_chain
 from memstream.episodic.ledger import ReadLedger
 from memstream.errors import ConfigError, KeyDestroyedError
-from memstream.longterm.entry import session_subject, subject_hash
+from memstream.longterm.entry import GovernancePolicy, session_subject, subject_hash
 from memstream.longterm.store import LongTermStore
 from memstream.maintenance.consolidate import consolidate_sessions
 from memstream.maintenance.forget import forget_session, scan_locations
@@ -90,8 +90,10 @@ def test_forget_reaches_the_kafka_logs_the_store_the_ledger_and_the_key_table(
     # Consolidation copies the most-read summaries of A and B to long-term memory, bound to
     # each session's forget subject.
     validator = config.signing_key()
-    lt = LongTermStore(str(tmp_path / "ltm"), keyring=ring, signer=validator)
-    slept = consolidate_sessions(config.store_uri, None, lt, key=SigningKey.generate(), retention_s=1e9,
+    governance, maintenance = SigningKey.generate(), SigningKey.generate()
+    lt = LongTermStore(str(tmp_path / "ltm"), keyring=ring, signer=validator, maintenance_keys=[maintenance],
+                       governance=GovernancePolicy(KeyRing([governance]), 1))
+    slept = consolidate_sessions(config.store_uri, None, lt, key=maintenance, retention_s=1e9,
                                  closed=["A", "B"], keys=keys)
     entry_ids = {sid: slept["sessions"][sid]["entry_ids"] for sid in "AB"}
     assert all(len(ids) == 1 for ids in entry_ids.values())
@@ -119,8 +121,8 @@ def test_forget_reaches_the_kafka_logs_the_store_the_ledger_and_the_key_table(
     # the long-term entry that consolidation wrote.
     assert any("_datakeys" in f for f in before) and any(f.startswith(lt.uri) for f in before), before
 
-    out = forget_session(config.store_uri, None, "A", keys=keys, key=SigningKey.generate(), longterm=lt,
-                         longterm_key=validator)
+    out = forget_session(config.store_uri, None, "A", keys=keys, key=maintenance, longterm=lt,
+                         longterm_key=validator, approvers=[governance])
     assert out["key_destroyed"] and out["summaries_removed"] == 2 and out["record"]["reason"] == "forgotten"
     assert out["longterm"]["entries"] == 1 and lt.get(entry_ids["A"]) == {} and len(lt.get(entry_ids["B"])) == 1
     assert lt.verify().ok

@@ -24,6 +24,7 @@ LAYERS = {
     # 2: stores and the Kafka topics
     "memstream.storage": 2, "memstream.episodic.store": 2, "memstream.episodic.ledger": 2,
     "memstream.longterm.store": 2, "memstream.topics": 2, "memstream.access.registry": 2,
+    "memstream.witness": 2,
     # 3: processes
     "memstream.pipelines": 3, "memstream.read.memory": 3, "memstream.maintenance": 3, "memstream.sdk": 3,
     # 4: entry points

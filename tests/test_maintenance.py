@@ -12,9 +12,13 @@ import pytest
 from memstream.crypto import KeyRing, SigningKey
 from memstream.errors import LeaseError, VerificationError
 from memstream.longterm import ForgetRequest, LongTermStore
+from memstream.longterm.entry import GovernancePolicy
 from memstream.crypto.signed import sign_record
 from memstream.maintenance import purge
 from memstream.maintenance.scan import _CHUNK, SHINGLE, Markers, scan_storage
+
+
+GOVERNANCE = SigningKey.generate()
 
 
 def test_markers_find_every_window_and_nothing_else():
@@ -38,7 +42,8 @@ def test_markers_find_every_window_and_nothing_else():
 @pytest.fixture
 def store_with_request(tmp_path):
     key = SigningKey.generate()
-    store = LongTermStore(str(tmp_path / "lt"), keyring=KeyRing([key]), signer=key, dim=8)
+    store = LongTermStore(str(tmp_path / "lt"), keyring=KeyRing([key]), signer=key, dim=8,
+                          governance=GovernancePolicy(KeyRing([GOVERNANCE]), 1))
     rng = np.random.default_rng(5)
     entries = [store.new_entry(rng.standard_normal(8), f"{'SECRET' if i % 3 == 0 else 'public'}-{i}-".encode() * 3,
                                query="q", forget_tag="t" if i % 3 == 0 else None,
@@ -52,6 +57,7 @@ def test_a_logical_delete_fails_the_scan(store_with_request):
     store, key, entries = store_with_request
     planned = purge.plan(store)
     assert (planned["entries"], planned["hot"]) == (10, 10)
+    purge.approve(store, planned["purge_id"], GOVERNANCE)
     store.table("entries").delete("forget_subject IS NOT NULL")  # rows gone, bytes kept
     assert store.count() == 20
     with pytest.raises(VerificationError, match="forgotten bytes remain"):
@@ -64,6 +70,7 @@ def test_a_logical_delete_fails_the_scan(store_with_request):
 def test_erase_waits_for_writers_and_gives_up(store_with_request):
     store, key, _ = store_with_request
     planned = purge.plan(store)
+    purge.approve(store, planned["purge_id"], GOVERNANCE)
     held, release = threading.Event(), threading.Event()
 
     def writer():
@@ -87,7 +94,7 @@ def test_erase_waits_for_writers_and_gives_up(store_with_request):
 
 def test_verify_accepts_only_a_validly_signed_purge(store_with_request):
     store, key, entries = store_with_request
-    done = purge.run(store, key)
+    done = purge.run(store, key, approvers=[GOVERNANCE])
     assert done["entries"] == 10 and store.verify().ok
     (att,) = purge.attestations(store)
     forged = sign_record(dataclasses.replace(att, entry_ids=sorted({*att.entry_ids, entries[1].entry_id})),
@@ -120,7 +127,8 @@ def test_erase_rewrites_only_the_fragments_that_held_forgotten_rows(tmp_path):
     files as they were, remaps the HNSW index instead of rebuilding it, and the scan of every
     stored byte proves nothing remains."""
     key = SigningKey.generate()
-    store = LongTermStore(str(tmp_path / "lt"), keyring=KeyRing([key]), signer=key, dim=16)
+    store = LongTermStore(str(tmp_path / "lt"), keyring=KeyRing([key]), signer=key, dim=16,
+                          governance=GovernancePolicy(KeyRing([GOVERNANCE]), 1))
     rng = np.random.default_rng(7)
     for batch in range(5):
         forget = batch in (1, 3)
@@ -136,6 +144,7 @@ def test_erase_rewrites_only_the_fragments_that_held_forgotten_rows(tmp_path):
     probe = store.rows(["entry_id", "vector"], "forget_subject IS NULL").to_pylist()[:5]
     store.request_forget("dana", ForgetRequest.create(key, store.store_id, "dana"))
     planned = purge.plan(store)
+    purge.approve(store, planned["purge_id"], GOVERNANCE)
     assert planned["entries"] == 80
     erased = purge.erase(store, planned["purge_id"])["removed_now"]
     assert (erased["hot"], erased["fragments_rewritten"], erased["fragments"], erased["index_rebuilds"]) == (80, 2, 6, 0)  # 5 hot, 1 cold
@@ -154,7 +163,8 @@ def test_a_centroid_that_copies_a_forgotten_vector_makes_the_erase_rebuild_the_i
     from memstream.longterm.store import _centroid_copies
 
     key = SigningKey.generate()
-    store = LongTermStore(str(tmp_path / "lt"), keyring=KeyRing([key]), signer=key, dim=8)
+    store = LongTermStore(str(tmp_path / "lt"), keyring=KeyRing([key]), signer=key, dim=8,
+                          governance=GovernancePolicy(KeyRing([GOVERNANCE]), 1))
     rng = np.random.default_rng(1)
     vectors = rng.standard_normal((12, 8))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -165,6 +175,7 @@ def test_a_centroid_that_copies_a_forgotten_vector_makes_the_erase_rebuild_the_i
     assert _centroid_copies(store.table("entries").to_lance(), "vector_idx", forgotten)
     store.request_forget("erin", ForgetRequest.create(key, store.store_id, "erin"))
     planned = purge.plan(store)
+    purge.approve(store, planned["purge_id"], GOVERNANCE)
     erased = purge.erase(store, planned["purge_id"])["removed_now"]
     assert erased["hot"] == 1 and erased["index_rebuilds"] == 1
     assert not _centroid_copies(store.table("entries").to_lance(), "vector_idx", forgotten)

@@ -301,16 +301,17 @@ def test_accounting_is_exact_under_concurrent_threads_and_processes(tmp_path, mo
     assert {i: s.count for i, s in stats.items()} == dict(lt_hits) and sum(lt_hits.values()) == 2 * total
 
 
-def test_routing_policy_serves_queries_as_well_as_the_better_store(tmp_path, model, key):
+def test_routed_reads_serve_as_well_as_reading_both_and_skip_episodic_reads(tmp_path, model, key):
     """Queries about long-term content and about the session, on real stores. Each is read
     through both stores (to measure what each would serve: the cosine of the episodic
     reconstruction, and of the top long-term entry, to the latent the query is a cue of)
-    and then routed by the policy; the routed reads must serve at least as well as always
-    using the store that is better on average, and the long-term queries must find their entry."""
+    and then routed by the policy; the routed reads must serve within tolerance of reading
+    both every time, with fewer episodic reads, and the long-term queries must find their entry."""
     from memstream.operators.data import split_latents
 
-    info = RoutePolicy.load().info["heldout"]
-    assert info["accuracy"] > info["majority_accuracy"] and info["served_score"] > info["always_episodic_score"]
+    policy = RoutePolicy.load()
+    info = policy.info["heldout"]
+    assert info["routed_score"] >= info["always_both_score"] - 0.005 and info["episodic_share"] < 0.9
     docs = list(split_latents("heldout").values())
     session, stored = np.concatenate(docs[:2]), np.concatenate(docs[2:4])
     uri, lt_uri = str(tmp_path / "m"), str(tmp_path / "ltm")
@@ -338,10 +339,11 @@ def test_routing_policy_serves_queries_as_well_as_the_better_store(tmp_path, mod
             lts.append(cos(stored[row[top.provenance.entry_id]], target))
             routed = mem.read(q, "s", k=3)
             probs = routed.route.probabilities
-            assert routed.route.chosen_by == "policy" and routed.route.route == max(probs, key=probs.get)
+            assert routed.route.chosen_by == "policy"
+            assert routed.route.route == ("both" if probs["both"] >= policy.threshold else "longterm")
             assert sum(probs.values()) == pytest.approx(1, abs=1e-5)
             choice.append(routed.route.route)
-            if n < 30 and routed.route.route != "episodic":
+            if n < 30:
                 hit = next(f for f in routed.fragments if f.source == "longterm")
                 if hit.provenance.entry_id == ids[int(np.flatnonzero((stored == target).all(1))[0])]:
                     found += 1
@@ -349,7 +351,10 @@ def test_routing_policy_serves_queries_as_well_as_the_better_store(tmp_path, mod
     ep, lts = np.array(ep), np.array(lts)
     served = np.array([e if c == "episodic" else l if c == "longterm" else max(e, l)
                        for c, e, l in zip(choice, ep, lts)])
-    assert served.mean() >= max(ep.mean(), lts.mean()) - 0.01, (served.mean(), ep.mean(), lts.mean(), choice)
+    both = np.maximum(ep, lts).mean()
+    assert served.mean() >= both - 0.01, (served.mean(), both, choice)
+    assert choice.count("longterm") >= 10, choice  # the episodic read skipped where the probe answers
+    assert "both" in choice[30:], choice  # and made where the session holds the answer
     assert found >= 25, (found, choice[:30])
     assert ReadLedger(uri).query_count("s") == len(targets)  # routed reads only: account=False is not a query
 

@@ -40,8 +40,11 @@ SAMPLES = [
     r.ForgetRequest("store", "aa" * 32, None, "k2", b"\x99" * 64, "cd" * 16, T),
     r.ForgetRequestRow("store", "aa" * 32, "tag", "k2", b"\x99" * 64, "cd" * 16, T, 3),
     r.PurgeRecord("ab" * 16, ["cd" * 16], ["e" * 64], 1, 0, b"{}", T, None),
-    r.PurgeAttestation(1, "store", "ab" * 16, ["cd" * 16], ["ef" * 32], 1, 0, 42, b"\x12" * 32, 17, 4096, 9, T,
-                       b"\x34" * 64, "k1"),
+    r.PurgeApprovalRecord("ab" * 16, "k3", b"\x56" * 64, T),
+    r.PurgeAttestation(2, "store", "ab" * 16, ["cd" * 16], ["aa" * 32], '[{"key_id": "k3", "signature": "00"}]',
+                       ["ef" * 32], 1, 0, 42, b"\x12" * 32, 17, 4096, 9, T, b"\x34" * 64, "k1"),
+    r.CosignedTreeHead("store", 10, b"\x77" * 32, T, "k1", b"\x88" * 64, "w1", T + 5, b"\x99" * 64),
+    r.CosignedChainHead("s1", 3, b"\x11" * 32, 40, "k1", b"\x22" * 64, "w1", T + 5, b"\x99" * 64),
 ]
 
 

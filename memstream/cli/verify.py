@@ -1,4 +1,5 @@
-"""``memstream verify chain|longterm``: every integrity check of stored memory."""
+"""``memstream verify chain|episodic|longterm``: every integrity check of stored memory, and,
+with ``--witness``, the check of the stores against every head a witness cosigned."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from memstream.cli import common
-from memstream.crypto.keys import SigningKey
+from memstream.crypto.keys import SigningKey, check_distinct_roles
 from memstream.crypto.signed import SignedTreeHead
-from memstream.episodic.chain import head_at, verify_chain
+from memstream.episodic.chain import check_witnessed_chain, head_at, verify_chain
 from memstream.errors import ConfigError
 from memstream.longterm.entry import GovernancePolicy
 from memstream.topics import read_summaries
@@ -19,7 +20,41 @@ def register(sub) -> None:
     verify = sub.add_parser("verify", help="check signatures, hash chains and Merkle proofs of stored memory")
     verbs = verify.add_subparsers(dest="what", required=True, metavar="WHAT")
     _register_chain(verbs)
+    _register_episodic(verbs)
     _register_longterm(verbs)
+
+
+def _add_witness(parser) -> None:
+    parser.add_argument("--witness", default=None,
+                        help="the witness's root (its folder or s3://bucket/prefix): check against every head it "
+                             "cosigned, and report rollback, truncation and forks")
+    parser.add_argument("--witness-key", action="append", default=[],
+                        help="the witness's public key (file or hex); repeat for rotated keys")
+    parser.add_argument("--witness-storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="storage option of the witness's root (its own credentials); repeat")
+
+
+def _witness_log(args, validator_ring):
+    """The WitnessLog that ``--witness`` names, or None."""
+    if not args.witness:
+        return None
+    from memstream.witness import WitnessLog
+
+    if not args.witness_key:
+        raise ConfigError("--witness needs --witness-key: the witness's public key checks its cosignatures")
+    ring = common.keyring(args.witness_key)
+    check_distinct_roles({"validator": validator_ring, "witness": ring})
+    options = {}
+    for item in args.witness_storage_option:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--witness-storage-option {item!r}: expected KEY=VALUE")
+        options[k] = v
+    if args.witness.startswith("s3://") and getattr(args, "s3_from_stack", False) and not options:
+        from memstream.infra.stack import Stack
+
+        options = Stack().s3_config().storage_options()
+    return WitnessLog(args.witness, options or None, witness_keys=ring)
 
 
 def _register_chain(verbs) -> None:
@@ -32,6 +67,7 @@ def _register_chain(verbs) -> None:
     common.add_episodic(chain)
     common.add_public_keys(chain)
     chain.add_argument("--key-file", help="derive the public key from this signing key file")
+    _add_witness(chain)
     chain.add_argument("--json", action="store_true")
     chain.set_defaults(func=_verify_chain)
 
@@ -66,20 +102,80 @@ def _verify_chain(args) -> int:
     report = verify_chain(args.session, records, ring, anchored=args.source == "kafka" or
                           bool(records) and records[0].window_index == 0)
     head = head_at(records, _parse_time(args.at)) if args.at else None
-    out = {"session": args.session, "source": args.source, "ok": report.ok, "records": report.records,
+    witness = _witness_log(args, ring)
+    witness_failures = []
+    if witness is not None:
+        witness_failures = _chain_against_witness(args, args.session, records, witness, ring)
+    ok = report.ok and not witness_failures
+    out = {"session": args.session, "source": args.source, "ok": ok, "records": report.records,
            "duplicates": report.duplicates, "first_window": report.first_index, "head_window": report.head_index,
            "head_hash": report.head_hash.hex(), "key_ids": sorted(report.key_ids),
-           "fault": str(report.fault) if report.fault else None}
+           "fault": str(report.fault) if report.fault else None, "witness_failures": witness_failures}
     if head is not None:
         out["head_at"] = {"time": args.at, "window": head.window_index, "hash": head.hash.hex()}
     if args.json:
         print(json.dumps(out, indent=2))
-    elif report.ok:
+    elif ok:
         print(f"session {args.session}: {report.records} summaries verify "
               f"(windows {report.first_index}..{report.head_index}, head {report.head_hash.hex()[:16]}…)")
     else:
-        print(f"session {args.session}: BROKEN at {report.fault}")
-    return 0 if report.ok else 1
+        print(f"session {args.session}: BROKEN at {report.fault or '; '.join(witness_failures)}")
+    return 0 if ok else 1
+
+
+def _chain_against_witness(args, session: str, records, witness, ring) -> list[str]:
+    """The session's problems against its witnessed chain heads (validator signatures checked)."""
+    from memstream.errors import IntegrityError
+
+    try:
+        heads = witness.chain_heads(session)
+        for h in heads:
+            h.verify(witness.witness_keys, ring)
+    except IntegrityError as e:
+        return [f"the witness's chain heads of session {session!r} do not check out: {e}"]
+    collected = None
+    if args.source == "store" and not records:
+        from memstream.episodic.store import EpisodicStore
+
+        uri, options = common.episodic(args)
+        gc = [r for r in EpisodicStore(uri, options).gc_records() if r.session_id == session]
+        collected = (gc[-1].head_window_index, gc[-1].head_hash) if gc else None
+    return check_witnessed_chain(session, records, heads, collected)
+
+
+def _register_episodic(verbs) -> None:
+    p = verbs.add_parser("episodic", help="check every session of the episodic store: its hash chain and "
+                                          "signatures, and with --witness every chain head the witness cosigned")
+    common.add_episodic(p)
+    common.add_public_keys(p, required=True)
+    _add_witness(p)
+    p.set_defaults(func=_verify_episodic, source="store")
+
+
+def _verify_episodic(args) -> int:
+    from memstream.episodic.store import EpisodicStore
+
+    ring = common.keyring(args.public_key)
+    uri, options = common.episodic(args)
+    store = EpisodicStore(uri, options)
+    witness = _witness_log(args, ring)
+    sessions = set(store.sessions()) | set(witness.sessions() if witness is not None else ())
+    out = {"ok": True, "sessions": len(sessions), "witnessed_sessions": 0, "failures": {}}
+    for sid in sorted(sessions):
+        records = store.records(sid)
+        problems = []
+        if records:
+            report = verify_chain(sid, records, ring, anchored=records[0].window_index == 0)
+            if not report.ok:
+                problems.append(str(report.fault))
+        if witness is not None:
+            out["witnessed_sessions"] += bool(witness.chain_heads(sid))
+            problems += _chain_against_witness(args, sid, records, witness, ring)
+        if problems:
+            out["failures"][sid] = problems
+    out["ok"] = not out["failures"]
+    print(json.dumps(out, indent=2))
+    return 0 if out["ok"] else 1
 
 
 def _register_longterm(verbs) -> None:
@@ -90,6 +186,8 @@ def _register_longterm(verbs) -> None:
     p.add_argument("--governance-key", action="append", default=[],
                    help="a governance public key (to accept approved removals); repeat")
     p.add_argument("--governance-threshold", type=int, default=None, help="M of the M-of-N removal policy")
+    p.add_argument("--maintenance-key", action="append", default=[],
+                   help="a maintenance public key (to accept the forget purges it attested); repeat")
     p.add_argument("--cold-uri", default=None, help="cold tier root (default: <uri>/cold)")
     common.add_storage(p)
     p.add_argument("--tree-head", type=Path, default=None,
@@ -98,6 +196,7 @@ def _register_longterm(verbs) -> None:
     p.add_argument("--full", action="store_true",
                    help="also check every entry's own Ed25519 signature (default: rows hashed under the signed "
                         "tree heads)")
+    _add_witness(p)
     p.set_defaults(func=_verify_longterm)
 
 
@@ -109,9 +208,13 @@ def _verify_longterm(args) -> int:
     if args.governance_key:
         gk = common.keyring(args.governance_key)
         governance = GovernancePolicy(gk, args.governance_threshold or len(gk))
-    store = LongTermStore(args.uri, keyring=common.keyring(args.public_key), storage_options=options,
-                          cold_uri=args.cold_uri, governance=governance)
+    ring = common.keyring(args.public_key)
+    witness = _witness_log(args, ring)
+    store = LongTermStore(args.uri, keyring=ring, storage_options=options,
+                          cold_uri=args.cold_uri, governance=governance,
+                          maintenance_keys=common.keyring(args.maintenance_key))
     head = SignedTreeHead.from_json(args.tree_head.read_text()) if args.tree_head else None
-    report = store.verify(workers=args.workers, trusted_head=head, full=args.full)
+    witnessed = witness.tree_heads(store.store_id) if witness is not None else None
+    report = store.verify(workers=args.workers, trusted_head=head, full=args.full, witnessed=witnessed)
     print(json.dumps(report.to_json(), indent=2))
     return 0 if report.ok else 1

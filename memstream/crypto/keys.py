@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from memstream.errors import ConfigError, SignatureError
+from memstream.errors import ConfigError, KeyPermissionError, KeyRoleError, SignatureError
 
 KEY_ID_HEX_CHARS = 32
 # What a key may sign. A key file names its role, and memstream refuses a key for another role.
@@ -69,12 +69,14 @@ class VerifyKey:
 
 
 class SigningKey:
-    """An Ed25519 private key. Its bytes never appear in ``repr``, ``str`` or logs."""
+    """An Ed25519 private key. Its bytes never appear in ``repr``, ``str`` or logs. ``role``
+    is the role it was loaded for (its key file's, or the one asked for), None when unknown."""
 
-    __slots__ = ("_key", "verify_key")
+    __slots__ = ("_key", "verify_key", "role")
 
-    def __init__(self, key: Ed25519PrivateKey):
+    def __init__(self, key: Ed25519PrivateKey, role: str | None = None):
         self._key = key
+        self.role = role
         self.verify_key = VerifyKey(key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
@@ -107,19 +109,26 @@ class SigningKey:
         except OSError as e:
             raise ConfigError(f"cannot read the signing key file {path}: {e.strerror}") from None
         if mode & 0o077:
-            raise ConfigError(f"the signing key file {path} is readable by others (mode {mode & 0o777:o}): "
-                              f"restrict it with `chmod 600 {path}`")
+            raise KeyPermissionError(f"the signing key file {path} is open to its group or others (mode "
+                                     f"{mode & 0o777:o}): restrict it with `chmod 600 {path}`")
         stated = key_file_role(data)
         if role is not None and stated is not None and stated != role:
-            raise ConfigError(f"{path} holds a {stated} key; this needs a {role} key (roles never share a key)")
-        return cls.parse(data)
+            raise KeyRoleError(f"{path} holds a {stated} key; this needs a {role} key (roles never share a key)")
+        key = cls.parse(data)
+        key.role = stated or role
+        return key
 
     @classmethod
-    def from_env(cls, var: str) -> "SigningKey":
+    def from_env(cls, var: str, role: str | None = None) -> "SigningKey":
         value = os.environ.get(var)
         if not value:
             raise ConfigError(f"environment variable {var} is not set: put an Ed25519 key (PEM, hex or base64) in it")
-        return cls.parse(value)
+        stated = key_file_role(value.encode())
+        if role is not None and stated is not None and stated != role:
+            raise KeyRoleError(f"{var} holds a {stated} key; this needs a {role} key (roles never share a key)")
+        key = cls.parse(value)
+        key.role = stated or role
+        return key
 
     @property
     def key_id(self) -> str:
@@ -208,7 +217,7 @@ def key_file_role(data: bytes) -> str | None:
 def write_key_file(path: str | Path, key: SigningKey, role: str) -> Path:
     """Write ``key`` for ``role`` as PKCS#8 PEM behind a role line, readable by its owner only."""
     if role not in ROLES:
-        raise ConfigError(f"unknown key role {role!r}: choose one of {', '.join(ROLES)}")
+        raise KeyRoleError(f"unknown key role {role!r}: choose one of {', '.join(ROLES)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = (f"# memstream {role} key (Ed25519), key id {key.key_id}\n".encode() + _ROLE_LINE + role.encode()
@@ -232,5 +241,5 @@ def check_distinct_roles(roles: Mapping[str, Iterable["VerifyKey | SigningKey"] 
             vk = key.verify_key if isinstance(key, SigningKey) else key
             other = seen.setdefault(vk.key_id, role)
             if other != role:
-                raise ConfigError(f"key {vk.key_id} is configured as both a {other} key and a {role} key: roles "
+                raise KeyRoleError(f"key {vk.key_id} is configured as both a {other} key and a {role} key: roles "
                                   f"never share a key; make a {role} key with `memstream keys new --role {role}`")

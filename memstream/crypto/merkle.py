@@ -115,21 +115,47 @@ class MerkleTree:
 
     def consistency_proof(self, m: int, n: int | None = None) -> list[bytes]:
         """PROOF(m, D[n]) of RFC 9162 section 2.1.4.1."""
-        n = self._check_size(n)
-        if not 0 <= m <= n:
-            raise ValueError(f"cannot prove consistency from size {m} to size {n}")
-        if m == 0 or m == n:
-            return []
+        return _consistency_path(m, self._check_size(n), self._mth)
 
-        def subproof(m: int, lo: int, hi: int, b: bool) -> list[bytes]:
-            if m == hi - lo:
-                return [] if b else [self._mth(lo, hi)]
-            k = _split(hi - lo)
-            if m <= k:
-                return subproof(m, lo, lo + k, b) + [self._mth(lo + k, hi)]
-            return subproof(m - k, lo + k, hi, False) + [self._mth(lo, lo + k)]
 
-        return subproof(m, 0, n, True)
+def _consistency_path(m: int, n: int, mth) -> list[bytes]:
+    """PROOF(m, D[n]) of RFC 9162 section 2.1.4.1, with ``mth(lo, hi)`` giving MTH(D[lo:hi])."""
+    if not 0 <= m <= n:
+        raise ValueError(f"cannot prove consistency from size {m} to size {n}")
+    if m == 0 or m == n:
+        return []
+
+    def subproof(m: int, lo: int, hi: int, b: bool) -> list[bytes]:
+        if m == hi - lo:
+            return [] if b else [mth(lo, hi)]
+        k = _split(hi - lo)
+        if m <= k:
+            return subproof(m, lo, lo + k, b) + [mth(lo + k, hi)]
+        return subproof(m - k, lo + k, hi, False) + [mth(lo, lo + k)]
+
+    return subproof(m, 0, n, True)
+
+
+def consistency_proof_from(old: "MerkleFrontier", new_leaf_hashes: Sequence[bytes]) -> list[bytes]:
+    """PROOF(m, D[n]) from the frontier of the tree of size m and the leaf hashes appended
+    since, without the old leaves: every node the proof takes from the old tree is one of the
+    perfect subtrees of its frontier, every other node covers new leaves only."""
+    m, n = old.size, old.size + len(new_leaf_hashes)
+    subtrees, lo = {}, 0
+    for bit, h in zip((b for b in range(m.bit_length() - 1, -1, -1) if m >> b & 1), old.hashes):
+        subtrees[(lo, lo + (1 << bit))] = h
+        lo += 1 << bit
+    new = MerkleTree(new_leaf_hashes)
+
+    def mth(lo: int, hi: int) -> bytes:
+        if lo >= m:
+            return new._mth(lo - m, hi - m)
+        try:
+            return subtrees[(lo, hi)]
+        except KeyError:
+            raise VerificationError(f"MTH(D[{lo}:{hi}]) is not a subtree of the frontier of size {m}") from None
+
+    return _consistency_path(m, n, mth)
 
 
 

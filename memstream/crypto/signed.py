@@ -5,11 +5,19 @@ own domain, so a signature made for one can never verify as another."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from memstream.crypto.hashing import canonical_encode
 from memstream.crypto.keys import KeyRing, SigningKey
 from memstream.errors import SignatureError
+from memstream.schemas.records import CosignedChainHead as CosignedChainHeadRecord
+from memstream.schemas.records import CosignedTreeHead as CosignedTreeHeadRecord
 from memstream.schemas.records import JsonRecord, TreeHead
+
+
+# What a validator signs of an episodic summary: this prefix, then the summary's hash
+# (memstream.episodic.chain); a witness checks a chain head's signature with it.
+SUMMARY_SIGNING_DOMAIN = b"memstream.summary.signature.v1\x00"
 
 
 def record_message(record: JsonRecord) -> bytes:
@@ -57,3 +65,60 @@ class SignedTreeHead(TreeHead):
     def verify(self, keyring: KeyRing) -> None:
         keyring.verify(self.key_id, self.signature,
                        self.message(self.log_id, self.tree_size, self.root_hash, self.timestamp_ns))
+
+
+def _cosigned_message(domain: str, record) -> bytes:
+    return canonical_encode(domain, {f.name: getattr(record, f.name) for f in dataclasses.fields(record)
+                                     if f.name != "cosignature"})
+
+
+@dataclass(frozen=True)
+class CosignedTreeHead(CosignedTreeHeadRecord):
+    """A :class:`~memstream.schemas.records.CosignedTreeHead` with the witness's signing and
+    checking. The cosignature covers the log's head and signature, so it vouches for exactly
+    the head the log signed."""
+
+    DOMAIN = "memstream.witness.tree-head.v1"
+
+    @classmethod
+    def cosign(cls, sth: SignedTreeHead, key: SigningKey, witnessed_at_ns: int) -> "CosignedTreeHead":
+        unsigned = cls(sth.log_id, sth.tree_size, sth.root_hash, sth.timestamp_ns, sth.key_id, sth.signature,
+                       key.key_id, witnessed_at_ns, b"")
+        return dataclasses.replace(unsigned, cosignature=key.sign(_cosigned_message(cls.DOMAIN, unsigned)))
+
+    def tree_head(self) -> SignedTreeHead:
+        return SignedTreeHead(self.log_id, self.tree_size, self.root_hash, self.timestamp_ns, self.key_id,
+                              self.signature)
+
+    def verify(self, witness_keys: KeyRing, log_keys: KeyRing | None = None) -> None:
+        """SignatureError unless a key of ``witness_keys`` cosigned it (and, given
+        ``log_keys``, a log key signed the head)."""
+        if self.witness_key_id not in witness_keys:
+            raise SignatureError(f"tree head {self.tree_size} cosigned by unknown witness key {self.witness_key_id}")
+        witness_keys.verify(self.witness_key_id, self.cosignature, _cosigned_message(self.DOMAIN, self))
+        if log_keys is not None:
+            self.tree_head().verify(log_keys)
+
+
+@dataclass(frozen=True)
+class CosignedChainHead(CosignedChainHeadRecord):
+    """A :class:`~memstream.schemas.records.CosignedChainHead` with the witness's signing and
+    checking; the validator's own signature of the head summary is over its hash, with the
+    summaries' signing domain."""
+
+    DOMAIN = "memstream.witness.chain-head.v1"
+
+    @classmethod
+    def cosign(cls, session_id: str, window_index: int, head_hash: bytes, seq_end: int, key_id: str,
+               signature: bytes, key: SigningKey, witnessed_at_ns: int) -> "CosignedChainHead":
+        unsigned = cls(session_id, window_index, head_hash, seq_end, key_id, signature, key.key_id,
+                       witnessed_at_ns, b"")
+        return dataclasses.replace(unsigned, cosignature=key.sign(_cosigned_message(cls.DOMAIN, unsigned)))
+
+    def verify(self, witness_keys: KeyRing, log_keys: KeyRing | None = None) -> None:
+        if self.witness_key_id not in witness_keys:
+            raise SignatureError(f"chain head {self.session_id}/{self.window_index} cosigned by unknown witness "
+                                 f"key {self.witness_key_id}")
+        witness_keys.verify(self.witness_key_id, self.cosignature, _cosigned_message(self.DOMAIN, self))
+        if log_keys is not None:
+            log_keys.verify(self.key_id, self.signature, SUMMARY_SIGNING_DOMAIN + self.head_hash)

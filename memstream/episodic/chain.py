@@ -16,11 +16,12 @@ from typing import Iterable
 
 from memstream.crypto.hashing import canonical_encode, sha256
 from memstream.crypto.keys import KeyRing, SigningKey
+from memstream.crypto.signed import SUMMARY_SIGNING_DOMAIN
 from memstream.errors import IntegrityError, SignatureError
 from memstream.schemas.records import SummaryRecord
 
 HASH_DOMAIN = "memstream.summary.v1"
-SIGNING_DOMAIN = b"memstream.summary.signature.v1\x00"
+SIGNING_DOMAIN = SUMMARY_SIGNING_DOMAIN
 _UNHASHED = ("hash", "signature")
 
 
@@ -133,3 +134,37 @@ def head_at(records: Iterable[SummaryRecord], time_us: int) -> SummaryRecord | N
         if rec.event_time_us <= time_us and (head is None or rec.window_index > head.window_index):
             head = rec
     return head
+
+
+def check_witnessed_chain(session_id: str, records: Iterable[SummaryRecord], witnessed: Iterable,
+                          collected: tuple[int | None, bytes] | None = None) -> list[str]:
+    """What is wrong with a session's stored summaries (``records``, any order) against the
+    chain heads a witness cosigned for it (:class:`~memstream.crypto.signed.CosignedChainHead`,
+    cosignatures already checked). Rollback: the stored head is behind a witnessed head (or
+    nothing is stored and no GC record, ``collected`` = (head window, head hash), covers it).
+    Fork: the witnessed window is stored with another hash, or the window after it does not
+    link to it. A witnessed window evicted together with its successor cannot be checked."""
+    by_window = {r.window_index: r for r in records}
+    head = max(by_window, default=None)
+    problems, behind = [], None
+    for w in sorted(witnessed, key=lambda w: w.window_index):
+        if w.session_id != session_id:
+            continue
+        if head is None:
+            if collected is not None and collected[0] is not None and (
+                    collected[0] > w.window_index or (collected[0] == w.window_index and collected[1] == w.head_hash)):
+                continue
+            behind = (f"rollback: session {session_id!r} has no stored summary and no GC record covers window "
+                      f"{w.window_index}, which the witness cosigned")
+            continue
+        if head < w.window_index:
+            behind = (f"rollback: session {session_id!r}'s stored chain head is window {head}, behind window "
+                      f"{w.window_index}, which the witness cosigned")
+        elif w.window_index in by_window and by_window[w.window_index].hash != w.head_hash:
+            problems.append(f"fork: session {session_id!r} window {w.window_index} is stored with another hash than "
+                            "the witness cosigned")
+        elif (w.window_index not in by_window and w.window_index + 1 in by_window
+              and by_window[w.window_index + 1].prev_hash != w.head_hash):
+            problems.append(f"fork: session {session_id!r} window {w.window_index + 1} does not link to window "
+                            f"{w.window_index} as the witness cosigned it")
+    return problems + ([behind] if behind else [])

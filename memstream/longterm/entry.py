@@ -12,6 +12,7 @@ stored byte of a row, the signature included, changes its leaf.
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 import time
 import uuid
@@ -283,6 +284,16 @@ class RemovalRequest(RemovalRequestRecord):
 
     def approve(self, key: SigningKey) -> Approval:
         return Approval(key.key_id, key.sign(self.message()))
+
+
+def purge_message(store_id: str, purge_id: str, requests: Iterable[tuple[str, str, str | None]],
+                  entry_ids: Iterable[str]) -> bytes:
+    """What governance keys sign to approve a forget purge: the store, the purge, each forget
+    request it carries out (request id, subject hash, tag) and the exact entries it erases."""
+    return canonical_encode("memstream.longterm.purge.v1", {
+        "store_id": store_id, "purge_id": purge_id,
+        "requests": "\n".join(json.dumps([rid, sh, tag]) for rid, sh, tag in sorted(requests, key=lambda r: r[0])),
+        "entry_ids": "\n".join(sorted(entry_ids))})
 
 
 @dataclass(frozen=True)

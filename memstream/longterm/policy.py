@@ -1,22 +1,20 @@
 """The learned write policy: is this latent worth keeping beyond the session?
 
-**Training signal: later retrieval.** A stream of real latents (MiniLM token states of the
-local corpus, one document = one session, sessions in a seeded random order) is split in
-time: the first 70% are write candidates, the last 30% are the queries that come later.
-A candidate is labelled *worth keeping* when it is among the 10 nearest candidates
-(cosine) of at least one later query, i.e. when keeping it would have answered a future
-retrieval. The label is only known afterwards; the policy must predict it at write time.
+**Training signal: what happens in use.** Sessions of real text are replayed
+(:mod:`memstream.longterm.train_policy`): every read offers its query latent, as query-time
+retention does, and a candidate is labelled *worth keeping* when, had it been retained, a
+later read retrieved it (top 8 by cosine) and it served that read better than the read's own
+episodic reconstruction. The label is only known afterwards; the policy predicts it at write
+time.
 
 **Features at write time** (what the store can compute when a latent arrives): the unit
 latent itself (384), the cosine similarity to its nearest stored entry (novelty), the mean
-similarity to its 10 nearest (density) and the log of the latent's norm. During training
-the "store" at time t is every earlier candidate.
-
-The dataset stacks several random session orders, so the label estimates the chance of
-retrieval over many futures. **Model**: a two-layer MLP (387 -> 32 -> 1, sigmoid) trained
-with binary cross-entropy in torch for 3 epochs (seconds on an idle core); the weights ship as ``write_policy.npz`` and inference is numpy,
-so deciding costs no torch import. The decision threshold maximises F1 on a held-out
-split. Retrain with ``python -m memstream.longterm.train_policy``.
+similarity to its 10 nearest (density) and the log of the latent's norm. The shipped model
+reads only the last three (``SCALARS``): the coordinates describe which training documents
+sat where, not what later reads come back to. **Model**: a two-layer MLP (3 -> 32 -> 1,
+sigmoid) trained with binary cross-entropy in torch; the weights, the threshold and their
+provenance (``info``) ship as ``write_policy.npz``, and inference is numpy, so deciding costs
+no torch import. Retrain with ``python -m memstream.longterm.train_policy``.
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ from memstream.errors import ConfigError
 
 WEIGHTS = Path(__file__).with_name("write_policy.npz")
 K = 10
+SCALARS = 3  # the last columns of features(): best and mean neighbour cosine, log norm
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,8 @@ class WritePolicy:
 
     def scores(self, latents: np.ndarray, neighbor_sims: np.ndarray) -> np.ndarray:
         p = self.params
-        x = (features(latents, neighbor_sims) - p["mu"]) / p["sigma"]
+        x = features(latents, neighbor_sims)
+        x = (x[:, -p["w1"].shape[0]:] - p["mu"]) / p["sigma"]  # a model of the scalars only reads the last SCALARS
         h = np.maximum(x @ p["w1"] + p["b1"], 0.0)
         logit = (h @ p["w2"] + p["b2"]).reshape(-1)
         return 1.0 / (1.0 + np.exp(-np.clip(logit, -60.0, 60.0)))  # a logit past +-60 is 0 or 1 anyway
@@ -91,4 +91,6 @@ class WritePolicy:
         sims = np.asarray(neighbor_sims, np.float32).reshape(1, -1)
         score = float(self.scores(np.asarray(latent).reshape(1, -1), sims)[0])
         novelty = 1.0 - float(sims.max()) if sims.size else 1.0
-        return WriteDecision(score >= self.threshold, score, novelty)
+        # A store of fewer than K entries keeps what it is offered: the model scores nearness to
+        # what is stored, so an empty store would otherwise never take its first entry.
+        return WriteDecision(score >= self.threshold or sims.size < K, score, novelty)

@@ -5,7 +5,7 @@ long-term entry whose provenance is the validator key hash, the hash of the trig
 
 The read path only queues the candidate (:meth:`Retention.offer`). A background thread
 decides and writes in batches: the policy's neighbour similarities are the read's own
-long-term hits when it had some, else a search of the store, and in both cases also the
+long-term hits when it had some, else one search of the store for the batch, and in both cases also the
 candidates this writer already kept but has not yet seen in a search, so a burst of one
 query is not kept many times. Each batch is one :meth:`LongTermStore.append` with
 ``if_absent=True``; an entry's id is a hash of its content, timestamp included, so a retried
@@ -176,9 +176,14 @@ class Retention:
 
     def _decide(self, pending: list[Candidate]) -> list[Entry]:
         entries = []
-        for c in pending:
+        unread = [i for i, c in enumerate(pending) if c.neighbor_sims is None]
+        # One search for the whole batch: a search per candidate cost the reader's cores more
+        # than the reads' own work.
+        searched = dict(zip(unread, self.store.neighbor_sims(np.stack([pending[i].latent for i in unread]), K)
+                            if unread else ()))
+        for i, c in enumerate(pending):
             sims = list(c.neighbor_sims) if c.neighbor_sims is not None else [
-                1.0 - h.distance for h in self.store.search(c.latent, K, record_access=False)]
+                float(s) for s in searched[i] if not np.isnan(s)]
             unit = c.latent / max(float(np.linalg.norm(c.latent)), 1e-12)
             if self._kept:
                 sims += (np.stack(self._kept) @ unit).tolist()

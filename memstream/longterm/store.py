@@ -1,11 +1,14 @@
 """The long-term memory store: signed, append-only entries in LanceDB, attested by an
-RFC 6962 Merkle log whose signed tree heads go to storage and to a Kafka topic.
+RFC 6962 Merkle log whose signed tree heads go to storage, to a Kafka topic and to a witness
+(:mod:`memstream.witness`) that cosigns each head only if it extends the heads it cosigned before.
 
 Layout under the store root (a local folder or ``s3://bucket/prefix``)::
 
     _store.json                 store id, dimension, metric (created once, conditional put)
     _leases/                    writer, maintenance and sequencer leases (see lease.py)
     _heads/<size>.json          each signed tree head with its frontier, named by tree size (read by appends)
+    _purges/<purge>/approvals/  governance approvals of a planned forget purge, one object per key
+    _appends/pending.json       the append in progress: its entry ids, leaves and pre-signed tree head
     entries.lance               hot tier: signed entries, never rewritten
     merkle_log.lance            leaf_index, entry_id, leaf_hash: the log's leaves in order
     tree_heads.lance            every signed tree head, with the frontier that extends it
@@ -41,19 +44,19 @@ import numpy as np
 import pyarrow as pa
 
 from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey, check_distinct_roles
-from memstream.crypto.merkle import MerkleFrontier, MerkleTree
+from memstream.crypto.merkle import MerkleFrontier, MerkleTree, consistency_proof_from
 from memstream.crypto.hashing import domain_hash
 from memstream.crypto.proof import verify_inclusion
-from memstream.crypto.signed import SignedTreeHead, verify_record
-from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError, IntegrityError, ReplayError,
-                              ServiceError, SignatureError, VerificationError)
+from memstream.crypto.signed import CosignedTreeHead, SignedTreeHead, verify_record
+from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError, IntegrityError, KeyRoleError,
+                              LeaseError, ReplayError, ServiceError, SignatureError, VerificationError)
 from memstream.faults import crash_point
 from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, check_row,
-                                      entry_leaf_hash, subject_hash, table_leaves)
+                                      entry_leaf_hash, purge_message, subject_hash, table_leaves)
 from memstream.longterm.policy import K, WriteDecision, WritePolicy
 from memstream.schemas.generate import arrow_schema, to_arrow
 from memstream.schemas.records import (AccessRecord, AccessStats, ForgetRequestRow, LongTermEntry, MerkleLeaf,
-                                       PurgeAttestation, PurgeRecord, RemovalRecord, TreeHeadRow)
+                                       PurgeApprovalRecord, PurgeAttestation, PurgeRecord, RemovalRecord, TreeHeadRow)
 from memstream.settings import (ATTESTATIONS_TOPIC, HNSW_ROWS, LATENT_DIM, LEASE_TTL_S, LONGTERM_EF, LONGTERM_INDEX,
                                 LONGTERM_METRIC, LONGTERM_REFINE, NPROBES)
 from memstream.storage.lance import connect
@@ -152,21 +155,29 @@ class VerifyReport:
     tree_head: SignedTreeHead | None = None
     failures: list[RowFailure] = field(default_factory=list)
     log_failures: list[str] = field(default_factory=list)
+    # Checks against the heads a witness cosigned: how many, and each one the store does not extend.
+    witnessed_heads: int = 0
+    witness_failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not self.log_failures
+        return not self.failures and not self.log_failures and not self.witness_failures
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "rows_checked": self.rows_checked, "tree_size": self.tree_size,
                 "tree_head": self.tree_head.to_dict() if self.tree_head else None,
                 "failures": [f.__dict__ for f in self.failures], "log_failures": self.log_failures,
+                "witnessed_heads": self.witnessed_heads, "witness_failures": self.witness_failures,
                 "seconds": round(self.seconds, 3)}
 
 
 def _head_key(size: int) -> str:
     return f"_heads/{size:020d}.json"
+
+
+# The intent of the append in progress (one at a time: appends hold the sequencer).
+_INTENT = "_appends/pending.json"
 
 
 def head_size(head: SignedTreeHead | None) -> int:
@@ -185,9 +196,15 @@ class LongTermStore:
     """Open (creating if needed) a long-term store.
 
     ``keyring`` holds the validator keys whose signatures the store accepts (old keys stay
-    after a rotation); ``signer`` is this process's validator key, needed to write.
-    ``governance`` enables :meth:`remove`. With ``kafka_bootstrap`` every new signed tree
-    head is also published to ``tree_head_topic``.
+    after a rotation); ``signer`` is this process's validator key, needed to write: entries
+    and tree heads are a validator's to sign, never a maintenance or governance key's.
+    ``governance`` enables :meth:`remove`. ``maintenance_keys`` are the public keys of the
+    maintenance key that signs purge attestations. One key never serves two roles. With
+    ``kafka_bootstrap`` every new signed tree head is also published to ``tree_head_topic``;
+    with ``witness`` (a :class:`memstream.witness.Witness`, with its own storage and key) it is
+    also cosigned.
+
+    Opening finishes, or undoes, an append that a crash interrupted (see :meth:`append`).
     """
 
     def __init__(self, uri: str, *, keyring: KeyRing, signer: SigningKey | None = None,
@@ -195,7 +212,8 @@ class LongTermStore:
                  cold_storage_options: dict[str, str] | None = None, governance: GovernancePolicy | None = None,
                  dim: int = LATENT_DIM, metric: str = LONGTERM_METRIC, kafka_bootstrap: str | None = None,
                  tree_head_topic: str = ATTESTATIONS_TOPIC, lease_ttl_s: float = LEASE_TTL_S,
-                 access_flush_every: int = 256):
+                 access_flush_every: int = 256, maintenance_keys: Iterable[VerifyKey | SigningKey] = (),
+                 witness=None):
         self.uri = uri.rstrip("/")
         self.keyring = keyring
         self.signer = signer
@@ -207,9 +225,17 @@ class LongTermStore:
         self.kafka_bootstrap = kafka_bootstrap
         self.tree_head_topic = tree_head_topic
         self.access_flush_every = access_flush_every
+        self.witness = witness
+        if signer is not None and signer.role not in (None, "validator"):
+            raise KeyRoleError(f"the long-term store signs entries and tree heads with a validator key, and "
+                               f"key {signer.key_id} is a {signer.role} key: pass the validator's key as signer "
+                               "(make one with `memstream keys new --role validator`)")
         if signer is not None and signer.key_id not in keyring:
             keyring.add(signer)
-        check_distinct_roles({"validator": keyring, "governance": governance.keys if governance else None})
+        self.maintenance_keys = KeyRing(maintenance_keys)
+        check_distinct_roles({"validator": keyring, "governance": governance.keys if governance else None,
+                              "maintenance": self.maintenance_keys,
+                              "witness": witness.witness_keys if witness is not None else None})
         objects = object_store(self.uri, self.storage_options)
         self._objects = objects
         self.leases = Leases(objects, ttl_s=lease_ttl_s)
@@ -227,6 +253,7 @@ class LongTermStore:
         self._producer = None
         self._unindexed = LOOKUP_INDEX_EVERY  # unknown at open: check the lookup indexes on the first append
         self._lookup: dict[str, object] = {}  # table name -> lance dataset kept open: its index cache stays warm
+        self.recover()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -278,9 +305,15 @@ class LongTermStore:
         log one Merkle leaf per entry and publish a new signed tree head.
 
         ``if_absent=True`` makes a retried batch harmless: entries already logged are skipped
-        (``AppendResult.skipped``) instead of refused. A batch a crash interrupted is
-        finished by the next append: rows written but not logged are logged without being
-        written twice, and leaves logged under no tree head get one."""
+        (``AppendResult.skipped``) instead of refused.
+
+        The batch is all or nothing. Under the writer and sequencer leases it first stores its
+        intent (entry ids, leaves, and the tree head that will cover them, signed in advance),
+        then commits rows, leaves and head, checking its fencing tokens before each commit. A
+        crash or a fenced writer leaves the intent behind, and the next append or open of the
+        store resolves it (:meth:`recover`): the batch is finished from the intent if its rows
+        were committed, and otherwise dropped, so a crash at any point leaves a store that
+        verifies, with each entry written once or not at all."""
         entries = list(entries)
         if not entries:
             raise ConfigError("append() needs at least one entry")
@@ -294,8 +327,13 @@ class LongTermStore:
         ids = [e.entry_id for e in entries]
         if len(set(ids)) != len(ids):
             raise ReplayError("the batch holds the same entry twice: each entry is written once")
-        with self.leases.writer(), self.leases.sequencer():
-            head, frontier = self._finish_logged(*self._latest_head())
+        with self.leases.writer() as writer, self.leases.sequencer() as sequencer:
+            def fence() -> None:
+                writer.check()
+                sequencer.check()
+
+            self._resolve_intent(fence)
+            head, frontier = self._finish_logged(*self._latest_head(), fence)
             # Under the sequencer no other batch can log these ids between check and append.
             seen = self._present(self._tables["merkle_log"], ids)
             if seen and not if_absent:
@@ -313,33 +351,128 @@ class LongTermStore:
                 missing = targets - known
                 if missing:
                     raise ConfigError(f"superseded entr(y/ies) not in this store: {sorted(missing)[:3]}")
-            # Rows a crashed attempt of this batch wrote but never logged are not written again.
+            # Rows written but never logged (by a store older than intents) are not written again.
             written = self._present(self._tables["entries"], [e.entry_id for e, _ in todo])
             fresh = [e for e, _ in todo if e.entry_id not in written]
-            if fresh:
-                self._tables["entries"].add(self._rows(fresh))
-            crash_point("longterm.append.rows")
             first = frontier.size
             for _, lh in todo:
                 frontier.append_hash(lh)
-            self._tables["merkle_log"].add(pa.table({
-                "leaf_index": pa.array(range(first, first + len(todo)), pa.int64()),
-                "entry_id": pa.array([e.entry_id for e, _ in todo], pa.string()),
-                "leaf_hash": pa.array([lh for _, lh in todo], pa.binary())}, schema=SCHEMAS["merkle_log"]))
+            row = self._head_row(frontier)
+            intent = {"first": first, "entry_ids": [e.entry_id for e, _ in todo],
+                      "leaf_hashes": [lh.hex() for _, lh in todo], "head": json.loads(row.to_json()),
+                      "token": sequencer.token}
+            fence()
+            if not self._objects.put_if_absent(_INTENT, json.dumps(intent).encode()):
+                raise VerificationError(f"{_INTENT} appeared while this append held the sequencer: another "
+                                        "process writes without it; stop it and run `memstream verify longterm`")
+            crash_point("longterm.append.intent")
+            if fresh:
+                fence()
+                self._tables["entries"].add(self._rows(fresh))
+            crash_point("longterm.append.rows")
+            fence()
+            self._log_leaves(first, intent["entry_ids"], [lh for _, lh in todo])
             crash_point("longterm.append.leaves")
-            sth = self._sign_head(frontier)
+            fence()
+            self._store_head(row)
+            crash_point("longterm.append.head")
+            self._objects.delete(_INTENT)
+            sth = self._head_of(dataclasses.asdict(row))
             self._keep_lookup_indexes(len(todo))
         self._publish(sth)
         return AppendResult([e.entry_id for e, _ in todo], first, sth, skipped)
 
-    def _sign_head(self, frontier: MerkleFrontier) -> SignedTreeHead:
+    def _log_leaves(self, first: int, entry_ids: list[str], leaf_hashes: list[bytes]) -> None:
+        self._tables["merkle_log"].add(pa.table({
+            "leaf_index": pa.array(range(first, first + len(entry_ids)), pa.int64()),
+            "entry_id": pa.array(entry_ids, pa.string()),
+            "leaf_hash": pa.array(leaf_hashes, pa.binary())}, schema=SCHEMAS["merkle_log"]))
+
+    def _head_row(self, frontier: MerkleFrontier) -> TreeHeadRow:
         sth = SignedTreeHead.create(self.signer, self.store_id, frontier.size, frontier.root(), time.time_ns())
-        row = TreeHeadRow(**dataclasses.asdict(sth), frontier=frontier.hashes)
+        return TreeHeadRow(**dataclasses.asdict(sth), frontier=frontier.hashes)
+
+    def _store_head(self, row: TreeHeadRow) -> None:
         self._tables["tree_heads"].add(to_arrow([row], TreeHeadRow))
         # Also as an object named by its size: the next append reads the head it extends with
         # one GET instead of a scan of tree_heads (one fragment per append until compacted).
-        self._objects.put_if_absent(_head_key(sth.tree_size), row.to_json())
-        return sth
+        self._objects.put_if_absent(_head_key(row.tree_size), row.to_json())
+
+    def recover(self, timeout_s: float = 0.0, strict: bool = False) -> bool:
+        """Resolve an append that a crash (or a fenced writer) left unfinished: finish it when
+        its rows were committed, drop it when they were not. Opening the store and
+        :meth:`verify` call this; an append in progress elsewhere is left alone (its leases
+        are live). Returns whether an interrupted append was resolved. An intent that does
+        not check out is logged and left for :meth:`verify` to report, unless ``strict``."""
+        if self._objects.get(_INTENT) is None:
+            return False
+        try:
+            with self.leases.writer(timeout_s) as writer, self.leases.sequencer(timeout_s) as sequencer:
+                def fence() -> None:
+                    writer.check()
+                    sequencer.check()
+                return self._resolve_intent(fence)
+        except LeaseError:
+            log.info("an append is in progress in another process: it finishes its own batch")
+            return False
+        except IntegrityError as e:
+            if strict:
+                raise
+            log.error("the interrupted append in %s/%s was left as it is: %s", self.uri, _INTENT, e)
+            return False
+
+    def _resolve_intent(self, fence) -> bool:
+        """Under the sequencer: finish or drop the batch of a stored intent."""
+        body = self._objects.get(_INTENT)
+        if body is None:
+            return False
+        try:
+            intent = json.loads(body)
+            row = TreeHeadRow.from_json(json.dumps(intent["head"]).encode())
+            ids, hashes, first = intent["entry_ids"], [bytes.fromhex(h) for h in intent["leaf_hashes"]], intent["first"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise VerificationError(f"{_INTENT} is unreadable ({e}): run `memstream verify longterm` and "
+                                    "investigate") from None
+        sth = self._head_of(dataclasses.asdict(row))
+        sth.verify(self.keyring)
+        if row.tree_size != first + len(ids) or len(hashes) != len(ids):
+            raise VerificationError(f"{_INTENT} does not describe one batch: investigate")
+        present: set[str] = set()
+        for _, table in self._tier_tables(True):  # a demotion may have moved them since
+            for start in range(0, len(ids), 1000):
+                present.update(self._read(table, ["entry_id"], _ids_predicate(ids[start:start + 1000]))["entry_id"]
+                               .to_pylist())
+        if len(present) < len(ids):
+            # The rows commit never happened: nothing of the batch was logged. Drop it.
+            fence()
+            self._objects.delete(_INTENT)
+            log.warning("dropped an interrupted append of %d entries whose rows were never committed", len(ids))
+            return True
+        logged = self._tables["merkle_log"].count_rows()
+        if logged == first:
+            prev = self._latest_head()[1]
+            if prev.size != first:
+                raise VerificationError(f"the interrupted append extends a log of {first} leaves; the latest "
+                                        f"signed tree head covers {prev.size}: investigate")
+            for lh in hashes:
+                prev.append_hash(lh)
+            if prev.root() != row.root_hash:
+                raise VerificationError(f"the leaves of {_INTENT} do not match its signed tree head: investigate")
+            fence()
+            self._log_leaves(first, ids, hashes)
+        elif logged != first + len(ids):
+            raise VerificationError(f"the merkle_log holds {logged} leaves; the interrupted append logs "
+                                    f"{first}..{first + len(ids)}: run `memstream verify longterm` and investigate")
+        stored = self._read(self._tables["tree_heads"], ["signature"], f"tree_size = {row.tree_size}")
+        if row.signature not in stored["signature"].to_pylist():
+            fence()
+            self._store_head(row)
+        else:
+            self._objects.put_if_absent(_head_key(row.tree_size), row.to_json())
+        fence()
+        self._objects.delete(_INTENT)
+        log.warning("finished an interrupted append of %d entries (tree size %d)", len(ids), row.tree_size)
+        return True
 
     def _lookup_ds(self, name: str):
         """The table as a lance dataset at its latest version, kept open between calls so that
@@ -362,10 +495,10 @@ class LongTermStore:
                          .to_pylist())
         return found
 
-    def _finish_logged(self, head: SignedTreeHead | None,
-                       frontier: MerkleFrontier) -> tuple[SignedTreeHead | None, MerkleFrontier]:
-        """Leaves logged by a batch that crashed before its tree head was signed: sign one
-        that covers them, so they are never logged twice (their rows were written first)."""
+    def _finish_logged(self, head: SignedTreeHead | None, frontier: MerkleFrontier,
+                       fence) -> tuple[SignedTreeHead | None, MerkleFrontier]:
+        """Leaves logged under no tree head and no intent (by a store older than intents):
+        sign a head that covers them, so they are never logged twice."""
         logged = self._tables["merkle_log"].count_rows()
         if logged == frontier.size:
             return head, frontier
@@ -378,7 +511,10 @@ class LongTermStore:
         for lh in tail["leaf_hash"].to_pylist():
             frontier.append_hash(lh)
         log.warning("signing a tree head for %d leaves an interrupted append logged", logged - head_size(head))
-        return self._sign_head(frontier), frontier
+        row = self._head_row(frontier)
+        fence()
+        self._store_head(row)
+        return self._head_of(dataclasses.asdict(row)), frontier
 
     def _keep_lookup_indexes(self, added: int) -> None:
         """Keep the id, edit and tree-size lookups of :meth:`append` and :meth:`search`
@@ -469,6 +605,8 @@ class LongTermStore:
         return self._latest_head()[0]
 
     def _publish(self, sth: SignedTreeHead) -> None:
+        if self.witness is not None:
+            self.witness_tree_head(sth=sth)
         if not self.kafka_bootstrap:
             return
         from kafka import KafkaProducer
@@ -482,6 +620,42 @@ class LongTermStore:
             raise ServiceError(f"publishing tree head {sth.tree_size} to {self.tree_head_topic} at "
                                f"{self.kafka_bootstrap} failed ({e}); it is kept in storage, publish it again "
                                "with publish_tree_head()") from e
+
+    def witness_tree_head(self, witness=None, sth: SignedTreeHead | None = None) -> CosignedTreeHead | None:
+        """Have ``witness`` (default: the store's) cosign ``sth`` (default: the latest head),
+        with a consistency proof from the last head it cosigned for this store. WitnessRefusal
+        when the store does not extend that head (rolled back, truncated or forked)."""
+        witness = witness if witness is not None else self.witness
+        if witness is None:
+            raise ConfigError("no witness: open the store with witness=Witness(...) or pass one")
+        sth = sth if sth is not None else self.latest_tree_head()
+        if sth is None:
+            return None
+        last = witness.latest_tree_head(self.store_id)
+        m = last.tree_size if last is not None else 0
+        if m > sth.tree_size and last.root_hash in self._read(self._tables["tree_heads"], ["root_hash"],
+                                                              f"tree_size = {m}")["root_hash"].to_pylist():
+            return last  # another writer's newer head of this log was cosigned first: it covers this one
+        proof = self._consistency_from(m, sth.tree_size) if 0 < m < sth.tree_size else []
+        return witness.cosign_tree_head(sth, proof)
+
+    def _consistency_from(self, m: int, n: int) -> list[bytes]:
+        """PROOF(m, D[n]) from the stored frontier of the head of size m and the leaves logged
+        since (no read of the whole log); the whole log when no head of size m is stored."""
+        body = self._objects.get(_head_key(m))
+        if body is not None:
+            hashes = TreeHeadRow.from_json(body).frontier
+        else:
+            rows = self._read(self._tables["tree_heads"], ["frontier"], f"tree_size = {m}").to_pylist()
+            if not rows:
+                return self.consistency_proof(m, n)
+            hashes = rows[0]["frontier"]
+        tail = self._read(self._tables["merkle_log"], None,
+                          f"leaf_index >= {m} AND leaf_index < {n}").sort_by("leaf_index")
+        if tail["leaf_index"].to_pylist() != list(range(m, n)):
+            raise VerificationError(f"the merkle_log does not hold leaves {m}..{n - 1} in order: "
+                                    "run `memstream verify longterm`")
+        return consistency_proof_from(MerkleFrontier(m, hashes), tail["leaf_hash"].to_pylist())
 
     def publish_tree_head(self) -> SignedTreeHead | None:
         sth = self.latest_tree_head()
@@ -559,6 +733,25 @@ class LongTermStore:
             self.record_access(hits)
         return hits
 
+    def neighbor_sims(self, vectors, k: int = K, *, nprobes: int = NPROBES, ef: int = LONGTERM_EF) -> np.ndarray:
+        """[n, k] cosine similarities of each of ``vectors`` [n, d] to its ``k`` nearest hot
+        entries as stored (no edit chains followed), NaN where the store holds fewer: the write
+        policy's neighbourhood. One query for all vectors, so a retention batch costs one search."""
+        if self.metric != "cosine":
+            raise ConfigError("neighbor_sims reads cosine similarities: open the store with metric='cosine'")
+        q = np.atleast_2d(np.asarray(vectors, np.float32))
+        out = np.full((len(q), k), np.nan, np.float32)
+        if not len(q):
+            return out
+        res = (self._tables["entries"].search(q if len(q) > 1 else q[0], vector_column_name="vector")
+               .distance_type("cosine").nprobes(nprobes).ef(max(ef, k)).limit(k).select(["_distance"]).to_arrow())
+        rows = res["query_index"].to_numpy() if "query_index" in res.schema.names else np.zeros(res.num_rows, int)
+        dist = res["_distance"].to_numpy()
+        for i in range(len(q)):  # each query's hits come nearest first
+            d = dist[rows == i][:k]
+            out[i, :len(d)] = 1.0 - d
+        return out
+
     def _newest(self, q: np.ndarray, hits: list[Hit], include_cold: bool) -> list[Hit]:
         """Follow each hit's ``supersedes`` links forward to the newest version."""
         cols = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
@@ -633,7 +826,7 @@ class LongTermStore:
         """Maintenance: fold the access log into access_stats and empty it. Returns the
         number of log rows merged."""
         self.flush_access_log()
-        with self.leases.maintenance():
+        with self.leases.maintenance() as lease:
             logged = self._read(self._tables["access_log"])
             if not logged.num_rows:
                 return 0
@@ -642,6 +835,7 @@ class LongTermStore:
                 s = stats.setdefault(r["entry_id"], [0, 0])
                 s[0] += 1
                 s[1] = max(s[1], r["ts_ns"])
+            lease.check()
             self._tables["access_stats"].add(pa.table({
                 "entry_id": list(stats), "count": [s[0] for s in stats.values()],
                 "last_ns": [s[1] for s in stats.values()]}, schema=SCHEMAS["access_stats"]), mode="overwrite")
@@ -691,7 +885,7 @@ class LongTermStore:
         """Move entries to the cold tier: copy, verify the signatures of the cold copy,
         then remove them from the hot tier. Excludes writers while it runs."""
         pred = _ids_predicate(entry_ids)
-        with self.leases.maintenance():
+        with self.leases.maintenance() as lease:
             rows = self._read(self._tables["entries"], None, pred)
             if not rows.num_rows:
                 return []
@@ -702,20 +896,23 @@ class LongTermStore:
             already = set(self._read(self._cold, ["entry_id"], _ids_predicate(ids))["entry_id"].to_pylist())
             fresh = rows.filter(pa.array([i not in already for i in ids]))
             if fresh.num_rows:
+                lease.check()
                 self._cold.add(fresh)
             copied = self._read(self._cold, None, _ids_predicate(ids))
             ok, failed = self._check_rows(copied, "cold")
             if failed or set(copied["entry_id"].to_pylist()) != set(ids):
                 raise VerificationError("the cold copy does not verify; the hot rows were kept: "
                                         f"{[f.entry_id for f in failed][:5]}")
+            lease.check()
             self._tables["entries"].delete(_ids_predicate(ids))
             return ids
 
     def compact(self, cleanup_older_than: timedelta = timedelta(days=7)) -> None:
         """Compact files and drop old versions of every table. It deletes storage objects,
         so it holds the maintenance lease: no writer runs meanwhile."""
-        with self.leases.maintenance():
+        with self.leases.maintenance() as lease:
             for table in [*self._tables.values(), self._cold]:
+                lease.check()  # deleting unreferenced files is safe only while writers are kept out
                 table.optimize(cleanup_older_than=cleanup_older_than, delete_unverified=True)
 
     def erase(self, entry_ids: Sequence[str], lease_timeout_s: float = 300.0,
@@ -732,7 +929,7 @@ class LongTermStore:
         erased per tier, the fragments rewritten (of all) and the index rebuilds."""
         ids = sorted(set(entry_ids))
         removed = {"hot": 0, "cold": 0, "fragments_rewritten": 0, "fragments": 0, "index_rebuilds": 0}
-        with self.leases.maintenance(lease_timeout_s):
+        with self.leases.maintenance(lease_timeout_s) as lease:
             for tier, table in self._tier_tables(True):
                 n, vectors, held = 0, [], set()
                 for start in range(0, len(ids), 10_000):
@@ -741,12 +938,13 @@ class LongTermStore:
                     if rows.num_rows:
                         vectors.append(rows["vector"].combine_chunks().values.to_numpy(zero_copy_only=False))
                         held |= {a >> 32 for a in rows["_rowaddr"].to_pylist()}  # the fragment of each row
+                        lease.check()
                         table.delete(pred)
                     n += rows.num_rows
                 removed[tier] = n
                 forgotten = (np.concatenate(vectors).reshape(-1, self.dim) if vectors
                              else np.zeros((0, self.dim), np.float32))
-                done = self._rewrite_without_deleted(table, tier, held, forgotten, rebuild_indexes)
+                done = self._rewrite_without_deleted(table, tier, held, forgotten, rebuild_indexes, lease)
                 for key in ("fragments_rewritten", "fragments", "index_rebuilds"):
                     removed[key] += done[key]
             # Retrieval records of the erased entries hold only their ids; readers append to the
@@ -757,7 +955,7 @@ class LongTermStore:
         return removed
 
     def _rewrite_without_deleted(self, table, tier: str, held: set[int], forgotten: np.ndarray,
-                                 rebuild: bool) -> dict[str, int]:
+                                 rebuild: bool, lease) -> dict[str, int]:
         """Rewrite the fragments ``held`` (those that held erased rows; on a retry, every fragment
         that still has deletions), then clean up."""
         from lancedb.index import Bitmap, BTree, LabelList
@@ -769,6 +967,7 @@ class LongTermStore:
         touched = sorted(held & {f.fragment_id for f in fragments})
         out = {"fragments": len(fragments), "fragments_rewritten": len(touched), "index_rebuilds": 0}
         if touched:
+            lease.check()
             # Other fragments stay as they are (deletions of demoted rows included) and bound the
             # groups compaction merges; the same commit remaps every index to the rewritten rows.
             ds.optimize.compact_files(materialize_deletions_threshold=0.0, excluded_fragment_ids=sorted(
@@ -787,6 +986,7 @@ class LongTermStore:
                     raise ConfigError(f"cannot rebuild index {idx.name} of type {idx.index_type}")
                 table.create_index(idx.columns[0], config=scalar(), replace=True)
         table.checkout_latest()
+        lease.check()
         table.to_lance().cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
         table.checkout_latest()
         return out
@@ -802,7 +1002,7 @@ class LongTermStore:
             raise ConfigError("removal request ids are 32 hex digits: let RemovalRequest generate it")
         approved_by = self.governance.check(request.message(), approvals)
         pred = _ids_predicate(request.entry_ids)
-        with self.leases.maintenance():
+        with self.leases.maintenance() as lease:
             done = self._read(self._tables["removals"], ["request_id"], f"request_id = '{request.request_id}'")
             if done.num_rows:
                 raise ReplayError(f"removal request {request.request_id} was already applied: issue a new request")
@@ -810,9 +1010,11 @@ class LongTermStore:
             for _, table in self._tier_tables(True):
                 n = self._read(table, ["entry_id"], pred).num_rows
                 if n:
+                    lease.check()
                     table.delete(pred)
                 removed += n
             approvals_json = json.dumps([{"key_id": a.key_id, "signature": a.signature.hex()} for a in approvals])
+            lease.check()
             self._tables["removals"].add(to_arrow([RemovalRecord(request.request_id, request.to_json().decode(),
                                                                  approvals_json, time.time_ns())], RemovalRecord))
         return RemovalReceipt(request.request_id, removed, approved_by)
@@ -864,10 +1066,15 @@ class LongTermStore:
         return check_table(rows, tier, self.store_id, self.keyring, self.dim)
 
     def verify(self, workers: int | None = None, trusted_head: SignedTreeHead | None = None,
-               full: bool = False) -> VerifyReport:
+               full: bool = False, witnessed: Sequence[CosignedTreeHead] | None = None) -> VerifyReport:
         """Check every row's id, its key binding and its inclusion under the latest signed tree
         head (or ``trusted_head``, e.g. one read from the Kafka topic); report each failing
         row. Logged entries with no row and no approved removal are failures too.
+
+        ``witnessed``: the heads a witness cosigned for this store (read with
+        :class:`memstream.witness.WitnessLog`, which checks the cosignatures). The log must
+        extend every one: a store whose newest head is behind one was rolled back, a log with
+        fewer leaves was truncated, another root at that size is a fork.
 
         A row's Merkle leaf hashes its message, key id and signature, and every tree head is
         signed by a validator that checked each entry's signature before logging it, so by
@@ -876,6 +1083,10 @@ class LongTermStore:
         signature."""
         started = time.monotonic()
         report = VerifyReport()
+        try:
+            self.recover(strict=True)
+        except IntegrityError as e:
+            report.log_failures.append(f"an interrupted append cannot be finished: {e}")
         # The rows are checked by worker processes while this one checks the log and the heads.
         pool = ThreadPoolExecutor(1)
         rows_checked = pool.submit(lambda: [(tier, *self._verify_table(table, tier, workers, full))
@@ -903,6 +1114,9 @@ class LongTermStore:
                                            "the stored log")
             latest = trusted_head
         report.tree_head = latest
+        if witnessed is not None:
+            report.witnessed_heads, report.witness_failures = check_witnessed(
+                self.store_id, self.keyring, tree, heads[-1][0] if heads else None, witnessed)
         size = latest.tree_size if latest else 0
         report.tree_size = size
         index_of = {eid: i for i, eid in enumerate(log_ids)}
@@ -940,7 +1154,7 @@ class LongTermStore:
         removed: set[str] = set()
         for r in self._read(self._tables["removals"]).to_pylist():
             req = RemovalRequest.from_json(r["request"])
-            approvals = [Approval(a["key_id"], bytes.fromhex(a["signature"])) for a in json.loads(r["approvals"])]
+            approvals = _approvals_from_json(r["approvals"])
             try:
                 if self.governance is None:
                     raise GovernanceError("no governance policy configured to check it")
@@ -952,28 +1166,59 @@ class LongTermStore:
         return removed
 
     def _attested_purges(self, report: VerifyReport) -> set[str]:
-        """Entries erased by a forget purge whose attestation is signed by a validator or
-        governance key, for forget requests that are stored and validly signed."""
-        ring = KeyRing([*self.keyring, *(self.governance.keys if self.governance else ())])
+        """Entries erased by a forget purge whose attestation is signed by a validator,
+        governance or maintenance key, names stored and validly signed forget requests with
+        their subject hashes, and carries the M-of-N governance approvals of exactly those
+        requests and entry ids. One key alone cannot launder a removal as a purge."""
+        ring = KeyRing([*self.keyring, *(self.governance.keys if self.governance else ()), *self.maintenance_keys])
         requests = {r["request_id"]: r for r in self._read(self._tables["forget_requests"]).to_pylist()}
         purged: set[str] = set()
         for r in self._read(self._tables["purges"], None, "attestation IS NOT NULL").to_pylist():
             try:
                 att = PurgeAttestation.from_json(r["attestation"])
                 verify_record(att, ring)
-                if att.store_id != self.store_id:
-                    raise VerificationError(f"attests a purge of store {att.store_id}")
-                for rid in att.request_ids:
+                if att.store_id != self.store_id or att.purge_id != r["purge_id"]:
+                    raise VerificationError(f"attests purge {att.purge_id} of store {att.store_id}")
+                if len(att.subject_hashes) != len(att.request_ids):
+                    raise VerificationError("names a subject hash for each of its forget requests, and does not")
+                bound = []
+                for rid, sh in zip(att.request_ids, att.subject_hashes):
                     q = requests.get(rid)
                     if q is None:
                         raise VerificationError(f"names forget request {rid}, which is not stored")
                     ForgetRequest(q["store_id"], q["subject_hash"], q["tag"], q["key_id"], q["signature"], rid,
                                   q["issued_at_ns"]).verify(ring)
-            except (IntegrityError, ValueError, TypeError) as e:
+                    if q["subject_hash"] != sh or q["store_id"] != self.store_id:
+                        raise VerificationError(f"binds forget request {rid} to another subject or store")
+                    bound.append((rid, sh, q["tag"]))
+                if not att.entry_ids:
+                    continue  # nothing erased: nothing to approve
+                if self.governance is None:
+                    raise GovernanceError("no governance policy configured to check its approvals")
+                self.governance.check(purge_message(self.store_id, att.purge_id, bound, att.entry_ids),
+                                      _approvals_from_json(att.approvals))
+            except (IntegrityError, GovernanceError, ValueError, TypeError, KeyError) as e:
                 report.log_failures.append(f"purge {r['purge_id']}: the attestation does not check out: {e}")
                 continue
             purged.update(att.entry_ids)
         return purged
+
+    def add_purge_approval(self, purge_id: str, approval: Approval) -> bool:
+        """Keep a governance key's approval of a planned purge (once per key); False when that
+        key's approval was already kept."""
+        if not re.fullmatch(r"[0-9a-f]{32}", purge_id) or not re.fullmatch(r"[0-9a-f]{32}", approval.key_id):
+            raise ConfigError(f"not a purge id and key id: {purge_id!r}, {approval.key_id!r}")
+        rec = PurgeApprovalRecord(purge_id, approval.key_id, approval.signature, time.time_ns())
+        return self._objects.put_if_absent(f"_purges/{purge_id}/approvals/{approval.key_id}.json", rec.to_json())
+
+    def purge_approvals(self, purge_id: str) -> list[Approval]:
+        out = []
+        for key in sorted(self._objects.list(f"_purges/{purge_id}/approvals")):
+            body = self._objects.get(key)
+            if body is not None:
+                rec = PurgeApprovalRecord.from_json(body)
+                out.append(Approval(rec.key_id, rec.signature))
+        return out
 
     def _verify_table(self, table, tier: str, workers: int | None, full: bool = True):
         ds = table.to_lance()
@@ -996,6 +1241,37 @@ class LongTermStore:
 
     def _opts_for(self, tier: str) -> dict[str, str]:
         return self.cold_storage_options if tier == "cold" else self.storage_options
+
+
+def _approvals_from_json(text: str) -> list[Approval]:
+    return [Approval(a["key_id"], bytes.fromhex(a["signature"])) for a in json.loads(text or "[]")]
+
+
+def check_witnessed(store_id: str, keyring: KeyRing, tree: MerkleTree, newest: SignedTreeHead | None,
+                    witnessed: Sequence[CosignedTreeHead]) -> tuple[int, list[str]]:
+    """How many witnessed heads of ``store_id`` there are, and what is wrong with the log
+    (``tree``, its newest stored head ``newest``) against them. Rollback: the store's newest
+    head is behind a witnessed head. Truncation: the log lost leaves that a head covers
+    while the heads stayed. Fork: the log's leaves under a witnessed head hash to another
+    root. A store behind several witnessed heads is reported against the newest of them."""
+    failures, behind, n = [], None, 0
+    stored = head_size(newest)
+    for w in sorted((w for w in witnessed if w.log_id == store_id), key=lambda w: w.tree_size):
+        n += 1
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(w.witnessed_at_ns / 1e9))
+        try:
+            w.tree_head().verify(keyring)
+        except IntegrityError as e:
+            failures.append(f"witnessed head of size {w.tree_size}: not signed by a validator key of the ring ({e})")
+            continue
+        if tree.size < w.tree_size or stored < w.tree_size:
+            kind = "rollback" if stored < w.tree_size else "truncation"
+            behind = (f"{kind}: the store's newest signed tree head has size {stored} and its merkle_log "
+                      f"{tree.size} leaves, behind the head of size {w.tree_size} the witness cosigned at {when}")
+        if tree.size >= w.tree_size and tree.root(w.tree_size) != w.root_hash:
+            failures.append(f"fork: the log's first {w.tree_size} leaves do not hash to the root of the head the "
+                            f"witness cosigned at {when}: they were rewritten")
+    return n, failures + ([behind] if behind else [])
 
 
 def check_table(rows: pa.Table, tier: str, store_id: str, keyring: KeyRing, dim: int,

@@ -21,14 +21,33 @@ from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey
 from memstream.errors import ConfigError
 
 
-def signing_key(key_env: str | None = None, key_file: str | None = None) -> SigningKey:
-    """The maintenance key that signs GC records and purge attestations: from a key file or
-    an environment variable (never from a DAG's run configuration)."""
+def signing_key(key_env: str | None = None, key_file: str | None = None, role: str = "maintenance") -> SigningKey:
+    """A signing key from a key file or an environment variable (never from a DAG's run
+    configuration): by default the maintenance key, which signs GC and consolidation records
+    and purge attestations; ``role="validator"`` for the key that signs long-term entries and
+    tree heads (consolidation writes entries)."""
     if key_file:
-        return SigningKey.from_file(key_file, role="maintenance")
+        return SigningKey.from_file(key_file, role=role)
     if key_env:
-        return SigningKey.from_env(key_env)
-    raise ConfigError("no maintenance signing key: set the key_file or key_env Param")
+        return SigningKey.from_env(key_env, role=role)
+    prefix = "" if role == "maintenance" else f"{role}_"
+    raise ConfigError(f"no {role} signing key: set the {prefix}key_file or {prefix}key_env Param")
+
+
+def open_witness(uri: str, storage_options: dict[str, str] | None = None, *, log_keys: KeyRing,
+                 key_env: str | None = None, key_file: str | None = None):
+    """The witness at ``uri`` (its own folder or bucket), with its key of role ``witness``
+    from a key file or an environment variable; ``log_keys`` are the validator public keys."""
+    from memstream.witness import Witness
+
+    if key_file:
+        key = SigningKey.from_file(key_file, role="witness")
+    elif key_env:
+        key = SigningKey.from_env(key_env)
+    else:
+        raise ConfigError("no witness key: set witness_key_file or witness_key_env (make one with "
+                          "`memstream keys new --role witness`)")
+    return Witness(uri, storage_options, key=key, log_keys=log_keys)
 
 
 def storage_options(options: dict | None = None, options_env: str | None = None) -> dict[str, str] | None:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from memstream.crypto.hashing import canonical_encode
-from memstream.crypto.keys import SigningKey
+from memstream.crypto.keys import SigningKey, check_distinct_roles
 from memstream.crypto.signed import sign_record
 from memstream.errors import ConfigError
 from memstream.longterm.entry import Entry, session_subject
@@ -67,6 +67,9 @@ def consolidate_sessions(uri: str, storage_options: dict[str, str] | None, longt
         raise ConfigError(f"consolidation needs top >= 1 and min_reads >= 1, got {top}, {min_reads}")
     if key is None and not dry_run:
         raise ConfigError("consolidation signs a record per session: pass the maintenance key")
+    if key is not None and longterm.signer is not None:
+        # Entries are the validator's to sign, records the maintenance key's: never one key for both.
+        check_distinct_roles({"validator": [longterm.signer], "maintenance": [key]})
     store, ledger = _open(uri, storage_options)
     out = {"candidates": 0, "consolidated": 0, "already": 0, "entries": 0, "skipped_existing": 0,
            "sessions": {}, "dry_run": dry_run}

@@ -25,7 +25,7 @@ from memstream.crypto.signed import sign_record
 from memstream.episodic.decay import decay_bias
 from memstream.episodic.ledger import ReadLedger
 from memstream.episodic.store import EpisodicStore
-from memstream.errors import ConfigError
+from memstream.errors import ConfigError, WitnessRefusal
 from memstream.schemas.records import GcRecord
 from memstream.settings import DECAY_CUTOFF, DECAY_K, DECAY_SLOPE
 
@@ -146,4 +146,38 @@ def collect_sessions(uri: str, storage_options: dict[str, str] | None = None, *,
         log.info("session %s collected (%s): %d summaries, %d reads", session, reason,
                  record.summaries_removed, record.reads_removed)
     log.info("session GC (retention %gs): %s", retention_s, {k: v for k, v in out.items() if k != "collected"})
+    return out
+
+
+def anchor_chains(uri: str, storage_options: dict[str, str] | None = None, *, witness) -> dict:
+    """Have ``witness`` cosign each stored session's chain head, with the stored summaries that
+    link it to the head it cosigned before. A session whose link was evicted (decay removed a
+    window after the cosigned one) is reported as ``unlinked``: anchor more often than decay
+    runs. A refusal for a rollback or fork raises WitnessRefusal once every session was tried."""
+    store = EpisodicStore(uri, storage_options)
+    out = {"sessions": 0, "cosigned": 0, "unchanged": 0, "unlinked": []}
+    refused = []
+    sessions = store.sessions()
+    heads = store.heads(sessions)
+    for sid in sessions:
+        head = heads[sid]
+        out["sessions"] += 1
+        last = witness.latest_chain_head(sid)
+        if last is not None and (last.window_index, last.head_hash) == (head.window_index, head.hash):
+            out["unchanged"] += 1
+            continue
+        since = head.window_index if last is None or last.window_index > head.window_index else last.window_index
+        try:
+            witness.cosign_chain_head(store.records(sid, since_window=since))
+            out["cosigned"] += 1
+        except WitnessRefusal as e:
+            if e.kind != "unlinked":
+                refused.append(e)
+                continue
+            out["unlinked"].append(sid)
+            log.warning("chain anchoring: %s", e)
+    log.info("chain anchoring: %s", {**out, "refused": len(refused)})
+    if refused:
+        raise WitnessRefusal(refused[0].kind, f"the witness refused {len(refused)} chain head(s): "
+                                              + "; ".join(map(str, refused[:5])))
     return out

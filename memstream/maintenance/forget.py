@@ -45,11 +45,12 @@ log = logging.getLogger(__name__)
 
 
 def forget_session(uri: str, storage_options: dict[str, str] | None, session_id: str, *, keys: KeyTable,
-                   key: SigningKey, longterm=None, longterm_key: SigningKey | None = None,
+                   key: SigningKey, longterm=None, longterm_key: SigningKey | None = None, approvers=(),
                    now_ns: int | None = None) -> dict:
     """Forget one session (see the module docstring); returns what was removed, the signed
-    record and, with ``longterm`` (a LongTermStore; ``longterm_key`` a validator or governance
-    key of it signs the request and the attestation), the purge attestation. The erasure uses
+    record and, with ``longterm`` (a LongTermStore; ``longterm_key``, a validator or governance
+    key of it, signs the forget request, ``key`` the purge attestation; ``approvers``: the
+    governance keys whose M-of-N approval the purge needs), the purge attestation. The erasure uses
     no ``delete_unverified``, which is what keeps it safe beside a running pipeline."""
     if key is None:
         raise ConfigError("forgetting signs a record of it: pass the maintenance key")
@@ -79,7 +80,7 @@ def forget_session(uri: str, storage_options: dict[str, str] | None, session_id:
             raise ConfigError("forgetting in the long-term store signs a forget request: pass longterm_key")
         subject = session_subject(session_id)
         longterm.request_forget(subject, ForgetRequest.create(longterm_key, longterm.store_id, subject))
-        out["longterm"] = purge.run(longterm, longterm_key)
+        out["longterm"] = purge.run(longterm, key, approvers=approvers)
     log.info("session %s forgotten: %s", session_id, {k: v for k, v in out.items() if k != "record"})
     return out
 

@@ -7,8 +7,10 @@
 * **Compaction** compacts every table and drops versions older than the retention (under the
   maintenance lease), and keeps the hot tier's vector index: built once the tier is large
   enough, rebuilt when too many rows are outside it.
-* **Anchoring** publishes the latest signed tree head to the attestations topic, so that
-  auditors hold a head the store cannot later rewrite.
+* **Anchoring** has a witness (:mod:`memstream.witness`, storage and key of its own) cosign
+  the latest signed tree head, with a consistency proof from the last head it cosigned, and
+  publishes the head to the attestations topic; ``memstream verify longterm --witness``
+  then checks the store against every cosigned head.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from memstream.errors import ConfigError
 from memstream.longterm.entry import GovernancePolicy
 from memstream.longterm.store import LongTermStore
 from memstream.maintenance import keyring
+from memstream.settings import LEASE_TTL_S
 from memstream.storage.lance import connect
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def open_store(uri: str, storage_options: dict[str, str] | None = None, *, keys=(), signer=None,
                cold_uri: str | None = None, cold_storage_options: dict[str, str] | None = None,
-               kafka_bootstrap: str | None = None, lease_ttl_s: float = 600.0, governance_keys=(),
+               kafka_bootstrap: str | None = None, lease_ttl_s: float = LEASE_TTL_S, governance_keys=(),
                governance_threshold: int | None = None, **kw):
     """A :class:`LongTermStore` for maintenance: ``keys`` are the validator public keys,
     ``governance_keys`` (with an M-of-N threshold, default N) those of the governance policy."""
@@ -100,10 +103,15 @@ def compact_episodic(uri: str, storage_options: dict[str, str] | None = None, *,
     return {"tables": len(names)}
 
 
-def anchor(store) -> dict:
-    """Publish the latest signed tree head (to Kafka when the store has a bootstrap)."""
-    sth = store.publish_tree_head()
+def anchor(store, witness=None) -> dict:
+    """Publish the latest signed tree head: to ``witness`` (default: the store's) for its
+    cosignature, and to Kafka when the store has a bootstrap. A witness refusal (the store was
+    rolled back, truncated or forked since the witness last cosigned) raises WitnessRefusal."""
+    witness = witness if witness is not None else store.witness
+    cosigned = store.witness_tree_head(witness) if witness is not None else None
+    sth = store.publish_tree_head() if store.kafka_bootstrap else store.latest_tree_head()
     out = {"tree_size": sth.tree_size if sth else 0, "root_hash": sth.root_hash.hex() if sth else None,
-           "published": bool(sth is not None and store.kafka_bootstrap), "topic": store.tree_head_topic}
+           "published": bool(sth is not None and store.kafka_bootstrap), "topic": store.tree_head_topic,
+           "witnessed": cosigned is not None, "witness": witness.uri if witness is not None else None}
     log.info("anchoring: %s", out)
     return out

@@ -6,16 +6,20 @@
    Merkle log keeps anyway) and salted fingerprints of their payload, vector and signature
    bytes (:mod:`memstream.maintenance.scan`), never the bytes themselves. An unfinished
    plan is resumed rather than replaced, so a crash at any step is retried safely.
-2. :func:`erase` runs :meth:`LongTermStore.erase` under the maintenance lease (writers wait):
+2. :func:`approve`: governance keys review the plan (:func:`review` checks that its entry
+   ids are exactly the entries bound to the requests' subjects and tags) and sign it
+   (:func:`~memstream.longterm.entry.purge_message`); nothing is erased before M of N did.
+   :func:`erase` then runs :meth:`LongTermStore.erase` under the maintenance lease (writers wait):
    delete, rewrite only the fragments that held the rows (the same commit remaps the
    indexes without them; a vector index whose centroid copies an erased vector is rebuilt),
    drop every old version with ``delete_unverified=True``.
 3. :func:`check` scans every object of the store (hot root and cold tier; local files or
    the S3 listing) for the fingerprints and fails if any window is found, or if a row of
    an erased entry is still readable.
-4. :func:`attest` signs a :class:`PurgeAttestation` (entry ids and request ids, scan
-   counts, the tree head at the purge) and stores it in the plan's row;
-   :meth:`LongTermStore.verify` accepts the erased leaves on its strength.
+4. :func:`attest` signs a :class:`PurgeAttestation` (entry ids, request ids and their
+   subject hashes, the governance approvals, scan counts, the tree head at the purge) and
+   stores it in the plan's row; :meth:`LongTermStore.verify` accepts the erased leaves on
+   its strength only with the M-of-N approvals of exactly those requests and entries.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ import numpy as np
 
 from memstream.crypto.keys import KeyRing
 from memstream.crypto.signed import sign_record
-from memstream.errors import ConfigError, IntegrityError, VerificationError
-from memstream.longterm.entry import ForgetRequest
+from memstream.errors import ConfigError, GovernanceError, IntegrityError, VerificationError
+from memstream.longterm.entry import Approval, ForgetRequest, purge_message
 from memstream.maintenance.scan import Markers, scan_storage
 from memstream.schemas.generate import to_arrow
 from memstream.schemas.records import PurgeAttestation, PurgeRecord
@@ -106,11 +110,73 @@ def plan(store) -> dict:
     return out
 
 
+def _requests(store, row: dict) -> list[tuple[str, str, str | None]]:
+    """(request id, subject hash, tag) of each forget request the plan carries out."""
+    stored = {r["request_id"]: r for r in _rows(store.table("forget_requests"))}
+    missing = [rid for rid in row["request_ids"] if rid not in stored]
+    if missing:
+        raise VerificationError(f"purge {row['purge_id']} names forget requests that are not stored: {missing[:3]}")
+    return [(rid, stored[rid]["subject_hash"], stored[rid]["tag"]) for rid in row["request_ids"]]
+
+
+def approval_message(store, purge_id: str) -> bytes:
+    """What each governance key signs to approve the planned purge."""
+    row = _plan_row(store, purge_id)
+    return purge_message(store.store_id, purge_id, _requests(store, row), row["entry_ids"])
+
+
+def review(store, purge_id: str) -> dict:
+    """Check a plan before approving it (before its erase): every entry id it names must be
+    a stored entry (either tier) bound to one of its requests' subjects and tags;
+    VerificationError otherwise. Entries of those subjects written after the plan are counted
+    in ``bound_not_planned`` (a later request and purge takes them)."""
+    row = _plan_row(store, purge_id)
+    requests = _requests(store, row)
+    bound = set()
+    for tier in ("hot", "cold"):
+        for r in store.rows(["entry_id", "forget_subject", "forget_tag"], "forget_subject IS NOT NULL",
+                            tier=tier).to_pylist():
+            if any(r["forget_subject"] == sh and (tag is None or r["forget_tag"] == tag) for _, sh, tag in requests):
+                bound.add(r["entry_id"])
+    planned = set(row["entry_ids"])
+    if planned - bound:
+        raise VerificationError(f"purge {purge_id} names {len(planned - bound)} entr(y/ies) that are not stored "
+                                "entries of its requests' subjects: do not approve it")
+    return {"purge_id": purge_id, "requests": [{"request_id": rid, "subject_hash": sh, "tag": tag}
+                                              for rid, sh, tag in requests], "entries": len(planned),
+            "bound_not_planned": len(bound - planned)}
+
+
+def approve(store, purge_id: str, key) -> dict:
+    """Review the plan and add ``key``'s approval (a governance key of the store's policy)."""
+    if store.governance is None or key.key_id not in store.governance.keys:
+        raise GovernanceError(f"key {key.key_id} is not a governance key of this store: approvals of a purge come "
+                              "from the governance keys of its M-of-N policy")
+    out = review(store, purge_id)
+    added = store.add_purge_approval(purge_id, Approval(key.key_id, key.sign(approval_message(store, purge_id))))
+    out.update(approved_by=key.key_id, added=added, approvals=len(store.purge_approvals(purge_id)))
+    log.info("forget purge approved: %s", out)
+    return out
+
+
+def approved(store, purge_id: str) -> list[str]:
+    """The governance keys whose approvals of the plan are valid; GovernanceError below M."""
+    row = _plan_row(store, purge_id)
+    if not row["entry_ids"]:
+        return []  # a plan that erases nothing needs no approval
+    if store.governance is None:
+        raise GovernanceError("this store has no governance policy, so no purge can be approved: open it with "
+                              "governance_keys (and a threshold)")
+    return store.governance.check(approval_message(store, purge_id), store.purge_approvals(purge_id))
+
+
 def erase(store, purge_id: str, lease_timeout_s: float = 300.0, rebuild_indexes: bool = False) -> dict:
-    """The destructive step of a planned purge (writers excluded); retry-safe.
+    """The destructive step of a planned purge (writers excluded); retry-safe. Refused
+    (GovernanceError) until M of N governance keys approved the plan (:func:`approve`).
     ``rebuild_indexes`` rebuilds every index instead of remapping it (for a retry after a
     crash between the delete and a rebuild, when the erased vectors can no longer be read)."""
     row = _plan_row(store, purge_id)
+    approved(store, purge_id)
     started = time.monotonic()
     removed = (store.erase(row["entry_ids"], lease_timeout_s=lease_timeout_s, rebuild_indexes=rebuild_indexes)
                if row["entry_ids"] else {})
@@ -150,9 +216,14 @@ def attest(store, purge_id: str, key, scan: dict) -> dict:
     if row["attestation"] is not None:
         return json.loads(row["attestation"])
     sth = store.latest_tree_head()
+    approved(store, purge_id)
+    requests = _requests(store, row)
+    approvals = json.dumps([{"key_id": a.key_id, "signature": a.signature.hex()}
+                            for a in store.purge_approvals(purge_id)])
     att = sign_record(PurgeAttestation(
-        schema_version=1, store_id=store.store_id, purge_id=purge_id, request_ids=list(row["request_ids"]),
-        entry_ids=list(row["entry_ids"]), removed_hot=row["removed_hot"], removed_cold=row["removed_cold"],
+        schema_version=2, store_id=store.store_id, purge_id=purge_id, request_ids=[r[0] for r in requests],
+        subject_hashes=[r[1] for r in requests], approvals=approvals, entry_ids=list(row["entry_ids"]),
+        removed_hot=row["removed_hot"], removed_cold=row["removed_cold"],
         tree_size=sth.tree_size if sth else 0, root_hash=sth.root_hash if sth else b"",
         files_scanned=int(scan["files"]), bytes_scanned=int(scan["bytes"]), markers=int(scan["markers"]),
         purged_at_us=time.time_ns() // 1000, signature=b"", key_id=""), key)
@@ -167,11 +238,14 @@ def attestations(store) -> list[PurgeAttestation]:
             for r in _rows(store.table("purges"), "attestation IS NOT NULL")]
 
 
-def run(store, key, lease_timeout_s: float = 300.0) -> dict:
-    """All four steps in one call (what the DAG does task by task)."""
+def run(store, key, lease_timeout_s: float = 300.0, approvers=()) -> dict:
+    """Every step in one call (what the DAG does task by task), ``approvers`` being the
+    governance keys that approve the plan here."""
     p = plan(store)
     if p["purge_id"] is None:
         return p
+    for approver in approvers:
+        approve(store, p["purge_id"], approver)
     erase(store, p["purge_id"], lease_timeout_s)
     return attest(store, p["purge_id"], key, check(store, p["purge_id"]))
 

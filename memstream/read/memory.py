@@ -1,11 +1,10 @@
 """The unified read interface: one ``read(query_latent, session_id, k)`` over both timescales.
 
-    query latent ──▶ routing policy ──▶ episodic: the decoder cross-attends over the session's
-                     (learned, small)     summary window, each summary's decay bias added to
-                                          its tokens' logits; fragments = the summaries that
-                                          drew the most attention
-                                    ──▶ long-term: nearest signed entries (hot, optionally cold)
-                                    ──▶ both
+    query latent ──▶ long-term: nearest signed entries (hot, optionally cold) ──▶ routing
+                     policy (learned, small): is the episodic read needed? ──▶ episodic: the
+                     decoder cross-attends over the session's summary window, each summary's
+                     decay bias added to its tokens' logits; fragments = the summaries that
+                     drew the most attention
 
 Every read is accounted: the session's query and the summaries it returned go to the
 :class:`~memstream.episodic.ledger.ReadLedger` (staleness and decay, DAG ``episodic_decay``), long-term
@@ -290,8 +289,10 @@ class Memory:
             probe = self.longterm.search(q.numpy(), int(k), include_cold=self.include_cold,
                                          nprobes=self.nprobes, record_access=False, subjects=subjects)
             sims = [1.0 - h.distance for h in probe[:2]] + [float("nan")] * (2 - len(probe[:2]))
-            probs = self.router.probabilities(q, window.centroids, self.model, sims)
-            decision = RouteDecision(max(probs, key=probs.get), probs, "policy")
+            # Then the episodic read, the expensive one, only where it would serve better.
+            p = self.router.episodic_probability(q, window.centroids, self.model, sims)
+            decision = RouteDecision("both" if p >= self.router.threshold else "longterm",
+                                     {"episodic": 0.0, "longterm": 1.0 - p, "both": p}, "policy")
             timings["route_ms"] = (time.perf_counter() - t0) * 1e3
         else:
             decision = RouteDecision(route, {}, "caller")

@@ -6,8 +6,9 @@ latent of eight other documents. Queries are noisy cues (``operators.evaluate.ma
 0.5-1.5 x the latent's rms) of a latent from the session, from the long-term documents, or from
 a document in neither (one third each). Each query is served by both stores and scored against
 the latent it was a cue of: episodic, the cosine of the decoder's reconstruction over the
-session's summaries to the target; long-term, the cosine of the nearest entry. The label is
-the store whose score is higher by more than ``MARGIN``, and *both* when neither is.
+session's summaries; long-term, the cosine of the nearest entry. The label is 1 when the
+episodic read is better by more than ``GAIN``; the features are those known before it (the
+session's summary centroids and the long-term probe).
 
 Retrain with ``python -m memstream.read.train_routing``.
 """
@@ -24,9 +25,10 @@ import numpy as np
 from memstream.operators.checkpoint import load_default
 from memstream.operators.data import split_latents
 from memstream.operators.evaluate import make_cues
-from memstream.read.routing import ROUTES, WEIGHTS, RoutePolicy, _unit, centroids_of, features, project
+from memstream.read.routing import WEIGHTS, RoutePolicy, _unit, centroids_of, features, project
 
-MARGIN = 0.05
+GAIN = 0.01  # an episodic read that serves less better than this is not worth its cost
+TOLERANCE = 0.002  # served cosine the routed reads may lose against reading both stores every time
 SESSION_DOCS, LONGTERM_DOCS = 4, 8
 
 
@@ -62,9 +64,8 @@ def scenario(model, docs: list[np.ndarray], rng: np.random.Generator, queries: i
     sims = _unit(cues) @ _unit(longterm).T
     order = np.argsort(-sims, axis=1)[:, :2]
     lt = (_unit(longterm[order[:, 0]]) * _unit(targets)).sum(1)
-    labels = np.where(ep > lt + MARGIN, 0, np.where(lt > ep + MARGIN, 1, 2))
     probe = np.take_along_axis(sims, order, axis=1)
-    return features(cues, project(model, cues), centroids, probe), labels, ep, lt
+    return (features(cues, project(model, cues), centroids, probe), (ep > lt + GAIN).astype(np.float32), ep, lt)
 
 
 def build(model, docs: list[np.ndarray], scenarios: int, seed: int):
@@ -73,9 +74,9 @@ def build(model, docs: list[np.ndarray], scenarios: int, seed: int):
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
 
 
-def served(choice: np.ndarray, ep: np.ndarray, lt: np.ndarray) -> np.ndarray:
-    """The score a routing choice obtains: the consulted store's, the better one for both."""
-    return np.where(choice == 0, ep, np.where(choice == 1, lt, np.maximum(ep, lt)))
+def served(episodic: np.ndarray, ep: np.ndarray, lt: np.ndarray) -> np.ndarray:
+    """The score a routed read obtains: the probe's, or the better of both where the episodic read ran."""
+    return np.where(episodic, np.maximum(ep, lt), lt)
 
 
 def train(x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 20, hidden: int = 16) -> RoutePolicy:
@@ -85,8 +86,8 @@ def train(x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 20, hidden:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     mu, sigma = x.mean(0), x.std(0) + 1e-6
-    xt, yt = torch.from_numpy((x - mu) / sigma), torch.from_numpy(y.astype(np.int64))
-    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 3))
+    xt, yt = torch.from_numpy((x - mu) / sigma), torch.from_numpy(y)
+    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
     losses = []
     for _ in range(epochs):
@@ -95,7 +96,7 @@ def train(x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 20, hidden:
         for b in range(0, len(perm), 256):
             i = perm[b:b + 256]
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(xt[i]), yt[i])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(xt[i]).squeeze(1), yt[i])
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(i)
@@ -103,21 +104,28 @@ def train(x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 20, hidden:
     lin1, lin2 = model[0], model[2]
     params = {"w1": lin1.weight.detach().numpy().T, "b1": lin1.bias.detach().numpy(),
               "w2": lin2.weight.detach().numpy().T, "b2": lin2.bias.detach().numpy(), "mu": mu, "sigma": sigma}
-    return RoutePolicy(params, {"train_rows": int(len(x)), "first_loss": losses[0], "last_loss": losses[-1],
-                                "epochs": epochs, "hidden": hidden})
+    return RoutePolicy(params, 0.5, {"train_rows": int(len(x)), "first_loss": losses[0], "last_loss": losses[-1],
+                                     "epochs": epochs, "hidden": hidden})
+
+
+def choose_threshold(policy: RoutePolicy, x: np.ndarray, ep: np.ndarray, lt: np.ndarray,
+                     tolerance: float = TOLERANCE) -> float:
+    """The highest threshold (fewest episodic reads) whose routed reads serve within
+    ``tolerance`` of reading both stores every time."""
+    p, both = policy.scores(x), np.maximum(ep, lt).mean()
+    for t in np.sort(np.unique(np.round(p, 4)))[::-1]:
+        if served(p >= t, ep, lt).mean() >= both - tolerance:
+            return float(t)
+    return 0.0
 
 
 def evaluate(policy: RoutePolicy, x: np.ndarray, y: np.ndarray, ep: np.ndarray, lt: np.ndarray) -> dict:
-    choice = policy.scores(x).argmax(1)
-    oracle = np.maximum(ep, lt).mean()
-    out = {"rows": int(len(y)), "accuracy": float((choice == y).mean()),
-           "label_share": {r: float((y == i).mean()) for i, r in enumerate(ROUTES)},
-           "route_share": {r: float((choice == i).mean()) for i, r in enumerate(ROUTES)},
-           "served_score": float(served(choice, ep, lt).mean()), "oracle_score": float(oracle)}
-    for i, r in enumerate(ROUTES):
-        out[f"always_{r}_score"] = float(served(np.full_like(y, i), ep, lt).mean())
-    out["majority_accuracy"] = float(max(out["label_share"].values()))
-    return out
+    episodic = policy.scores(x) >= policy.threshold
+    return {"rows": int(len(y)), "helps_share": float(y.mean()), "episodic_share": float(episodic.mean()),
+            "recall_of_helpful_episodic_reads": float(episodic[y > 0.5].mean()) if y.any() else 1.0,
+            "routed_score": float(served(episodic, ep, lt).mean()),
+            "always_both_score": float(np.maximum(ep, lt).mean()), "episodic_only_score": float(ep.mean()),
+            "longterm_only_score": float(lt.mean())}
 
 
 def corpus_docs(split: str) -> list[np.ndarray]:
@@ -144,7 +152,9 @@ def main(argv=None) -> int:
     ex, ey, eep, elt = build(model, eval_docs, args.eval_scenarios, args.seed + 1)
     t1 = time.monotonic()
     policy = train(x, y, args.seed)
-    policy.info.update({"margin": MARGIN, "scenarios": args.scenarios, "eval_scenarios": args.eval_scenarios,
+    policy.threshold = choose_threshold(policy, x, ep, lt)
+    policy.info.update({"gain": GAIN, "tolerance": TOLERANCE, "threshold": policy.threshold,
+                        "scenarios": args.scenarios, "eval_scenarios": args.eval_scenarios,
                         "train_docs": len(train_docs), "eval_docs": len(eval_docs), "data_s": t1 - t0,
                         "train_s": time.monotonic() - t1, "train": evaluate(policy, x, y, ep, lt),
                         "heldout": evaluate(policy, ex, ey, eep, elt)})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Iterator, Protocol
 from urllib.parse import quote, urlencode
@@ -17,6 +18,7 @@ from memstream.storage.s3 import REGION, S3Config, s3_request
 
 class ObjectStore(Protocol):
     def put_if_absent(self, key: str, body: bytes) -> bool: ...
+    def put(self, key: str, body: bytes) -> None: ...
     def get(self, key: str) -> bytes | None: ...
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str) -> list[str]: ...
@@ -37,6 +39,14 @@ class LocalObjects:
             f.write(body)
         return True
 
+    def put(self, key: str, body: bytes) -> None:
+        """Replace ``key`` whole: readers see the old body or the new one, never a part."""
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(body)
+        os.replace(tmp, path)
+
     def get(self, key: str) -> bytes | None:
         try:
             return (self.root / key).read_bytes()
@@ -53,7 +63,9 @@ class LocalObjects:
         folder = self.root / prefix
         if not folder.is_dir():
             return []
-        return [f"{prefix.rstrip('/')}/{p.name}" for p in folder.iterdir() if p.is_file()]
+        # Dot files are the temporaries of put(), renamed into place.
+        return [f"{prefix.rstrip('/')}/{p.name}" for p in folder.iterdir()
+                if p.is_file() and not p.name.startswith(".")]
 
 
 class S3Objects:
@@ -85,6 +97,11 @@ class S3Objects:
         if status in (409, 412):
             return False
         raise ServiceError(f"S3 conditional PUT {key} answered {status}: {text[:200]!r}")
+
+    def put(self, key: str, body: bytes) -> None:
+        status, text = self._request("PUT", key, body)
+        if status not in (200, 201):
+            raise ServiceError(f"S3 PUT {key} answered {status}: {text[:200]!r}")
 
     def get(self, key: str) -> bytes | None:
         status, body = self._request("GET", key)
