@@ -81,6 +81,13 @@ class Stack:
             raise ServiceError("Kafka is not running: start it with `memstream infra up`")
         return svc.endpoints["bootstrap"]
 
+    def kafka_log_dirs(self) -> list[str]:
+        """The broker's ``log.dirs``: where every topic's records are on disk (the forget scan)."""
+        svc = self.services().get("kafka")
+        if not svc or not svc.alive():
+            raise ServiceError("Kafka is not running: start it with `memstream infra up`")
+        return [str(Path(svc.data_dir) / "logs")]
+
     def s3_config(self) -> s3.S3Config:
         svc = self.services().get("s3")
         if not svc or not svc.alive():

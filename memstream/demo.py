@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from memstream import text_latents, topics
+from memstream.crypto.datakeys import MasterKey
 from memstream.crypto.keys import KeyRing, SigningKey, write_key_file
 from memstream.episodic.chain import verify_chain
 from memstream.episodic.store import EpisodicStore
@@ -40,6 +41,7 @@ from memstream.pipelines.episodic import EpisodicConfig
 from memstream.pipelines.episodic import run as run_pipeline
 from memstream.read.memory import Memory
 from memstream.sdk import Publisher
+from memstream.storage.keytable import KeyTable
 from memstream.topics import read_summaries
 
 DEMO_TEXTS = ("pydoc:json", "pydoc:pathlib", "pydoc:dataclasses", "pydoc:functools")
@@ -58,13 +60,15 @@ def run(sessions: int = 3, keep: bool = False) -> int:
         key_file = root / "validator.pem"
         key = SigningKey.generate()
         write_key_file(key_file, key, "validator")
+        master_key_file = MasterKey.generate().write(root / "master.key")
+        keys = KeyTable.open(str(root / "episodic"), None, str(master_key_file))
 
         corpus = text_latents.corpus_texts()
         names = [n for n in DEMO_TEXTS if n in corpus][:sessions]
         published: dict[str, int] = {}
         kept: dict[str, list] = {}  # what was published, to read back
         t0 = time.monotonic()
-        with Publisher(bootstrap) as pub:
+        with Publisher(bootstrap, keys=keys) as pub:  # each session's latents sealed under its own data key
             for name in names:
                 session_id = name.replace(":", "-")
                 with pub.session(session_id) as session:
@@ -76,7 +80,7 @@ def run(sessions: int = 3, keep: bool = False) -> int:
               f"({time.monotonic() - t0:.1f}s, mostly the MiniLM encoder)")
 
         config = EpisodicConfig(bootstrap=bootstrap, store_uri=str(root / "episodic"), key_file=str(key_file),
-                                until_idle=True)
+                                until_idle=True, master_key_file=str(master_key_file))
         t0 = time.monotonic()
         run_pipeline(config, runners.prism_options(streaming=False))
         elapsed = time.monotonic() - t0
@@ -96,8 +100,8 @@ def run(sessions: int = 3, keep: bool = False) -> int:
         total = sum(published.values())
         print(f"\npipeline: {total} latents in {elapsed:.1f}s on Prism, {total / elapsed:,.0f} latents/s "
               f"end to end (start-up included); store {config.store_uri}")
-        found = read_back(config.store_uri, ring, kept)
-        recalled = cross_session_recall(config.store_uri, str(root / "longterm"), key, kept)
+        found = read_back(config.store_uri, ring, kept, keys)
+        recalled = cross_session_recall(config.store_uri, str(root / "longterm"), key, kept, keys)
         return 0 if found == len(kept) and recalled else 1
     finally:
         if not keep:
@@ -105,13 +109,13 @@ def run(sessions: int = 3, keep: bool = False) -> int:
             print("services stopped")
 
 
-def read_back(store_uri: str, ring, kept: dict[str, list]) -> int:
+def read_back(store_uri: str, ring, kept: dict[str, list], keys: KeyTable | None = None) -> int:
     """Read every session through the read API with a noisy cue of a latent from its middle;
     print where the cue was found. Returns how many sessions found the right window."""
     rng = np.random.default_rng(0)
     found = 0
     print(f"\n{'read back':22} {'latent':>8} {'window':>8} {'found':>8}  provenance")
-    with Memory(store_uri, keyring=ring) as memory:
+    with Memory(store_uri, keyring=ring, keys=keys) as memory:
         for session_id, parts in kept.items():
             latents = np.concatenate([np.asarray(p, np.float32) for p in parts])
             pos = len(latents) // 2
@@ -126,7 +130,7 @@ def read_back(store_uri: str, ring, kept: dict[str, list]) -> int:
 
 
 def cross_session_recall(store_uri: str, longterm_uri: str, key: SigningKey, kept: dict[str, list],
-                         reads: int = 12) -> bool:
+                         keys: KeyTable | None = None, reads: int = 12) -> bool:
     """Session A reads with query-time retention on, then is consolidated and collected; a
     query in session B about what A read must be answered from long-term entries A wrote,
     with verified provenance. Prints what happened; returns whether the recall held."""
@@ -142,7 +146,7 @@ def cross_session_recall(store_uri: str, longterm_uri: str, key: SigningKey, kep
     writer = LongTermStore(longterm_uri, keyring=ring, signer=key)
     retention = Retention(writer)
     asked: dict[str, int] = {}  # query hash -> position of the latent the query was about
-    with Memory(store_uri, longterm_uri, keyring=ring, retention=retention) as memory:
+    with Memory(store_uri, longterm_uri, keyring=ring, retention=retention, keys=keys) as memory:
         for i, pos in enumerate(positions):
             q = _noisy(latents[pos], rng)
             memory.read(q, a, k=2, route="episodic")
@@ -155,7 +159,7 @@ def cross_session_recall(store_uri: str, longterm_uri: str, key: SigningKey, kep
     # The sleep and GC sign their records with a maintenance key of their own: the validator key
     # signs summaries and long-term entries, and one key never serves two roles.
     maintenance = SigningKey.generate()
-    slept = consolidate_sessions(store_uri, None, writer, key=maintenance, retention_s=1e9, closed=[a])
+    slept = consolidate_sessions(store_uri, None, writer, key=maintenance, retention_s=1e9, closed=[a], keys=keys)
     record = episodic.consolidation(a)
     distilled = {query_hash(consolidation_query(windows[int(s.split(":")[0])])): windows[int(s.split(":")[0])]
                  for s in (record.summaries if record else [])}
@@ -171,7 +175,7 @@ def cross_session_recall(store_uri: str, longterm_uri: str, key: SigningKey, kep
     print(f"\n{'recall in ' + b:30} {'about':>6} {'entry':>10} {'written by':>22} {'cos':>6}  provenance")
     recalled = 0
     probes = sorted(retained.values())[:6]  # what long-term memory holds of A's reads
-    with Memory(store_uri, longterm_uri, keyring=ring) as memory:
+    with Memory(store_uri, longterm_uri, keyring=ring, keys=keys) as memory:
         for pos in probes:
             q = _noisy(latents[pos], rng)  # a new query about what session A read
             res = memory.read(q, b, k=3, route="both")

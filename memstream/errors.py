@@ -24,7 +24,8 @@ says what to do about it::
     │   │   UnsupportedDTypeError, ShapeError, ChecksumError, BadEventError, NonFiniteError
     │   └── DTypeMismatchError, DimMismatchError, ReorderedError,
     │       UnknownSessionError, ClosedSessionError, OperatorWidthError, OutOfRangeError,
-    │       WindowTooLargeError, ForeignProducerError, ConflictingContentError, CollectedSessionError
+    │       WindowTooLargeError, ForeignProducerError, ConflictingContentError, CollectedSessionError,
+    │       KeyDestroyedError, KeyUnavailableError
     ├── IntegrityError               stored or received data failed a cryptographic check
     │   ├── SignatureError
     │   ├── VerificationError
@@ -222,6 +223,18 @@ class CollectedSessionError(InvalidInputError):
     reason = _R.collected_session
 
 
+class KeyDestroyedError(InvalidInputError):
+    """The record is sealed under a data key that a forget request destroyed: it can never be
+    read again, by design."""
+    reason = _R.key_destroyed
+
+
+class KeyUnavailableError(InvalidInputError):
+    """The record is sealed under a data key this consumer cannot get: no key table was
+    configured (pass the master key file), or the key table has no such key."""
+    reason = _R.key_unavailable
+
+
 INVALID_INPUT_ERRORS: dict[_R, type[InvalidInputError]] = {
     cls.reason: cls for cls in InvalidInputError.__subclasses__()}
 
@@ -323,7 +336,7 @@ __all__ = [
     "NonFiniteError", "DTypeMismatchError", "DimMismatchError", "ReorderedError",
     "UnknownSessionError", "ClosedSessionError", "OperatorWidthError", "OutOfRangeError",
     "WindowTooLargeError", "ForeignProducerError", "ConflictingContentError", "CollectedSessionError",
-    "IntegrityError", "SignatureError", "VerificationError", "ReplayError", "AppendOnlyViolation",
+    "KeyDestroyedError", "KeyUnavailableError", "IntegrityError", "SignatureError", "VerificationError", "ReplayError", "AppendOnlyViolation",
     "GovernanceError", "LeaseError", "FencedError", "StateLostError", "ReadError", "InvalidQueryError",
     "SessionNotFoundError", "AuthenticationError", "AuthorizationError",
     "INVALID_INPUT_ERRORS",

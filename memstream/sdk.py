@@ -12,6 +12,11 @@ event with the number of latents published. Everything is keyed by session id, s
 stays in one partition, in order. The Kafka producer is idempotent (broker-side deduplication
 of retries), and at most ``max_in_flight_bytes`` wait for acknowledgement: ``publish`` blocks
 beyond that, which is the back-pressure.
+
+With ``keys`` (a :class:`~memstream.storage.keytable.KeyTable` of the store the pipeline
+writes), opening a session gets or makes the session's data key, and every chunk's payload
+is sealed under it (AES-256-GCM): forgetting the session destroys the key, and every copy of
+its latents on Kafka becomes unreadable.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from memstream.errors import (BadKeyError, ChunkLimitError, ClosedSessionError, 
                               ShapeError, TopicMissingError, UnsupportedDTypeError)
 from memstream.schemas.records import HEADER_SIZE, DType, SessionEvent
 from memstream.settings import CHUNK_BYTES, IN_FLIGHT_BYTES, LATENTS_TOPIC, MAX_MESSAGE_BYTES
-from memstream.wire.codec import NUMPY_DTYPES, all_finite, encode_chunk, encode_event, float32_to_bf16_bits
+from memstream.storage.keytable import KeyTable
+from memstream.wire.codec import (NUMPY_DTYPES, SEALED_EXTRA, all_finite, encode_chunk, encode_event,
+                                  float32_to_bf16_bits)
 
 DEFAULT_CHUNK_BYTES = CHUNK_BYTES
 # Room the broker needs around one message in a record batch (batch and record headers, key).
@@ -58,7 +65,7 @@ class Publisher:
     def __init__(self, bootstrap_servers: str, *, topic: str = LATENTS_TOPIC,
                  max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_in_flight_bytes: int = IN_FLIGHT_BYTES,
                  linger_ms: int = 5, delivery_timeout_ms: int = 120_000, metadata_timeout_ms: int = 15_000,
-                 kafka_config: dict[str, Any] | None = None):
+                 kafka_config: dict[str, Any] | None = None, keys: KeyTable | None = None):
         if not HEADER_SIZE < max_chunk_bytes <= MAX_MESSAGE_BYTES - _BATCH_OVERHEAD:
             raise ChunkLimitError(f"max_chunk_bytes={max_chunk_bytes}: it must exceed the {HEADER_SIZE}-byte "
                                   f"header and stay within {MAX_MESSAGE_BYTES - _BATCH_OVERHEAD} "
@@ -70,6 +77,7 @@ class Publisher:
         from kafka.errors import KafkaConfigurationError, KafkaError, KafkaTimeoutError
 
         self.topic = topic
+        self.keys = keys
         self.bootstrap_servers = bootstrap_servers
         self.max_chunk_bytes = max_chunk_bytes
         self.max_in_flight_bytes = max_in_flight_bytes
@@ -114,7 +122,9 @@ class Publisher:
         wire = _dtype_arg(dtype)
         if dim is not None and dim < 1:
             raise ShapeError(f"dim={dim} must be >= 1")
-        session = Session(self, session_id, key, wire, dim)
+        # The key first: a forgotten session id is refused before anything is sent.
+        sealed_by = (key, *self.keys.session_key(session_id)) if self.keys is not None else None
+        session = Session(self, session_id, key, wire, dim, sealed_by)
         self._sessions[session_id] = session
         self._send_event(session, "open")
         self.stats.sessions += 1
@@ -215,8 +225,10 @@ class Publisher:
 class Session:
     """One session of a Publisher: ``publish`` latents, then ``close``. Get it from Publisher.session."""
 
-    def __init__(self, publisher: Publisher, session_id: str, key: bytes, dtype: DType | None, dim: int | None):
+    def __init__(self, publisher: Publisher, session_id: str, key: bytes, dtype: DType | None, dim: int | None,
+                 sealed_by: tuple[bytes, bytes, bytes] | None = None):
         self.publisher = publisher
+        self._sealed_by = sealed_by  # (session key, data key id, data key)
         self.session_id = session_id
         self.key = key
         self.dtype = dtype
@@ -239,7 +251,8 @@ class Session:
                                      f"{self.dtype.name}: convert them, or open the session with dtype=")
         if not all_finite(raw, dtype):
             raise NonFiniteError(f"latents for session {self.session_id!r} hold NaN or Inf; nothing was sent")
-        per_chunk = (self.publisher.max_chunk_bytes - HEADER_SIZE) // (dim * dtype.itemsize)
+        room = self.publisher.max_chunk_bytes - HEADER_SIZE - (SEALED_EXTRA if self._sealed_by else 0)
+        per_chunk = room // (dim * dtype.itemsize)
         if per_chunk < 1:
             raise ChunkLimitError(f"one latent of dim {dim} ({dim * dtype.itemsize} bytes) does not fit in "
                                   f"max_chunk_bytes={self.publisher.max_chunk_bytes}: raise it")
@@ -250,7 +263,8 @@ class Session:
         for start in range(0, n, per_chunk):
             part = raw[start:start + per_chunk]
             value = encode_chunk(producer_id=producer_id, dtype=dtype, dim=dim, count=len(part),
-                                 first_seq=self.next_seq, event_time_us=event_time_us, payload=part.data.cast("B"))
+                                 first_seq=self.next_seq, event_time_us=event_time_us, payload=part.data.cast("B"),
+                                 sealed_by=self._sealed_by)
             self.publisher._send(self.key, value)
             self.next_seq += len(part)
             sent += len(value)

@@ -49,14 +49,14 @@ from memstream.episodic.store import EpisodicStore
 from memstream.episodic.window import CutterState, Window, WindowCutter
 from memstream.faults import crash_point
 from memstream.errors import (CollectedSessionError, ConfigError, FencedError, IntegrityError, InvalidInputError,
-                              OperatorWidthError, OutOfRangeError, PublishError, StateLostError,
+                              KeyDestroyedError, OperatorWidthError, OutOfRangeError, PublishError, StateLostError,
                               UnknownSessionError, WindowTooLargeError)
 from memstream.pipelines.kafka_io import KafkaRecord, ReadFromKafka
 from memstream.pipelines.log import LogReader, close_readers
 from memstream.schemas.records import DeadLetterReason, DeadLetterRecord, DType, SessionEvent, SummaryRecord
 from memstream.settings import (BATCH_SIZE, DEADLETTER_TOPIC, HORIZON, IDLE_TIMEOUT_S, LATENTS_TOPIC,
                                 MAX_MESSAGE_BYTES, MAX_WINDOW_BYTES, PIPELINE_GROUP, SUMMARIES_TOPIC, WINDOW)
-from memstream.wire.codec import ChunkMeta, LatentChunk, decode, to_float32, write_float32
+from memstream.wire.codec import ChunkMeta, LatentChunk, decode, seal_tokens, to_float32, write_float32
 from memstream.wire.deadletter import fit_dead_letter
 from memstream.wire.validation import Verdict
 
@@ -91,6 +91,15 @@ class EpisodicConfig:
     max_window_bytes: int = MAX_WINDOW_BYTES
     epoch: int = 0  # taken by run(); the Commit step stops when a newer one exists
     discover_s: float = 30.0
+    master_key_file: str | None = None  # opens sealed chunks with the store's key table
+
+    def data_keys(self):
+        """The store's key table, or None without a master key (sealed chunks are then dead letters)."""
+        if not self.master_key_file:
+            return None
+        from memstream.storage.keytable import KeyTable
+
+        return KeyTable.open(self.store_uri, self.storage_options, self.master_key_file)
 
     def signing_key(self) -> SigningKey:
         if self.key_file:
@@ -256,10 +265,11 @@ class Decode(beam.DoFn):
 
         self._log = LogReader(self.config.bootstrap)
         self._limits = operator_limits(load_compressor(self.config.checkpoint))
+        self._keys = self.config.data_keys()
     def process(self, rec: KafkaRecord):
         self._log.remember(rec.topic, rec.partition, rec.offset, rec.value)
         try:
-            record = decode(rec.key, rec.value)
+            record = decode(rec.key, rec.value, keys=self._keys)
             if isinstance(record, LatentChunk):
                 self._check(record)
                 record = record.meta()
@@ -454,6 +464,7 @@ class Summarise(beam.DoFn):
     def setup(self):
         self._log = LogReader(self.config.bootstrap)
         self._compress = WindowCompressor(self.config)
+        self._keys = self.config.data_keys()
         self._operator_ms = Metrics.distribution(NS, "operator_ms")
 
     def start_bundle(self):
@@ -464,7 +475,12 @@ class Summarise(beam.DoFn):
         if not window.pieces:  # a close or idle mark with no latents: nothing to compress
             yield window.last_ref[0], Compressed(start, window, b"", 0, self._dim(), self._compress.version)
             return
-        self._pending.append((window, start, self._latents(window)))
+        try:
+            latents = self._latents(window)
+        except KeyDestroyedError:  # forgotten while its window was open: nothing to compress, ever
+            yield window.last_ref[0], Compressed(start, window, b"", 0, self._dim(), self._compress.version)
+            return
+        self._pending.append((window, start, latents))
         if len(self._pending) >= self.config.batch_size:
             yield from self._flush()
 
@@ -484,7 +500,7 @@ class Summarise(beam.DoFn):
         values = self._log.values(self.config.latents_topic, positions)
         parts = []
         for p in window.pieces:
-            chunk = decode(window.session_id.encode(), values[p.ref])
+            chunk = decode(window.session_id.encode(), values[p.ref], keys=self._keys)
             parts.append((chunk.array()[p.start:p.start + p.count], chunk.dtype))
         return parts
 
@@ -562,6 +578,7 @@ class Commit(beam.DoFn):
     def setup(self):
         self._store = self.config.store()
         self._key = self.config.signing_key()
+        self._keys = self.config.data_keys()
         self._log = LogReader(self.config.bootstrap)
         self._sink_ms = Metrics.distribution(NS, "sink_ms")
         self._sealed = Metrics.counter(NS, "summaries_stored")
@@ -622,9 +639,11 @@ class Commit(beam.DoFn):
         while ready:
             m = ready.pop()
             record = self._seal(m, prev)
-            work.sealed.append(record)
+            if record is not None:
+                work.sealed.append(record)
+                prev = record.hash
             progress.seal(sid, m.window.window_index, m.last_offset)
-            index, prev = m.window.window_index, record.hash
+            index = m.window.window_index
             ready = [h for h in held if h.window.session_id == sid and h.window.window_index == index + 1]
             held = [h for h in held if h not in ready]
         heads[sid] = (index, prev)
@@ -632,12 +651,19 @@ class Commit(beam.DoFn):
         for h in held:
             waiting.add(h)
 
-    def _seal(self, m: Compressed, prev_hash: bytes) -> SummaryRecord:
+    def _seal(self, m: Compressed, prev_hash: bytes) -> SummaryRecord | None:
+        """The window's signed summary; None for a session forgotten while it was in flight."""
         w = m.window
+        tokens = m.tokens  # sealed under the session's data key when the store has a key table
+        if self._keys is not None:
+            try:
+                tokens = seal_tokens(w.session_id, w.window_index, tokens, *self._keys.session_key(w.session_id))
+            except KeyDestroyedError:
+                return None
         return seal(SummaryRecord(
             schema_version=SummaryRecord.SCHEMA_VERSION, session_id=w.session_id, window_index=w.window_index,
             seq_start=w.seq_start, seq_end=w.seq_end, cut=w.cut, token_count=m.token_count, dim=m.dim,
-            tokens_dtype="fp16", tokens=m.tokens, operator_version=m.operator_version, producer_id=w.producer_id,
+            tokens_dtype="fp16", tokens=tokens, operator_version=m.operator_version, producer_id=w.producer_id,
             latents_dtype=w.latents_dtype, latent_dim=w.latent_dim, event_time_us=w.event_time_us,
             prev_hash=prev_hash, hash=b"", signature=b"", key_id=""), self._key)
 

@@ -34,6 +34,9 @@ def _f(doc: str, **meta) -> typing.Any:
 CHUNK_MAGIC = b"MSLT"
 EVENT_MAGIC = b"MSSE"  # session lifecycle event: magic, version byte, then a JSON body
 CHUNK_VERSION = 1
+# A sealed chunk: the same header with version 2, then the data key id (16 bytes), and the
+# payload sealed by AES-256-GCM (nonce, ciphertext, tag); the CRC covers all that follows it.
+SEALED_CHUNK_VERSION = 2
 
 
 class DType(enum.IntEnum):
@@ -185,6 +188,8 @@ class DeadLetterReason(str, enum.Enum):
     foreign_producer = "foreign_producer"
     conflicting_content = "conflicting_content"
     collected_session = "collected_session"
+    key_destroyed = "key_destroyed"
+    key_unavailable = "key_unavailable"
 
 
 @dataclass(frozen=True)
@@ -499,7 +504,9 @@ class GcRecord(JsonRecord):
 
     schema_version: int = _f("1")
     session_id: str = _f("the collected session")
-    reason: Literal["closed", "idle"] = _f("closed: a close event was seen; idle: no activity for the retention")
+    reason: Literal["closed", "idle", "forgotten"] = _f(
+        "closed: a close event was seen; idle: no activity for the retention; forgotten: a forget request (its data "
+        "key is destroyed)")
     summaries_removed: int = _f("summaries removed from the session's window, chain head included")
     reads_removed: int = _f("query accounting rows removed")
     biases_removed: int = _f("decay bias rows removed")

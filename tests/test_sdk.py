@@ -217,12 +217,17 @@ BAD_INPUTS = {
     DeadLetterReason.reordered: [(b"r", _event("r")), (b"r", _chunk(0)), (b"r", _chunk(4)), (b"r", _chunk(2))],
     DeadLetterReason.unknown_session: [(b"k", _chunk(0))],
     DeadLetterReason.closed_session: [(b"x", _event("x")), (b"x", _event("x", "close")), (b"x", _chunk(0))],
+    # Sealed under a data key this consumer has no key table for.
+    DeadLetterReason.key_unavailable: [(b"s", _event("s")), (b"s", encode_chunk(
+        producer_id=b"p" * 16, dtype=DType.fp32, dim=8, count=2, first_seq=0, event_time_us=1, payload=bytes(64),
+        sealed_by=(b"s", b"k" * 16, b"K" * 32)))],
     # A gap is accepted (the latents were lost upstream), never dead-lettered.
     None: [(b"g", _event("g")), (b"g", _chunk(0)), (b"g", _chunk(6))],
 }
-# Found only by the pipeline, which knows the operator, the window and the store (tests/test_episodic.py).
+# Found only by the pipeline, which knows the operator, the window and the store (tests/test_episodic.py,
+# tests/test_forget.py).
 PIPELINE_REASONS = {DeadLetterReason.operator_width, DeadLetterReason.window_too_large,
-                    DeadLetterReason.collected_session}
+                    DeadLetterReason.collected_session, DeadLetterReason.key_destroyed}
 
 
 def test_every_bad_input_is_dead_lettered(kafka_bootstrap, topic, topic_name):

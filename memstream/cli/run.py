@@ -51,6 +51,9 @@ def register(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on 127.0.0.1:PORT (lag per partition, windows, dead letters, "
                         "operator and sink latency)")
+    p.add_argument("--master-key-file", default=None,
+                   help="the master key (`memstream keys new --role master`) that unlocks the store's key table: "
+                        "sealed chunks are opened and summary tokens sealed under each session's data key")
     p.add_argument("--until-idle", action="store_true",
                    help="bounded mode: stop once the topic is drained up to its end at start-up")
     p.set_defaults(func=_run)
@@ -68,11 +71,12 @@ def _run(args) -> int:
         device=args.device or s.pipeline.device, batch_size=args.batch_size or s.pipeline.batch_size,
         horizon=args.horizon or s.episodic.horizon, until_idle=args.until_idle, start=args.start,
         group=args.group or s.pipeline.group, idle_timeout_s=args.idle_timeout or s.pipeline.idle_timeout_s,
-        discover_s=args.discover_seconds,
+        discover_s=args.discover_seconds, master_key_file=args.master_key_file,
         latents_topic=args.latents_topic or s.kafka.latents_topic,
         summaries_topic=args.summaries_topic or s.kafka.summaries_topic,
         deadletter_topic=args.deadletter_topic or s.kafka.deadletter_topic)
     config.signing_key()  # fail now, not inside a worker, when the key is missing
+    config.data_keys()
     streaming = not args.until_idle
     extra = list(args.runner_option)
     if args.environment:

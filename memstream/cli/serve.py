@@ -23,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--sample-rate", type=float, default=0.0, help="fraction of reads executed on the replica too")
     common.add_bootstrap(p)
     p.add_argument("--flush-every", type=int, default=LEDGER_FLUSH_EVERY, help="reads per append to the read ledger")
+    p.add_argument("--master-key-file", default=None,
+                   help="the master key of the store's key table: reads open summary tokens sealed under each "
+                        "session's data key (`memstream run --master-key-file`)")
     p.add_argument("--host", default=HOST, help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=SERVE_PORT)
     access.add_access(p)
@@ -53,11 +56,16 @@ def _serve(args) -> int:
         replica = Memory(args.replica_store, args.replica_longterm, storage_options=options,
                          longterm_storage_options=options, keyring=keyring, include_cold=args.include_cold, **reading)
     bootstrap = common.bootstrap(args) if args.sample_rate > 0 else None
+    keys = None
+    if args.master_key_file:
+        from memstream.storage.keytable import KeyTable
+
+        keys = KeyTable.open(uri, options, args.master_key_file)
     if args.port < 0 or args.port > 65535:
         raise ConfigError(f"--port must be 0..65535, got {args.port}")
     memory = Memory(uri, args.longterm, storage_options=options, longterm_storage_options=options, keyring=keyring,
                     include_cold=args.include_cold, replica=replica, sample_rate=args.sample_rate,
-                    kafka_bootstrap=bootstrap, flush_every=args.flush_every, **reading)
+                    kafka_bootstrap=bootstrap, flush_every=args.flush_every, keys=keys, **reading)
     guard = None
     if args.insecure_no_auth:
         log.warning("--insecure-no-auth: the read API on %s:%d answers anyone, for every session", args.host,

@@ -37,6 +37,10 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="wire dtype (default: the files' dtype)")
     p.add_argument("--max-chunk-bytes", type=int, default=None, help="largest chunk message (default 1 MiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--master-key-file", default=None,
+                   help="seal the latents under the session's data key, from the key table of the --episodic store "
+                        "that this master key unlocks (what `memstream run --master-key-file` opens)")
+    common.add_episodic(p)
     p.set_defaults(func=_publish)
 
 
@@ -59,7 +63,13 @@ def _publish(args) -> int:
     pieces, total = _text_pieces(args.text) if args.text else _file_pieces(args.files)
     bootstrap = common.bootstrap(args)
     started = time.monotonic()
-    with Publisher(bootstrap, topic=args.topic, max_chunk_bytes=args.max_chunk_bytes or CHUNK_BYTES) as pub:
+    keys = None
+    if args.master_key_file:
+        from memstream.storage.keytable import KeyTable
+
+        keys = KeyTable.open(*common.episodic(args), args.master_key_file)
+    with Publisher(bootstrap, topic=args.topic, max_chunk_bytes=args.max_chunk_bytes or CHUNK_BYTES,
+                   keys=keys) as pub:
         with pub.session(args.session, dtype=args.dtype) as session, \
                 tqdm(total=total, unit=" latents", disable=args.no_progress, dynamic_ncols=True) as bar:
             for piece in pieces:

@@ -38,6 +38,12 @@ def query_hash(query: str | bytes) -> str:
     return domain_hash("memstream.longterm.query.v1", q).hex()
 
 
+def session_subject(session_id: str) -> str:
+    """The forget subject of what an episodic session leaves in long-term memory (retained
+    reads, consolidated summaries): forgetting the session reaches them too."""
+    return f"memstream.session:{session_id}"
+
+
 def subject_hash(subject: str) -> str:
     """What an entry stores for the subject its forget tag is bound to."""
     return domain_hash("memstream.longterm.subject.v1", subject.encode()).hex()

@@ -29,7 +29,7 @@ import numpy as np
 
 from memstream.crypto.hashing import canonical_encode
 from memstream.errors import ConfigError, MemstreamError, ServiceError
-from memstream.longterm.entry import Entry
+from memstream.longterm.entry import Entry, session_subject
 from memstream.longterm.policy import K, WriteDecision, WritePolicy
 from memstream.longterm.store import LongTermStore
 from memstream.settings import RETAIN_BATCH, RETAIN_LINGER_S
@@ -195,7 +195,8 @@ class Retention:
             if decision.keep:
                 self._kept.append(unit)
                 entries.append(self.store.new_entry(c.latent, c.payload(), query=read_query(c.session_id, c.latent),
-                                                    payload_kind="episodic_ref", timestamp_ns=c.ts_ns))
+                                                    payload_kind="episodic_ref", timestamp_ns=c.ts_ns,
+                                                    forget_subject=session_subject(c.session_id)))
         self.stats.kept += len(entries)
         return entries
 

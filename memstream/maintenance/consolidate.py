@@ -23,11 +23,12 @@ from memstream.crypto.hashing import canonical_encode
 from memstream.crypto.keys import SigningKey, check_distinct_roles
 from memstream.crypto.signed import sign_record
 from memstream.errors import ConfigError
-from memstream.longterm.entry import Entry
+from memstream.longterm.entry import Entry, session_subject
 from memstream.longterm.store import LongTermStore
 from memstream.maintenance.episodic import _open, gc_candidates
 from memstream.schemas.records import ConsolidationRecord, SummaryRecord
 from memstream.settings import CONSOLIDATE_MIN_READS, CONSOLIDATE_TOP
+from memstream.wire.codec import DataKeys, summary_tokens
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +42,27 @@ def consolidation_query(record: SummaryRecord) -> bytes:
                                                    "seq_start": record.seq_start, "seq_end": record.seq_end})
 
 
-def distill(longterm: LongTermStore, record: SummaryRecord) -> Entry:
-    """One summary as a signed long-term entry (deterministic: same summary, same entry)."""
-    tokens = record.token_array()
+def distill(longterm: LongTermStore, record: SummaryRecord, keys: DataKeys | None = None) -> Entry:
+    """One summary as a signed long-term entry (deterministic: same summary, same entry),
+    bound to its session's forget subject; ``keys`` open sealed tokens."""
+    tokens = summary_tokens(record, keys)
     if tokens.shape[1] != longterm.dim:
         raise ConfigError(f"summary {record.session_id}/{record.window_index} has {tokens.shape[1]}-d tokens, the "
                           f"long-term store holds {longterm.dim}-d vectors")
     centre = tokens.mean(axis=0)
     centre = centre / max(float(np.linalg.norm(centre)), 1e-12)
     return longterm.new_entry(centre, tokens.astype(np.float16).tobytes(), query=consolidation_query(record),
-                              payload_kind="summary_tokens", timestamp_ns=record.event_time_us * 1000)
+                              payload_kind="summary_tokens", timestamp_ns=record.event_time_us * 1000,
+                              forget_subject=session_subject(record.session_id))
 
 
 def consolidate_sessions(uri: str, storage_options: dict[str, str] | None, longterm: LongTermStore, *,
                          key: SigningKey | None, retention_s: float, closed=None, top: int = CONSOLIDATE_TOP,
                          min_reads: int = CONSOLIDATE_MIN_READS,
-                         now_ns: int | None = None, dry_run: bool = False) -> dict:
+                         now_ns: int | None = None, dry_run: bool = False, keys: DataKeys | None = None) -> dict:
     """Consolidate every session session GC would collect; returns counts and, per session,
-    the entries written. ``key`` signs the consolidation records (the maintenance key)."""
+    the entries written. ``key`` signs the consolidation records (the maintenance key);
+    ``keys`` (the store's key table) opens sealed summary tokens."""
     if top < 1 or min_reads < 1:
         raise ConfigError(f"consolidation needs top >= 1 and min_reads >= 1, got {top}, {min_reads}")
     if key is None and not dry_run:
@@ -83,7 +87,7 @@ def consolidate_sessions(uri: str, storage_options: dict[str, str] | None, longt
         if dry_run:
             continue
         records = {r.window_index: r for r in store.records(session, since_window=min(chosen))} if chosen else {}
-        entries = [distill(longterm, records[w]) for w in chosen]
+        entries = [distill(longterm, records[w], keys) for w in chosen]
         if entries:
             result = longterm.append(entries, if_absent=True)
             out["skipped_existing"] += len(result.skipped)

@@ -13,6 +13,9 @@ One shingle length means one pass over the bytes. A shingle is kept as
   a cache miss), and
 * SHA-256 of a random salt and the shingle, which confirms a fingerprint hit exactly.
 
+Bytes that JSON records carry (summary tokens, dead-letter values) are on disk in base64:
+:meth:`Markers.add_with_base64` marks those forms too.
+
 Neither reveals the content. Objects are read from a local folder (memory-mapped) or an S3
 listing (ListObjectsV2, paginated), every object under the prefix: data, deletion, index,
 manifest and transaction files alike, several at a time (numpy releases the GIL).
@@ -20,6 +23,7 @@ manifest and transaction files alike, several at a time (numpy releases the GIL)
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import mmap
@@ -71,6 +75,13 @@ class Markers:
         for start in sorted({0, (len(data) - SHINGLE) // 2, len(data) - SHINGLE}):
             w = data[start:start + SHINGLE]
             self.shingles.setdefault(SHINGLE, {}).setdefault(fingerprint(w, self.q), set()).add(self._digest(w))
+
+    def add_with_base64(self, value: bytes) -> None:
+        """The value, and its base64 forms at each of the 3 offsets it may have in a larger
+        encoded value (JSON records carry bytes as base64: summaries, dead letters)."""
+        self.add(value)
+        for k in range(3):
+            self.add(base64.b64encode(value[k:]).rstrip(b"="))
 
     def __len__(self) -> int:
         return sum(len(d) for by_fp in self.shingles.values() for d in by_fp.values())

@@ -44,6 +44,7 @@ from memstream.longterm.store import LongTermStore
 from memstream.read.routing import RoutePolicy
 from memstream.read.window import SessionWindow
 from memstream.schemas.records import ReadDivergence
+from memstream.wire.codec import summary_tokens
 from memstream.settings import (LEDGER_FLUSH_EVERY, MAX_READ_K, NPROBES, READ_CACHE_BYTES, READ_CANDIDATES,
                                 READ_DIVERGENCE_TOPIC, READ_GROUPS, READ_MODE, READ_PROBE_GROUPS)
 
@@ -179,7 +180,8 @@ class Memory:
     :mod:`memstream.read.window`) or "exact". ``cache_bytes`` bounds the sessions held in
     memory (least recently read first out; the session being read always stays).
     Thread-safe, and no lock is held across a read; each process opens its own. ``close()``
-    flushes the accounting."""
+    flushes the accounting. ``keys``: the store's key table
+    (:class:`~memstream.storage.keytable.KeyTable`), which opens sealed summary tokens."""
 
     def __init__(self, episodic_uri: str, longterm_uri: str | None = None, *,
                  storage_options: dict[str, str] | None = None,
@@ -189,7 +191,7 @@ class Memory:
                  candidates: int = READ_CANDIDATES,
                  flush_every: int = LEDGER_FLUSH_EVERY, replica: "Memory | None" = None, sample_rate: float = 0.0,
                  kafka_bootstrap: str | None = None, divergence_topic: str = READ_DIVERGENCE_TOPIC,
-                 score_tolerance: float = 1e-3, seed: int | None = None, retention=None):
+                 score_tolerance: float = 1e-3, seed: int | None = None, retention=None, keys=None):
         if not 0.0 <= sample_rate <= 1.0:
             raise ConfigError(f"sample_rate is a fraction of reads, 0..1; got {sample_rate}")
         if sample_rate > 0 and replica is None:
@@ -208,6 +210,7 @@ class Memory:
         self.dim = model.config.dim
         self.uri = episodic_uri
         self.store = EpisodicStore(episodic_uri, storage_options)
+        self.keys = keys  # the store's key table: opens sealed summary tokens
         self.ledger = ReadLedger(episodic_uri, storage_options, flush_every=flush_every)
         self.keyring = keyring
         self.longterm = None
@@ -415,7 +418,7 @@ class Memory:
                 raise IntegrityError(f"summary {session_id}/{w} has {r.dim}-d tokens, the compressor reads {self.dim}")
             verified = check_summary(r, self.keyring)
             try:
-                held = r.token_array().astype(np.float16)  # exact for the fp16 the pipeline writes
+                held = summary_tokens(r, self.keys).astype(np.float16)  # exact for the fp16 the pipeline writes
             except ValueError as e:
                 raise IntegrityError(str(e)) from None
             if r.tokens_dtype != "fp16" and not np.isfinite(held).all():

@@ -26,3 +26,14 @@ def connect(uri: str, storage_options: dict[str, str] | None = None):
 def quote(value: str) -> str:
     """``value`` as an SQL string literal for a LanceDB filter."""
     return "'" + value.replace("'", "''") + "'"
+
+
+def erase_deleted(table, delete_unverified: bool = False) -> None:
+    """Make a table's deletes physical: rewrite every fragment with deleted rows, then drop
+    every old version (a delete alone leaves the rows in data files and old versions).
+    ``delete_unverified`` also removes files no version names; only safe with writers
+    excluded (it corrupted tables that other processes appended to)."""
+    table.to_lance().optimize.compact_files(materialize_deletions_threshold=0.0)
+    table.checkout_latest()
+    table.to_lance().cleanup_old_versions(older_than=timedelta(0), delete_unverified=delete_unverified)
+    table.checkout_latest()

@@ -1,0 +1,91 @@
+"""Forgetting a session everywhere: crypto-shredding plus physical erasure, and its proof.
+
+Kafka cannot delete single records, and backups and old file versions outlive any delete, so
+a session's latents are sealed under its own data key before they leave the producer
+(:mod:`memstream.sdk`), and its summary tokens under the same key before they are stored or
+published (:func:`memstream.wire.codec.seal_tokens`). :func:`forget_session`:
+
+1. keeps a signed :class:`~memstream.schemas.records.GcRecord` with reason ``forgotten``
+   first: the pipeline treats the session as collected from then on, so a replay of its
+   events never makes a summary again;
+2. destroys the session's data key (:meth:`KeyTable.destroy`): every sealed copy, on any
+   topic's log or in any backup, can no longer be opened; a replay dead-letters the chunks
+   as ``key_destroyed``;
+3. deletes the session's rows from the episodic store (summaries, publish marks) and the
+   read ledger (reads, biases), and makes the deletes physical (:func:`erase_deleted`);
+4. with a long-term store, forgets the session's subject there
+   (:func:`~memstream.longterm.entry.session_subject`: what query-time retention and
+   consolidation wrote of it) by a signed forget request and the forget purge
+   (:mod:`memstream.maintenance.purge`), whose attestation it returns.
+
+Every step is idempotent, so a retry after a crash finishes the job. :func:`scan_locations`
+then proves it: every file of the Kafka log directories, the stores, the ledger and the key
+table is searched for fingerprints of the forgotten bytes (:mod:`memstream.maintenance.scan`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from memstream.crypto.datakeys import session_key_id
+from memstream.crypto.keys import SigningKey
+from memstream.crypto.signed import sign_record
+from memstream.episodic.ledger import BIASES, READS, ReadLedger
+from memstream.episodic.store import PUBLISHED, TABLE, EpisodicStore
+from memstream.errors import ConfigError
+from memstream.longterm.entry import ForgetRequest, session_subject
+from memstream.maintenance import purge
+from memstream.maintenance.scan import Markers, ScanReport, scan_storage
+from memstream.schemas.records import GcRecord
+from memstream.storage.keytable import KeyTable
+from memstream.storage.lance import connect, erase_deleted
+
+log = logging.getLogger(__name__)
+
+
+def forget_session(uri: str, storage_options: dict[str, str] | None, session_id: str, *, keys: KeyTable,
+                   key: SigningKey, longterm=None, longterm_key: SigningKey | None = None, approvers=(),
+                   now_ns: int | None = None) -> dict:
+    """Forget one session (see the module docstring); returns what was removed, the signed
+    record and, with ``longterm`` (a LongTermStore; ``longterm_key``, a validator or governance
+    key of it, signs the forget request, ``key`` the purge attestation; ``approvers``: the
+    governance keys whose M-of-N approval the purge needs), the purge attestation. The erasure uses
+    no ``delete_unverified``, which is what keeps it safe beside a running pipeline."""
+    if key is None:
+        raise ConfigError("forgetting signs a record of it: pass the maintenance key")
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    store, ledger = EpisodicStore(uri, storage_options), ReadLedger(uri, storage_options)
+    stored = store.stored_at_ns(session_id)
+    head = store.heads([session_id]).get(session_id)
+    record = next((r for r in store.gc_records() if r.session_id == session_id and r.reason == "forgotten"), None)
+    if record is None:
+        record = sign_record(GcRecord(
+            schema_version=1, session_id=session_id, reason="forgotten", summaries_removed=len(stored),
+            reads_removed=ledger.query_count(session_id), biases_removed=len(ledger.biases(session_id)),
+            head_window_index=head.window_index if head else None, head_hash=head.hash if head else b"",
+            last_activity_us=max(stored.values(), default=0) // 1000, collected_at_us=now_ns // 1000,
+            signature=b"", key_id=""), key)
+        store.record_gc(record)
+    key_was_there = keys.destroy(session_key_id(session_id))
+    summaries = store.drop_session(session_id)
+    ledger.drop_session(session_id)
+    db = connect(uri, storage_options)
+    for name in (TABLE, PUBLISHED, READS, BIASES):
+        erase_deleted(db.open_table(name))
+    out = {"session_id": session_id, "key_destroyed": key_was_there, "summaries_removed": summaries,
+           "reads_removed": record.reads_removed, "record": record.to_dict()}
+    if longterm is not None:
+        if longterm_key is None:
+            raise ConfigError("forgetting in the long-term store signs a forget request: pass longterm_key")
+        subject = session_subject(session_id)
+        longterm.request_forget(subject, ForgetRequest.create(longterm_key, longterm.store_id, subject))
+        out["longterm"] = purge.run(longterm, key, approvers=approvers)
+    log.info("session %s forgotten: %s", session_id, {k: v for k, v in out.items() if k != "record"})
+    return out
+
+
+def scan_locations(markers: Markers, *, kafka_log_dirs: list[str], stores: list[tuple[str, dict | None]]) -> ScanReport:
+    """Scan every file of the Kafka log directories and every object of the stores (the
+    episodic store holds the ledger and the key table too) for the markers."""
+    return scan_storage(markers, [(d, None) for d in kafka_log_dirs] + list(stores))
