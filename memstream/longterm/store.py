@@ -729,7 +729,7 @@ class LongTermStore:
             if refine:
                 nearest["refine_factor"] = refine
             # Before the vector search: a post-filter would return fewer than k.
-            found = ds.to_table(columns=[], with_row_id=True, nearest=nearest, filter=where, prefilter=True)
+            found = ds.to_table(columns=["_distance"], with_row_id=True, nearest=nearest, filter=where, prefilter=True)
             if not found.num_rows:
                 continue
             # The hits' columns by row id, in the order given: cheaper than the scanner's own
