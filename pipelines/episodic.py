@@ -918,6 +918,26 @@ def republish_unacknowledged(config: EpisodicConfig, store: EpisodicStore) -> in
     return len(records)
 
 
+# How often a running instance looks for a newer one, whether or not its bundles reach Commit.
+EPOCH_CHECK_S = 5.0
+
+
+def _watch_epoch(config: EpisodicConfig, store: EpisodicStore, result, fenced: list, done: threading.Event) -> None:
+    """Cancel the job once a newer instance of the group has started. Commit checks the epoch
+    before every write, but an instance with nothing to commit (its input done before the newer
+    one started) would otherwise run on idle beside the newer one."""
+    while not done.wait(EPOCH_CHECK_S):
+        try:
+            store.check_epoch(config.group, config.epoch)
+        except FencedError as e:
+            log.error("FencedError: %s", e)
+            fenced.append(e)
+            result.cancel()
+            return
+        except Exception as e:  # the store out of reach for a moment: Commit still checks before each write
+            log.warning("could not read the pipeline's epoch from the store (%s); trying again", e)
+
+
 def run(config: EpisodicConfig, runner_args: list[str], on_started=None):
     """Run the pipeline to its end (bounded) or until it fails or is stopped (streaming).
     ``on_started(result)`` is called once the job runs (the CLI serves metrics from it)."""
@@ -937,12 +957,22 @@ def run(config: EpisodicConfig, runner_args: list[str], on_started=None):
 
     main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    fenced: list[FencedError] = []
+    done = threading.Event()
+    threading.Thread(target=_watch_epoch, args=(config, store, result, fenced, done), name="memstream-epoch",
+                     daemon=True).start()
     try:
         result.wait_until_finish()
+    except Exception:
+        if not fenced:  # cancelled because fenced: the FencedError below says why, not the runner's error
+            raise
     finally:
+        done.set()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     close_clients()
+    if fenced:
+        raise fenced[0]
     state = str(result.state)
     if "DONE" not in state and not stopping:
         raise PublishError(f"the pipeline ended in state {state}: the runner's log above says why")

@@ -368,6 +368,23 @@ def test_two_instances_at_once_never_fork_and_the_older_stops(env, tmp_path):
     assert_complete(env, {"t1": WINDOW + 100, "t2": 2 * WINDOW, "t3": 700})
 
 
+def test_an_idle_instance_stops_once_a_newer_one_claims_the_group(env, tmp_path):
+    """Nothing left to commit, so no bundle reaches Commit's epoch check: the instance still stops
+    (a newer one that starts after the older has drained its input)."""
+    log = tmp_path / "pipeline.log"
+    first = _cli(env, log, "--discover-seconds", "2")
+    try:
+        publish(env, {"i1": 700})
+        _wait_for(env, {"i1": 700}, first, log)
+        env.store().claim_epoch(env.group)  # what a newer instance does first at start-up
+        assert first.wait(timeout=60) != 0, "the idle older instance kept running"
+        assert "FencedError" in log.read_text()
+    finally:
+        if first.poll() is None:
+            _kill9(first)
+    assert_complete(env, {"i1": 700})
+
+
 def _scrape(port: int) -> dict[str, float]:
     import urllib.request
 
