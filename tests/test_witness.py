@@ -28,6 +28,7 @@ from memstream.longterm import ForgetRequest, LongTermStore
 from memstream.longterm.entry import GovernancePolicy
 from memstream.maintenance import purge
 from memstream.maintenance.episodic import anchor_chains
+from tests.test_core import chain
 from memstream.maintenance.longterm import anchor
 from memstream.schemas.generate import to_arrow
 from memstream.schemas.records import PurgeAttestation, PurgeRecord, SummaryRecord
@@ -251,16 +252,7 @@ def test_the_normal_path_stays_green_with_a_witness(backend, witness_root, keys)
 # -- episodic chains ----------------------------------------------------------------------------------
 
 def summaries(key: SigningKey, session: str, start: int, n: int, prev: bytes) -> list[SummaryRecord]:
-    out = []
-    for i in range(start, start + n):
-        rec = seal(SummaryRecord(
-            schema_version=2, session_id=session, window_index=i, seq_start=i * 10, seq_end=i * 10 + 10, cut="full",
-            token_count=2, dim=4, tokens_dtype="fp16", tokens=bytes(16), operator_version="op-1",
-            producer_id=b"\x01" * 16, latents_dtype="fp32", latent_dim=4, event_time_us=1_000 + i, prev_hash=prev,
-            hash=b"", signature=b"", key_id=""), key)
-        out.append(rec)
-        prev = rec.hash
-    return out
+    return chain(n, session, key, start, prev)
 
 
 def test_an_episodic_chain_rolled_back_is_detected(backend, witness_root, keys, capsys):
