@@ -145,13 +145,15 @@ class Rejected:
 @dataclass(frozen=True)
 class Ack:
     """Offsets ``first..last`` of a partition are handled; ``pin``: (session, window) needs the
-    record at ``last``; ``rejected``: it goes to the dead letters."""
+    record at ``last``; ``rejected``: it goes to the dead letters; ``unsent``: (session, window
+    indexes) stored by an earlier attempt that Kafka may not have got, for Commit to publish."""
 
     start: int
     first: int
     last: int
     pin: tuple[str, int] | None = None
     rejected: Rejected | None = None
+    unsent: tuple[str, tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -332,19 +334,25 @@ class CutWindows(beam.DoFn):
         self._resumed = Metrics.counter(NS, "sessions_resumed")
         self._gaps = Metrics.counter(NS, "sequence_gaps")
 
-    def _cutter(self, session_id: str, raw: bytes | None) -> tuple[WindowCutter, bool]:
-        """The session's cutter; on empty state, resumed from the store. True when it was."""
+    def _cutter(self, session_id: str, raw: bytes | None) -> tuple[WindowCutter, bool, tuple[int, ...]]:
+        """The session's cutter; on empty state, resumed from the store. True when it was, and
+        then the stored windows Kafka has not acknowledged."""
         if raw is not None:
-            return WindowCutter(CutterState.from_bytes(raw), self.config.window, self._idle_us), False
+            return WindowCutter(CutterState.from_bytes(raw), self.config.window, self._idle_us), False, ()
         head = self._store.head_record(session_id)
+        unsent: tuple[int, ...] = ()
         if head is not None:
             self._resumed.inc()
             state = CutterState.resume(head)
+            # Resumed past them, this state never cuts these windows again, so Commit would never
+            # see them replayed: a job restored in place (Flink, after a worker died between the
+            # store write and the transaction) gets no start-up republish either. Commit sends them.
+            unsent = tuple(r.window_index for r in self._store.unpublished(session_id))
         else:
             state = CutterState.new(session_id)
             if self._store.collected(session_id):
                 state.validator.state = "collected"
-        return WindowCutter(state, self.config.window, self._idle_us), True
+        return WindowCutter(state, self.config.window, self._idle_us), True, unsent
 
     def process(self, kv, timestamp=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
                 order=beam.DoFn.TimerParam(ORDER)):
@@ -372,12 +380,12 @@ class CutWindows(beam.DoFn):
             pending.add(item)
         if later:
             order.set(Timestamp(micros=max(t for t, _ in later)))
-        cutter, fresh = self._cutter(session_id, cutter_state.read())
+        cutter, fresh, unsent = self._cutter(session_id, cutter_state.read())
         changed = fresh
         for entry in ready:
-            outputs, accepted = self._feed(session_id, cutter, fresh, entry)
+            outputs, accepted = self._feed(session_id, cutter, fresh, entry, (session_id, unsent) if unsent else None)
             yield from outputs
-            fresh = False
+            fresh, unsent = False, ()
             if accepted:
                 changed = True
                 start_state.write((entry.partition, entry.start))
@@ -388,14 +396,16 @@ class CutWindows(beam.DoFn):
         if changed:
             cutter_state.write(cutter.state.to_bytes())
 
-    def _feed(self, session_id: str, cutter: WindowCutter, fresh: bool, entry: Entry) -> tuple[list, bool]:
-        """One record through the cutter: its outputs, and whether the state accepted it."""
+    def _feed(self, session_id: str, cutter: WindowCutter, fresh: bool, entry: Entry,
+              unsent: tuple[str, tuple[int, ...]] | None = None) -> tuple[list, bool]:
+        """One record through the cutter: its outputs, and whether the state accepted it. Its
+        Ack carries ``unsent``, in the same partition's transaction as its offset."""
         state = cutter.state
         if state.last_ref is not None and entry.offset <= state.last_ref[1]:
             # Fed in offset order, an offset at or behind the last one applied is a record this
             # state has seen already (a replay from a committed offset inside a stored window).
-            return [beam.pvalue.TaggedOutput(self.ACKS, (entry.partition, Ack(entry.start, entry.first,
-                                                                              entry.offset)))], False
+            return [beam.pvalue.TaggedOutput(self.ACKS, (entry.partition, Ack(entry.start, entry.first, entry.offset,
+                                                                              unsent=unsent)))], False
         if state.validator.state == "collected":
             fed_error = CollectedSessionError(f"session {session_id!r} was collected by session GC: publish "
                                               "under a new session id")
@@ -412,7 +422,7 @@ class CutWindows(beam.DoFn):
             self._gaps.inc()
         pin = (session_id, fed.pin) if fed is not None and fed.pin is not None else None
         out = [beam.pvalue.TaggedOutput(self.ACKS, (entry.partition, Ack(entry.start, entry.first, entry.offset, pin,
-                                                                          rejected)))]
+                                                                          rejected, unsent)))]
         for window in fed.windows if fed is not None else ():
             self._windows.inc()
             out.append((window, entry.start))
@@ -613,6 +623,8 @@ class Commit(beam.DoFn):
             progress.ack(msg.first, msg.last)
             if msg.rejected is not None and msg.rejected.offset >= sent:
                 work.rejected.append(msg.rejected)
+            if msg.unsent is not None:
+                work.replayed += [(msg.unsent[0], w) for w in msg.unsent[1]]
         else:
             heads = heads_state.read() or {}
             self._chain(msg, heads, progress, work, waiting)

@@ -349,6 +349,27 @@ def test_a_crash_between_the_store_and_kafka_publishes_after_the_restart(env, tm
     assert not env.store().unpublished("c")
 
 
+def test_a_job_restored_in_place_publishes_what_its_killed_attempt_stored(env, tmp_path):
+    """Flink restores a job in place when a worker dies, so run()'s start-up republish does not
+    happen: the job itself must send what the dead attempt stored and never sent. The job here
+    is built and run without run(), as a restored one runs (found by the Flink worker-kill test,
+    where such summaries stayed unsent for good)."""
+    from memstream.pipelines.episodic import build
+
+    publish(env, {"r": WINDOW + 5})
+    log = tmp_path / "pipeline.log"
+    crashed = _cli(env, log, "--until-idle", env={"MEMSTREAM_CRASH_AT": "after-store", "MEMSTREAM_CRASH_GROUP": "1"})
+    assert crashed.wait(timeout=300) == -signal.SIGKILL, process.tail(log, 30)
+    process.stop_pid(crashed.pid, timeout=5)
+    assert env.store().unpublished("r")
+    restored = dataclasses.replace(env, epoch=env.store().current_epoch(env.group))  # the same job, not a newer one
+    p = beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(runners.prism_options(streaming=False)))
+    build(p, restored)
+    assert "DONE" in str(p.run().wait_until_finish())
+    assert not env.store().unpublished("r")
+    assert_complete(env, {"r": WINDOW + 5})
+
+
 def test_two_instances_at_once_never_fork_and_the_older_stops(env, tmp_path):
     log = tmp_path / "pipeline.log"
     first = _cli(env, log, "--discover-seconds", "2")
@@ -671,9 +692,18 @@ def test_flink_parallelism_2_with_a_worker_killed(kafka_bootstrap, topic_name, t
         while time.monotonic() < deadline and not _published(env, sessions):
             assert proc.poll() is None, process.tail(log, 40)
             time.sleep(3)
+        assert _published(env, sessions), _progress(env, sessions)
     finally:
         _stop(proc)
     assert_complete(env, sessions)
+
+
+def _progress(config: EpisodicConfig, sessions: dict[str, int]) -> str:
+    """Where each unfinished session stands: what a timed-out wait says."""
+    store = config.store()
+    return "; ".join(f"{s}: {len(store.records(s))}/{len(expected_windows(n))} stored, "
+                     f"{len(store.unpublished(s))} unpublished" for s, n in sessions.items()
+                     if len(store.records(s)) != len(expected_windows(n)) or store.unpublished(s))
 
 
 def _cmdline(pid: int) -> str:
