@@ -637,6 +637,8 @@ class Commit(beam.DoFn):
         if sid not in heads:
             head = self._store.heads([sid]).get(sid)
             heads[sid] = (head.window_index, head.hash) if head else (-1, b"")
+            if head is not None:  # an earlier attempt's windows, maybe never sent: they go out first
+                work.replayed += [(sid, r.window_index) for r in self._store.unpublished(sid)]
         index, prev = heads[sid]
         w = msg.window.window_index
         if w <= index:  # stored already (a replay after a restore): make sure it was published
@@ -735,6 +737,9 @@ class Commit(beam.DoFn):
             sent = on_topic(self.config, unmarked, self._meta[partition].get("summaries"))
             self._store.mark_published([r for r in unmarked if r.hash in sent])
             publish += [r for r in unmarked if r.hash not in sent]
+            # A replayed window can be older than a new one of its session: the topic keeps each
+            # session's chain in window order, whichever way the windows reached this bundle.
+            publish.sort(key=lambda r: (r.session_id, r.window_index))
         letters = self._letters(partition, work.rejected)
         mark = (work.commit, work.acked)
         if publish or letters or mark != self._committed.get(partition):
