@@ -347,7 +347,7 @@ class CutWindows(beam.DoFn):
             # Resumed past them, this state never cuts these windows again, so Commit would never
             # see them replayed: a job restored in place (Flink, after a worker died between the
             # store write and the transaction) gets no start-up republish either. Commit sends them.
-            unsent = tuple(r.window_index for r in self._store.unpublished(session_id))
+            unsent = tuple(self._store.unpublished_windows(session_id))
         else:
             state = CutterState.new(session_id)
             if self._store.collected(session_id):
@@ -638,7 +638,7 @@ class Commit(beam.DoFn):
             head = self._store.heads([sid]).get(sid)
             heads[sid] = (head.window_index, head.hash) if head else (-1, b"")
             if head is not None:  # an earlier attempt's windows, maybe never sent: they go out first
-                work.replayed += [(sid, r.window_index) for r in self._store.unpublished(sid)]
+                work.replayed += [(sid, w) for w in self._store.unpublished_windows(sid)]
         index, prev = heads[sid]
         w = msg.window.window_index
         if w <= index:  # stored already (a replay after a restore): make sure it was published

@@ -342,6 +342,7 @@ def test_a_crash_between_the_store_and_kafka_publishes_after_the_restart(env, tm
     stored = env.store().records("c")
     sent = [r for r in read_summaries(env.bootstrap, topic=env.summaries_topic) if r.session_id == "c"]
     assert stored and env.store().unpublished("c")
+    assert env.store().unpublished_windows("c") == [r.window_index for r in env.store().unpublished("c")]
     assert len(sent) == (0 if crash_at == "after-store" else len(stored))
     drain = _cli(env, log, "--until-idle")
     assert drain.wait(timeout=300) == 0, process.tail(log, 30)

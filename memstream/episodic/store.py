@@ -149,11 +149,21 @@ class EpisodicStore:
         (self.published_table.merge_insert(["session_id", "window_index"])
          .when_not_matched_insert_all().execute(data))
 
-    def unpublished(self, session_id: str) -> list[SummaryRecord]:
-        """Stored summaries of the session newer than the newest one Kafka acknowledged."""
+    def _newest_published(self, session_id: str) -> int:
         rows = (self.published_table.search().where(f"session_id = {quote(session_id)}")
                 .select(["window_index"]).limit(None).to_arrow()["window_index"].to_pylist())
-        return self.records(session_id, since_window=max(rows, default=-1) + 1)
+        return max(rows, default=-1)
+
+    def unpublished(self, session_id: str) -> list[SummaryRecord]:
+        """Stored summaries of the session newer than the newest one Kafka acknowledged."""
+        return self.records(session_id, since_window=self._newest_published(session_id) + 1)
+
+    def unpublished_windows(self, session_id: str) -> list[int]:
+        """The window indexes of ``unpublished(session_id)``, in order, without reading their tokens."""
+        newest = self._newest_published(session_id)
+        rows = (self.table.search().where(f"session_id = {quote(session_id)} AND window_index > {newest}")
+                .select(["window_index"]).limit(None).to_arrow()["window_index"].to_pylist())
+        return sorted(rows)
 
     def unpublished_all(self) -> list[SummaryRecord]:
         """Every stored summary Kafka has not acknowledged, of every session, in window order."""

@@ -116,7 +116,7 @@ def collect_sessions(uri: str, storage_options: dict[str, str] | None = None, *,
            "summaries_removed": 0, "reads_removed": 0, "collected": [], "dry_run": dry_run}
     for session, reason, stored, last_ns in gc_candidates(store, ledger, retention_s=retention_s, closed=closed,
                                                           now_ns=now_ns):
-        if stored and store.unpublished(session):
+        if stored and store.unpublished_windows(session):
             out["skipped_unpublished"] += 1
             log.warning("session %s is %s but Kafka has not acknowledged all its summaries: kept", session, reason)
             continue
