@@ -117,6 +117,12 @@ def witness_params() -> dict[str, Param]:
     }
 
 
+def master_key_param() -> dict[str, Param]:
+    return {"master_key_file": Param(None, type=["null", "string"], minLength=1,
+                                     description="the master key file (mode 0600) of the episodic store's key "
+                                                 "table, which holds the sessions' and subjects' data keys")}
+
+
 def bootstrap_param() -> Param:
     return Param(os.environ.get("MEMSTREAM_BOOTSTRAP"), type=["null", "string"], pattern=r"^[^\s,]+(,[^\s,]+)*$",
                  description="Kafka bootstrap servers (host:port,...); null: no Kafka")
@@ -147,18 +153,31 @@ def witness(p, log_keys):
                         log_keys=log_keys, key_env=p.get("witness_key_env"), key_file=p.get("witness_key_file"))
 
 
-def longterm_store(p, *, signer=None, maintenance=None, kafka: bool = False):
+def key_table(p, required: bool = False):
+    """The episodic store's key table, unlocked by ``master_key_file``; None without it."""
+    from memstream.errors import ConfigError
+    from memstream.storage.keytable import KeyTable
+
+    if not p.get("master_key_file"):
+        if required:
+            raise ConfigError("set the master_key_file Param: this task opens data keys of the store's key table")
+        return None
+    return KeyTable.open(p["episodic_uri"], options(p), p["master_key_file"])
+
+
+def longterm_store(p, *, signer=None, maintenance=None, kafka: bool = False, keys=None):
     """The long-term store; ``signer`` the validator key that writes entries, ``maintenance``
-    the maintenance key whose purge attestations it accepts."""
+    the maintenance key whose purge attestations it accepts, ``keys`` the key table that seals
+    and opens subject-bound payloads."""
     # Stores load pyarrow and LanceDB: inside tasks only, so that parsing a DAG file stays cheap.
     from memstream.maintenance.longterm import open_store
 
     so = options(p)
     extra = {"tree_head_topic": p["attestations_topic"]} if kafka and p.get("attestations_topic") else {}
-    return open_store(p["longterm_uri"], so, keys=p.get("validator_keys") or (),
+    return open_store(p["longterm_uri"], so, validator_keys=p.get("validator_keys") or (),
                       signer=signer, cold_uri=p.get("cold_uri"), cold_storage_options=so,
                       maintenance_keys=[maintenance] if maintenance is not None else (),
                       kafka_bootstrap=p.get("kafka_bootstrap") if kafka else None,
                       governance_keys=p.get("governance_keys") or (),
-                      governance_threshold=p.get("governance_threshold"),
+                      governance_threshold=p.get("governance_threshold"), keys=keys,
                       **extra)

@@ -21,7 +21,7 @@ from memstream.dags import dagkit
                       description="most-read summaries per session moved to long-term memory"),
          "min_reads": Param(settings.CONSOLIDATE_MIN_READS, type="integer", minimum=1,
                             description="summaries read fewer times are not moved"),
-         **dagkit.key_params(), **dagkit.validator_key_params(),
+         **dagkit.key_params(), **dagkit.validator_key_params(), **dagkit.master_key_param(),
          "dry_run": dagkit.dry_run(),
      })
 def session_consolidation():
@@ -32,12 +32,15 @@ def session_consolidation():
         p = context["params"]
         # The maintenance key signs the consolidation records, the validator key the entries.
         key = dagkit.signer(p, required=not p["dry_run"])
+        # The key table opens sealed summary tokens and seals the entries' payloads under each
+        # session's subject key, which forgetting the session destroys.
+        keys = dagkit.key_table(p)
         store = dagkit.longterm_store(p, signer=dagkit.signer(p, required=not p["dry_run"], role="validator"),
-                                      maintenance=key)
+                                      maintenance=key, keys=keys)
         try:
             return consolidate_sessions(p["episodic_uri"], dagkit.options(p), store, key=key,
                                         retention_s=p["retention_hours"] * 3600, top=p["top"],
-                                        min_reads=p["min_reads"], dry_run=p["dry_run"])
+                                        min_reads=p["min_reads"], dry_run=p["dry_run"], keys=keys)
         finally:
             store.close()
 

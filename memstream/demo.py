@@ -143,7 +143,7 @@ def cross_session_recall(store_uri: str, longterm_uri: str, key: SigningKey, kep
     latents = np.concatenate([np.asarray(p, np.float32) for p in kept[a]])
     rng = np.random.default_rng(1)
     positions = sorted(rng.choice(len(latents), reads, replace=False).tolist())
-    writer = LongTermStore(longterm_uri, keyring=ring, signer=key)
+    writer = LongTermStore(longterm_uri, keyring=ring, signer=key, keys=keys)  # seals payloads under subject keys
     retention = Retention(writer)
     asked: dict[str, int] = {}  # query hash -> position of the latent the query was about
     with Memory(store_uri, longterm_uri, keyring=ring, retention=retention, keys=keys) as memory:

@@ -26,7 +26,7 @@ from memstream.schemas.records import SummaryRecord
 
 DAGS = Path(memstream.dags.__file__).resolve().parent
 DAG_IDS = {"episodic_decay", "session_gc", "longterm_cold_demotion", "forget_purge", "longterm_compaction",
-           "longterm_anchoring", "session_consolidation"}
+           "longterm_anchoring", "session_consolidation", "session_forget"}
 KEY_ENV = "MEMSTREAM_TEST_MAINTENANCE_KEY"
 VALIDATOR_ENV = "MEMSTREAM_TEST_VALIDATOR_KEY"
 DAY_NS = 86400 * 10**9
@@ -92,6 +92,7 @@ def test_dag_integrity(airflow_db):
     assert set(bag.dag_ids) == DAG_IDS
     schedules = {d: bag.dags[d].schedule for d in DAG_IDS}
     assert [a.name for a in schedules.pop("longterm_compaction")] == ["memstream_longterm_store"]
+    assert schedules.pop("session_forget") is None  # triggered with the sessions to forget
     assert schedules == {"episodic_decay": "@hourly", "session_gc": "@daily", "longterm_cold_demotion": "@daily",
                          "forget_purge": "@hourly", "longterm_anchoring": "@hourly",
                          "session_consolidation": "@hourly"}
@@ -126,6 +127,9 @@ def test_dag_integrity(airflow_db):
     ("session_consolidation", {"longterm_uri": "relative/folder"}),
     ("longterm_cold_demotion", {"not_retrieved_days": "ninety"}),
     ("forget_purge", {"longterm_uri": "http://example.org/store"}),
+    ("session_forget", {"session_ids": "alice"}),
+    ("session_forget", {"session_ids": [""]}),
+    ("session_forget", {"kafka_log_dirs": ["relative/logs"]}),
     ("longterm_compaction", {"reindex_unindexed_fraction": 2}),
 ])
 def test_params_reject_bad_values(airflow_db, dag_id, bad):
@@ -387,6 +391,63 @@ def test_forget_purge(airflow_db, backend, key, validator):
     run_dag("forget_purge", conf)
     assert len(purge.attestations(store)) == 1  # nothing pending: no second purge
     print(f"forget_purge dag.test: {took:.2f}s")
+
+
+def test_session_forget(airflow_db, backend, key, validator, tmp_path):
+    """session_forget on real LanceDB (local and S3): the named session's data key, summaries,
+    publish marks and reads are gone, the others' stay, its long-term entry is planned for the
+    governance-approved purge; the run's proof scan fails when a copy of the key survives."""
+    from memstream.crypto.datakeys import MasterKey, session_key_id
+    from memstream.episodic.ledger import ReadLedger
+    from memstream.episodic.store import EpisodicStore
+    from memstream.longterm.entry import GovernancePolicy, session_subject
+    from memstream.maintenance import purge
+    from memstream.storage.keytable import KeyTable
+    from memstream.storage.objects import object_store
+    from tests.test_forget import store_sealed_summaries
+
+    root, so = backend
+    uri = f"{root}/episodic"
+    master_file = str(MasterKey.generate().write(tmp_path / "master.key"))
+    keys = KeyTable(uri, so or None, MasterKey.from_file(master_file))
+    store = EpisodicStore(uri, so or None)
+    rng = np.random.default_rng(5)
+    sealed = {sid: store_sealed_summaries(uri, so or None, keys, validator, sid, 3, rng) for sid in ("F", "K", "L")}
+    gov = SigningKey.generate()
+    lt = longterm((f"{root}/lt", so), validator, dim=384, maintenance_keys=[key.verify_key],
+                  governance=GovernancePolicy(KeyRing([gov]), 1))
+    lt.append([lt.new_entry(rng.standard_normal(384), f"about {sid}".encode(), query=f"q-{sid}",
+                            forget_subject=session_subject(sid)) for sid in ("F", "K")])
+    conf = {"session_ids": ["F"], "episodic_uri": uri, "storage_options": so, "master_key_file": master_file,
+            "key_env": KEY_ENV, "validator_key_env": VALIDATOR_ENV, "longterm_uri": f"{root}/lt",
+            "validator_keys": [validator.verify_key.hex()], "governance_keys": [gov.verify_key.hex()]}
+    run_dag("session_forget", conf)
+
+    fresh = KeyTable(uri, so or None, MasterKey.from_file(master_file))
+    assert fresh.destroyed(session_key_id("F")) and not fresh.destroyed(session_key_id("K"))
+    assert store.records("F") == [] and [r.tokens for r in store.records("K")] == sealed["K"]
+    with ReadLedger(uri, so or None) as ledger:
+        assert ledger.query_count("F") == 0 and ledger.query_count("K") == 1
+    blobs = stored_bytes((uri, so))
+    assert not any(t in b for t in sealed["F"] for b in blobs)
+    assert all(any(t in b for b in blobs) for t in sealed["K"])  # the control: the check can see tokens
+    # The long-term entry waits for governance; approved, forget_purge erases it.
+    (pending,) = lt.table("purges").to_lance().to_table(columns=["purge_id", "entry_ids"]).to_pylist()
+    assert len(pending["entry_ids"]) == 1
+    purge.approve(lt, pending["purge_id"], gov)
+    run_dag("forget_purge", {k: conf[k] for k in ("longterm_uri", "storage_options", "key_env", "validator_keys",
+                                                   "governance_keys")})
+    assert lt.count("hot") == 1 and len(purge.attestations(lt)) == 1
+
+    run_dag("session_forget", conf)  # idempotent: forgetting again finds nothing and changes nothing
+    assert [r.tokens for r in store.records("K")] == sealed["K"]
+    # A backup copy of L's wrapped key left in the store: the proof scan finds it and the run fails.
+    wrapped = fresh.wrapped(session_key_id("L"))
+    object_store(uri, so or None).put("backups/keys.bin", b"old backup:" + wrapped)
+    dr = load_dag("session_forget").test(run_conf={**conf, "session_ids": ["L"], "forget_longterm": False})
+    states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+    assert dr.state == "failed" and states["forget"] == "success" and states["prove"] == "failed", states
+    assert store.records("L") == [] and fresh.destroyed(session_key_id("L"))
 
 
 def test_compaction_and_anchoring(airflow_db, tmp_path, key, kafka_bootstrap, topic_name, monkeypatch):

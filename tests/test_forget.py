@@ -6,15 +6,17 @@ its bytes, nothing sealed under it opens, and a replay from the start brings not
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 from kafka import KafkaConsumer
 
-from memstream.crypto.datakeys import MasterKey, session_key_id
+from memstream.crypto.datakeys import MasterKey, session_key_id, subject_key_id
 from memstream.crypto.keys import KeyRing, SigningKey
 from memstream.episodic.chain import verify_chain
 from memstream.episodic.ledger import ReadLedger
+from memstream.episodic.store import EpisodicStore
 from memstream.errors import ConfigError, KeyDestroyedError
 from memstream.longterm.entry import GovernancePolicy, session_subject, subject_hash
 from memstream.longterm.store import LongTermStore
@@ -34,13 +36,44 @@ from tests.test_episodic import checkpoint, dead_letters, key_file, make_config,
 CHUNK = 700
 
 
-def _latents_records(config, session_id: str) -> list[bytes]:
-    c = KafkaConsumer(config.latents_topic, bootstrap_servers=config.bootstrap, auto_offset_reset="earliest",
-                      consumer_timeout_ms=4000, max_partition_fetch_bytes=64 << 20)
+def store_sealed_summaries(uri, so, keys, signer, sid: str, n: int, rng) -> list[bytes]:
+    """n chained summaries of ``sid`` with tokens sealed under its data key, stored, marked
+    published and read once (what the pipeline and a read leave); returns the sealed tokens."""
+    from memstream.episodic.chain import seal
+    from memstream.episodic.store import EpisodicStore
+    from memstream.schemas.records import SummaryRecord
+    from memstream.wire.codec import seal_tokens
+
+    key_id, data_key = keys.session_key(sid)
+    prev, records = b"", []
+    for w in range(n):
+        raw = rng.standard_normal((4, 8)).astype(np.float32).tobytes()
+        r = seal(SummaryRecord(
+            schema_version=2, session_id=sid, window_index=w, seq_start=w * WINDOW, seq_end=(w + 1) * WINDOW,
+            cut="full", token_count=4, dim=8, tokens_dtype="fp32", tokens=seal_tokens(sid, w, raw, key_id, data_key),
+            operator_version="test", producer_id=b"\x01" * 16, latents_dtype="fp32", latent_dim=8,
+            event_time_us=1, prev_hash=prev, hash=b"", signature=b"", key_id=""), signer)
+        records.append(r)
+        prev = r.hash
+    store = EpisodicStore(uri, so)
+    store.append(records)
+    store.mark_published(records)
+    with ReadLedger(uri, so) as ledger:
+        ledger.record(sid, [0])
+    return [r.tokens for r in records]
+
+
+def _records(bootstrap: str, topic: str, session_id: str) -> list[bytes]:
+    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=4000,
+                      max_partition_fetch_bytes=64 << 20)
     try:
         return [m.value for m in c if m.key == session_id.encode()]
     finally:
         c.close()
+
+
+def _latents_records(config, session_id: str) -> list[bytes]:
+    return _records(config.bootstrap, config.latents_topic, session_id)
 
 
 @pytest.fixture
@@ -92,13 +125,15 @@ def test_forget_reaches_the_kafka_logs_the_store_the_ledger_and_the_key_table(
     validator = config.signing_key()
     governance, maintenance = SigningKey.generate(), SigningKey.generate()
     lt = LongTermStore(str(tmp_path / "ltm"), keyring=ring, signer=validator, maintenance_keys=[maintenance],
-                       governance=GovernancePolicy(KeyRing([governance]), 1))
+                       governance=GovernancePolicy(KeyRing([governance]), 1), keys=keys)
     slept = consolidate_sessions(config.store_uri, None, lt, key=maintenance, retention_s=1e9,
                                  closed=["A", "B"], keys=keys)
     entry_ids = {sid: slept["sessions"][sid]["entry_ids"] for sid in "AB"}
     assert all(len(ids) == 1 for ids in entry_ids.values())
     (_, a_entry), = lt.get(entry_ids["A"]).values()
     assert a_entry.forget_subject == subject_hash(session_subject("A"))
+    a_payload = lt.payload(a_entry)  # sealed under A's subject key at rest, open to the key table
+    assert a_payload is not None and a_payload not in a_entry.payload
 
     a_key = keys.data_key(session_key_id("A"))
     markers = Markers()
@@ -107,6 +142,7 @@ def test_forget_reaches_the_kafka_logs_the_store_the_ledger_and_the_key_table(
     for t in tokens["A"]:
         markers.add_with_base64(t.astype("<f2").tobytes())  # base64: in JSON on the summaries topic
     markers.add_with_base64(np.asarray(a_entry.vector, "<f4").tobytes())
+    markers.add(a_payload)
     markers.add_with_base64(a_key)
     markers.add_with_base64(keys.wrapped(session_key_id("A")))
     assert markers.skipped == 0
@@ -167,6 +203,81 @@ def test_forget_reaches_the_kafka_logs_the_store_the_ledger_and_the_key_table(
     reasons = {d.reason.value for d in dead_letters(config) if d.key == b"A"}
     assert reasons == {"key_destroyed", "collected_session"}, reasons
     assert_gone()
+
+
+def test_the_forget_command_shreds_erases_and_proves_on_real_kafka(stack, kafka_bootstrap, topic_name, tmp_path,
+                                                                   master_key_file, capsys):
+    """`memstream forget session` with the broker's log directories in its proof: the session's
+    chunks on Kafka no longer open, its rows are gone from the store and the ledger, its
+    long-term entry is purged with the approver's key, and the scan finds nothing; a leftover
+    copy of a data key makes the command exit 1."""
+    from memstream.cli import main
+    from memstream.crypto.keys import write_key_file
+    from memstream.storage.objects import object_store
+    from memstream.topics import create_topics
+
+    uri = str(tmp_path / "episodic")
+    keys = KeyTable(uri, None, MasterKey.from_file(master_key_file))
+    topic = f"{topic_name}.latents"
+    create_topics(kafka_bootstrap, [topic])
+    rng = np.random.default_rng(3)
+    data = {sid: rng.standard_normal((900, 384)).astype(np.float32) for sid in ("F", "K", "L")}
+    with Publisher(kafka_bootstrap, topic=topic, keys=keys) as pub:
+        for sid, x in data.items():
+            with pub.session(sid) as s:
+                s.publish(x)
+    files = {}
+    for role in ("maintenance", "validator", "governance"):
+        files[role] = tmp_path / f"{role}.key"
+        write_key_file(files[role], SigningKey.generate(), role)
+    validator = SigningKey.from_file(files["validator"], role="validator")
+    sealed = {sid: store_sealed_summaries(uri, None, keys, validator, sid, 2, rng) for sid in data}
+    lt = LongTermStore(str(tmp_path / "ltm"), keyring=KeyRing([validator]), signer=validator, keys=keys)
+    lt.append([lt.new_entry(rng.standard_normal(384), b"about F", query="q", forget_subject=session_subject("F"))])
+    lt.close()
+    subject_key = keys.data_key(subject_key_id(subject_hash(session_subject("F"))))  # it sealed the payload
+    base = ["forget", "session", "--episodic", uri, "--master-key-file", master_key_file,
+            "--key-file", str(files["maintenance"]), "--kafka-log-dir", stack.kafka_log_dirs()[0], "--json"]
+    assert main([*base, "--session", "F", "--longterm", str(tmp_path / "ltm"),
+                 "--validator-key-file", str(files["validator"]),
+                 "--approver-key-file", str(files["governance"])]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["key_destroyed"] and out["summaries_removed"] == 2 and out["reads_removed"] == 1
+    assert out["longterm"]["entries"] == 1
+    proof = out["proof"]
+    assert proof["ok"] and proof["sealed"] and proof["fingerprints"]["keys"] > 0 and proof["fingerprints"]["rows"] > 0
+    assert proof["key_scan"]["files"] > 5 and proof["key_scan"]["hits"] == 0 and proof["row_scan"]["hits"] == 0
+    fresh = KeyTable(uri, None, MasterKey.from_file(master_key_file))
+    with pytest.raises(KeyDestroyedError):
+        fresh.data_key(subject_key_id(subject_hash(session_subject("F"))))
+    assert not scan_locations(_marked(subject_key), kafka_log_dirs=[], stores=[(uri, None)]).hits
+    chunks = {sid: [v for v in _records(kafka_bootstrap, topic, sid) if v[:4] == b"MSLT"] for sid in data}
+    assert all(len(v) >= 1 for v in chunks.values())
+    for v in chunks["F"]:
+        with pytest.raises(KeyDestroyedError):
+            decode(b"F", v, keys=fresh)
+    assert isinstance(decode(b"K", chunks["K"][0], keys=fresh), LatentChunk)
+    store = EpisodicStore(uri)
+    assert store.records("F") == [] and [r.tokens for r in store.records("K")] == sealed["K"]
+    with ReadLedger(uri) as ledger:
+        assert ledger.query_count("F") == 0 and ledger.query_count("K") == 1
+    reopened = LongTermStore(str(tmp_path / "ltm"), keyring=KeyRing([validator]),  # accepting the attestation's key
+                             maintenance_keys=[SigningKey.from_file(files["maintenance"], role="maintenance")],
+                             governance=GovernancePolicy(KeyRing([SigningKey.from_file(files["governance"])]), 1))
+    assert reopened.count("hot") == 0 and reopened.verify().ok
+
+    # A leftover copy of L's data key (a stray backup): the proof finds it, the command says so.
+    object_store(uri, None).put("backups/keys.bin", b"backup:" + fresh.data_key(session_key_id("L")))
+    assert main([*base, "--session", "L"]) == 1
+    proof = json.loads(capsys.readouterr().out)["proof"]
+    assert not proof["ok"] and proof["key_scan"]["hits"] >= 1
+    assert any("backups" in f for f in proof["key_scan"]["objects_with_hits"])
+
+
+def _marked(value: bytes) -> Markers:
+    m = Markers()
+    m.add_with_base64(value)
+    return m
 
 
 def test_a_sealed_chunk_header_is_bound_to_its_ciphertext(tmp_path):

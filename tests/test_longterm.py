@@ -278,6 +278,50 @@ def test_request_forget_records_a_signed_request(backend, keys):
         store.new_entry(vectors(1)[0], b"x", query="q", forget_tag="chat")
 
 
+def test_subject_bound_payloads_are_sealed_under_the_subjects_key(backend, keys, tmp_path):
+    """With a key table, a payload bound to a forget subject is sealed before it is signed: no
+    stored byte holds it, a reader with the key table gets it back, the store verifies without
+    any key, a retried write makes the same entry, and destroying the subject's key leaves it
+    unreadable (None) while other subjects' and unbound payloads still read."""
+    import os
+
+    from memstream.crypto.datakeys import MasterKey, subject_key_id
+    from memstream.longterm.entry import payload_sealed, subject_hash
+    from memstream.storage.keytable import KeyTable
+    from memstream.storage.objects import iter_objects, read_object
+
+    master = MasterKey.generate()
+    table = KeyTable(str(tmp_path / "keys"), None, master)
+    uri, opts = backend
+    store = LongTermStore(uri, keyring=KeyRing([keys["validator"]]), signer=keys["validator"], storage_options=opts,
+                          dim=DIM, keys=table)
+    v = vectors(3, seed=9)
+    secret, other, free = (f"{name}-{os.urandom(12).hex()}".encode() for name in ("SECRET", "OTHER", "FREE"))
+    made = [store.new_entry(v[0], secret, query="q0", forget_subject="user-1", timestamp_ns=5),
+            store.new_entry(v[1], other, query="q1", forget_subject="user-2"),
+            store.new_entry(v[2], free, query="q2")]
+    again = store.new_entry(v[0], secret, query="q0", forget_subject="user-1", timestamp_ns=5)
+    assert again.entry_id == made[0].entry_id and again.payload == made[0].payload  # a retry is the same entry
+    assert payload_sealed(made[0].payload, made[0].forget_subject) and secret not in made[0].payload
+    assert made[2].payload == free
+    store.append(made)
+    blobs = [read_object(uri, k, opts or None) for k, _ in iter_objects(uri, opts or None)]
+    assert not any(secret in b or other in b for b in blobs) and any(free in b for b in blobs)
+    assert [store.search(x, k=1)[0].payload for x in v] == [secret, other, free]
+    (_, entry), = store.get([made[0].entry_id]).values()
+    assert entry.payload == made[0].payload and store.payload(entry) == secret
+    keyless = LongTermStore(uri, keyring=KeyRing([keys["validator"]]), storage_options=opts, dim=DIM)
+    assert keyless.verify().ok and keyless.verify(full=True).ok  # signed over the sealed bytes
+    assert [keyless.search(x, k=1)[0].payload for x in v] == [None, None, free]
+
+    table.destroy(subject_key_id(subject_hash("user-1")))
+    reader = LongTermStore(uri, keyring=KeyRing([keys["validator"]]), signer=keys["validator"], storage_options=opts,
+                           dim=DIM, keys=KeyTable(str(tmp_path / "keys"), None, master))
+    assert [reader.search(x, k=1)[0].payload for x in v] == [None, other, free]
+    with pytest.raises(Exception, match="forgotten"):
+        reader.new_entry(v[0], b"new", query="q3", forget_subject="user-1")
+
+
 def _writer_proc(uri, opts, pem, worker, batches, per_batch, go):
     key = SigningKey.parse(pem)
     store = LongTermStore(uri, keyring=KeyRing([key]), signer=key, storage_options=opts, dim=DIM)

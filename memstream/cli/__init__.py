@@ -15,7 +15,7 @@ import sys
 from memstream.errors import MemstreamError
 
 COMMAND_MODULES = [f"memstream.cli.{name}" for name in
-                   ("infra", "demo", "run", "stream", "verify", "keys", "access", "compressor", "serve")]
+                   ("infra", "demo", "run", "stream", "verify", "forget", "keys", "access", "compressor", "serve")]
 
 
 def build_parser() -> argparse.ArgumentParser:

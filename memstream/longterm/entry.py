@@ -7,6 +7,12 @@ content signed for another store (or resent to this one) is recognised; its **si
 is Ed25519 over the message by the validator whose key hash is in the provenance. The
 **Merkle leaf** is the canonical encoding of (message, key id, signature), so changing any
 stored byte of a row, the signature included, changes its leaf.
+
+A payload bound to a forget subject is **sealed** under the subject's data key before it is
+signed (:func:`seal_payload`), so the signature, the id and the leaf cover the sealed bytes and
+verify without any key; destroying the key (forgetting) leaves every copy unreadable, in old
+versions and backups too. The vector stays in the clear (the ANN index reads it): the forget
+purge erases it.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from memstream.crypto.datakeys import KEY_ID_BYTES, seal_deterministic, subject_key_id, unseal_deterministic
 from memstream.crypto.hashing import canonical_encode, domain_hash, leaf_hash
 from memstream.crypto.keys import KeyRing, SigningKey
-from memstream.errors import ConfigError, GovernanceError, SignatureError, VerificationError
+from memstream.errors import (ConfigError, GovernanceError, KeyDestroyedError, KeyUnavailableError, SignatureError,
+                              VerificationError)
 from memstream.schemas.records import ForgetRequest as ForgetRequestRecord
 from memstream.schemas.records import LongTermEntry
 from memstream.schemas.records import RemovalRequest as RemovalRequestRecord
@@ -47,6 +55,41 @@ def session_subject(session_id: str) -> str:
 def subject_hash(subject: str) -> str:
     """What an entry stores for the subject its forget tag is bound to."""
     return domain_hash("memstream.longterm.subject.v1", subject.encode()).hex()
+
+
+PAYLOAD_MAGIC = b"MSLP"
+
+
+def _payload_context(key_id: bytes) -> bytes:
+    return b"memstream.longterm.payload.v1" + key_id
+
+
+def seal_payload(payload: bytes, key_id: bytes, data_key: bytes) -> bytes:
+    """A payload sealed under its subject's data key (AES-GCM-SIV: the same payload seals to the
+    same bytes, so a retried write makes the same entry id; equal payloads of one subject are
+    the only thing it shows)."""
+    return b"".join((PAYLOAD_MAGIC, key_id, seal_deterministic(data_key, bytes(payload), _payload_context(key_id))))
+
+
+def payload_sealed(payload: bytes, forget_subject: str | None) -> bool:
+    """Whether a stored payload is sealed: it names its subject's key id after the magic."""
+    return (forget_subject is not None and payload[:len(PAYLOAD_MAGIC)] == PAYLOAD_MAGIC
+            and payload[len(PAYLOAD_MAGIC):len(PAYLOAD_MAGIC) + KEY_ID_BYTES] == subject_key_id(forget_subject))
+
+
+def open_payload(payload: bytes, forget_subject: str | None, keys) -> bytes | None:
+    """The plaintext of a stored payload; None once its subject's key is destroyed, or when
+    it is sealed and ``keys`` (a key table) is None or does not hold its key."""
+    if not payload_sealed(payload, forget_subject):
+        return payload
+    if keys is None:
+        return None
+    key_id = payload[len(PAYLOAD_MAGIC):len(PAYLOAD_MAGIC) + KEY_ID_BYTES]
+    try:
+        key = keys.data_key(key_id)
+    except (KeyDestroyedError, KeyUnavailableError):
+        return None
+    return unseal_deterministic(key, payload[len(PAYLOAD_MAGIC) + KEY_ID_BYTES:], _payload_context(key_id))
 
 
 @dataclass(frozen=True)

@@ -245,10 +245,14 @@ class RetentionProcess:
 
     def __init__(self, uri: str, *, keyring, signer, storage_options: dict[str, str] | None = None,
                  dim: int | None = None, kafka_bootstrap: str | None = None, tree_head_topic: str | None = None,
-                 policy_path: str | None = None, nice: int = 10, start_timeout_s: float = 300.0, **retention_kw):
+                 policy_path: str | None = None, nice: int = 10, start_timeout_s: float = 300.0,
+                 key_table: tuple[str, dict[str, str] | None, str] | None = None, **retention_kw):
         import multiprocessing as mp
 
+        # The key table as (episodic uri, its storage options, master key file): the child opens
+        # it itself (a master key never crosses a pipe) to seal subject-bound payloads.
         spec = {"uri": uri, "storage_options": storage_options, "raw_keys": [k.raw for k in keyring],
+                "key_table": key_table,
                 "signer_pem": signer.private_pem(), "dim": dim, "kafka_bootstrap": kafka_bootstrap,
                 "tree_head_topic": tree_head_topic, "policy_path": policy_path, "nice": nice,
                 "retention": retention_kw}
@@ -325,6 +329,10 @@ def _serve(spec: dict, inq, outq) -> None:
         extra = {"tree_head_topic": spec["tree_head_topic"]} if spec["tree_head_topic"] else {}
         if spec["dim"] is not None:
             extra["dim"] = spec["dim"]
+        if spec["key_table"] is not None:
+            from memstream.storage.keytable import KeyTable
+
+            extra["keys"] = KeyTable.open(*spec["key_table"])
         store = LongTermStore(spec["uri"], keyring=KeyRing([VerifyKey(k) for k in spec["raw_keys"]]),
                               signer=SigningKey.parse(spec["signer_pem"]), storage_options=spec["storage_options"],
                               kafka_bootstrap=spec["kafka_bootstrap"], **extra)

@@ -53,8 +53,8 @@ from memstream.errors import (AppendOnlyViolation, ConfigError, GovernanceError,
                               LeaseError, ReplayError, ServiceError, SignatureError, VerificationError)
 from memstream.faults import crash_point
 from memstream.longterm.entry import (Approval, Entry, ForgetRequest, GovernancePolicy, RemovalRequest, check_row,
-                                      arrow_leaves, entry_leaf_hash, fixed_width, hex_rows, purge_message,
-                                      subject_hash)
+                                      arrow_leaves, entry_leaf_hash, fixed_width, hex_rows, open_payload,
+                                      purge_message, seal_payload, subject_hash)
 from memstream.longterm.policy import K, WriteDecision, WritePolicy
 from memstream.schemas.generate import arrow_schema, to_arrow
 from memstream.schemas.records import (AccessRecord, AccessStats, ForgetRequestRow, LongTermEntry, MerkleLeaf,
@@ -76,7 +76,7 @@ LOOKUP_INDEXES = (("merkle_log", "entry_id"), ("entries", "entry_id"), ("entries
 ROW_COLUMNS = [f.name for f in dataclasses.fields(LongTermEntry)]
 # What a search hit carries (Hit), besides its distance.
 _HIT_COLUMNS = ["entry_id", "payload", "payload_kind", "supersedes", "timestamp_ns", "validator_key_hash",
-                "query_hash", "key_id"]
+                "query_hash", "key_id", "forget_subject"]
 
 
 def entries_schema(dim: int) -> pa.Schema:
@@ -95,7 +95,7 @@ class Hit:
     entry_id: str
     distance: float
     tier: str  # "hot" or "cold"
-    payload: bytes
+    payload: bytes | None  # opened; None when sealed under a subject key that is destroyed or not at hand
     payload_kind: str
     supersedes: str | None
     timestamp_ns: int
@@ -206,6 +206,8 @@ class LongTermStore:
     ``governance`` enables :meth:`remove`. ``maintenance_keys`` are the public keys of the
     maintenance key that signs purge attestations. One key never serves two roles. With
     ``kafka_bootstrap`` every new signed tree head is also published to ``tree_head_topic``;
+    with ``keys`` (a :class:`memstream.storage.keytable.KeyTable`) the payloads of entries bound to
+    a forget subject are sealed under the subject's data key when written and opened when read;
     with ``witness`` (a :class:`memstream.witness.Witness`, with its own storage and key) it is
     also cosigned.
 
@@ -218,8 +220,9 @@ class LongTermStore:
                  dim: int = LATENT_DIM, metric: str = LONGTERM_METRIC, kafka_bootstrap: str | None = None,
                  tree_head_topic: str = ATTESTATIONS_TOPIC, lease_ttl_s: float = LEASE_TTL_S,
                  access_flush_every: int = 256, maintenance_keys: Iterable[VerifyKey | SigningKey] = (),
-                 witness=None):
+                 witness=None, keys=None):
         self.uri = uri.rstrip("/")
+        self.keys = keys
         self.keyring = keyring
         self.signer = signer
         self.governance = governance
@@ -308,7 +311,19 @@ class LongTermStore:
         """Sign an entry with this store's validator key (see :meth:`Entry.create`)."""
         if self.signer is None:
             raise ConfigError("this store was opened without a signer: pass signer=SigningKey.from_file(...)")
+        subject = kw.get("forget_subject")
+        if self.keys is not None and subject is not None:
+            payload = seal_payload(payload, *self.keys.subject_key(subject_hash(subject)))
         return Entry.create(self.signer, self.store_id, vector, payload, query=query, **kw)
+
+    def payload(self, entry: Entry) -> bytes | None:
+        """An entry's payload opened (see :class:`Hit`): entries keep the stored, signed bytes."""
+        return open_payload(entry.payload, entry.forget_subject, self.keys)
+
+    def _hit(self, r: dict, distance: float, tier: str) -> Hit:
+        return Hit(r["entry_id"], distance, tier, open_payload(r["payload"], r["forget_subject"], self.keys),
+                   r["payload_kind"], r["supersedes"], r["timestamp_ns"], r["validator_key_hash"], r["query_hash"],
+                   r["key_id"])
 
     def append(self, entries: Sequence[Entry], *, if_absent: bool = False) -> AppendResult:
         """Append signed entries as one batch: verify each, reject replays, write the rows,
@@ -735,9 +750,7 @@ class LongTermStore:
             # The hits' columns by row id, in the order given: cheaper than the scanner's own
             # late materialization of the same rows (dictionary-encoded columns cost a decode each).
             rows = ds._take_rows(found["_rowid"].to_pylist(), columns=_HIT_COLUMNS)
-            hits += [Hit(r["entry_id"], float(d), tier, r["payload"], r["payload_kind"], r["supersedes"],
-                         r["timestamp_ns"], r["validator_key_hash"], r["query_hash"], r["key_id"])
-                     for r, d in zip(rows.to_pylist(), found["_distance"].to_pylist())]
+            hits += [self._hit(r, float(d), tier) for r, d in zip(rows.to_pylist(), found["_distance"].to_pylist())]
         if not history:
             hits = self._newest(q, hits, tiers)
         hits.sort(key=lambda h: h.distance)
@@ -820,9 +833,7 @@ class LongTermStore:
                 tier, row = successor[eid]
                 eid = row["entry_id"]
             if row is not None:
-                h = Hit(eid, self._distance(q, np.asarray(row["vector"], np.float32)), tier, row["payload"],
-                        row["payload_kind"], row["supersedes"], row["timestamp_ns"], row["validator_key_hash"],
-                        row["query_hash"], row["key_id"])
+                h = self._hit(row, self._distance(q, np.asarray(row["vector"], np.float32)), tier)
             if eid not in out or h.distance < out[eid].distance:
                 out[eid] = h
         return list(out.values())

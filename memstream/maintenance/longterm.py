@@ -29,16 +29,16 @@ from memstream.storage.lance import connect
 log = logging.getLogger(__name__)
 
 
-def open_store(uri: str, storage_options: dict[str, str] | None = None, *, keys=(), signer=None,
+def open_store(uri: str, storage_options: dict[str, str] | None = None, *, validator_keys=(), signer=None,
                cold_uri: str | None = None, cold_storage_options: dict[str, str] | None = None,
                kafka_bootstrap: str | None = None, lease_ttl_s: float = LEASE_TTL_S, governance_keys=(),
                governance_threshold: int | None = None, **kw):
-    """A :class:`LongTermStore` for maintenance: ``keys`` are the validator public keys,
+    """A :class:`LongTermStore` for maintenance: ``validator_keys`` are the validator public keys,
     ``governance_keys`` (with an M-of-N threshold, default N) those of the governance policy."""
     if governance_keys:
         gk = keyring(governance_keys)
         kw["governance"] = GovernancePolicy(gk, governance_threshold or len(gk))
-    return LongTermStore(uri, keyring=keyring(keys, signer), signer=signer, storage_options=storage_options,
+    return LongTermStore(uri, keyring=keyring(validator_keys, signer), signer=signer, storage_options=storage_options,
                          cold_uri=cold_uri or None, cold_storage_options=cold_storage_options,
                          kafka_bootstrap=kafka_bootstrap or None, lease_ttl_s=lease_ttl_s, **kw)
 

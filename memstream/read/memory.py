@@ -216,7 +216,7 @@ class Memory:
         self.longterm = None
         if longterm_uri is not None:
             self.longterm = LongTermStore(longterm_uri, keyring=keyring if keyring is not None else KeyRing(),
-                                          storage_options=longterm_storage_options, dim=self.dim)
+                                          storage_options=longterm_storage_options, dim=self.dim, keys=keys)
             if self.longterm.dim != self.dim:
                 raise ConfigError(f"the long-term store holds {self.longterm.dim}-d vectors, the compressor reads "
                                   f"{self.dim}-d latents: open a store of the same width")
