@@ -196,6 +196,9 @@ def main(argv=None) -> int:
     root = Path(args.root or tempfile.mkdtemp(prefix="bench-writes-"))
     res = {"machine": common.machine_info("lancedb", "pylance", "cryptography"), "args": vars(args)}
     key = SigningKey.generate()
+    if args.root:  # a kept root's stores stay verifiable later (bench_verify.py)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "key.pem").write_bytes(key.private_pem())
     centers = np.random.default_rng(0).standard_normal((4096, D), dtype=np.float32)
     try:
         if not args.skip_writes:
