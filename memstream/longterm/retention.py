@@ -245,7 +245,8 @@ class RetentionProcess:
 
     def __init__(self, uri: str, *, keyring, signer, storage_options: dict[str, str] | None = None,
                  dim: int | None = None, kafka_bootstrap: str | None = None, kafka_security=None,
-                 tree_head_topic: str | None = None, policy_path: str | None = None, nice: int = 10, start_timeout_s: float = 300.0, **retention_kw):
+                 tree_head_topic: str | None = None, policy_path: str | None = None, nice: int = 10,
+                 start_timeout_s: float = 300.0, **retention_kw):
         import multiprocessing as mp
 
         spec = {"uri": uri, "storage_options": storage_options, "raw_keys": [k.raw for k in keyring],

@@ -59,8 +59,8 @@ from memstream.longterm.policy import K, WriteDecision, WritePolicy
 from memstream.schemas.generate import arrow_schema, to_arrow
 from memstream.schemas.records import (AccessRecord, AccessStats, ForgetRequestRow, LongTermEntry, MerkleLeaf,
                                        PurgeApprovalRecord, PurgeAttestation, PurgeRecord, RemovalRecord, TreeHeadRow)
-from memstream.settings import (ATTESTATIONS_TOPIC, KafkaSecurity, HNSW_ROWS, LATENT_DIM, LEASE_TTL_S, LONGTERM_EF, LONGTERM_INDEX,
-                                LONGTERM_METRIC, LONGTERM_REFINE, NPROBES)
+from memstream.settings import (ATTESTATIONS_TOPIC, HNSW_ROWS, LATENT_DIM, LEASE_TTL_S, LONGTERM_EF, LONGTERM_INDEX,
+                                LONGTERM_METRIC, LONGTERM_REFINE, NPROBES, KafkaSecurity)
 from memstream.storage.lance import connect
 from memstream.topics import kafka_python
 from memstream.storage.lease import Leases
@@ -217,7 +217,8 @@ class LongTermStore:
                  storage_options: dict[str, str] | None = None, cold_uri: str | None = None,
                  cold_storage_options: dict[str, str] | None = None, governance: GovernancePolicy | None = None,
                  dim: int = LATENT_DIM, metric: str = LONGTERM_METRIC, kafka_bootstrap: str | None = None,
-                 kafka_security: KafkaSecurity | None = None, tree_head_topic: str = ATTESTATIONS_TOPIC, lease_ttl_s: float = LEASE_TTL_S,
+                 kafka_security: KafkaSecurity | None = None, tree_head_topic: str = ATTESTATIONS_TOPIC,
+                 lease_ttl_s: float = LEASE_TTL_S,
                  access_flush_every: int = 256, maintenance_keys: Iterable[VerifyKey | SigningKey] = (),
                  witness=None):
         self.uri = uri.rstrip("/")

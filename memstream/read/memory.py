@@ -46,8 +46,8 @@ from memstream.read.window import SessionWindow
 from memstream.schemas.records import ReadDivergence
 from memstream.topics import kafka_python
 from memstream.wire.codec import summary_tokens
-from memstream.settings import (KafkaSecurity, LEDGER_FLUSH_EVERY, MAX_READ_K, NPROBES, READ_CACHE_BYTES, READ_CANDIDATES,
-                                READ_DIVERGENCE_TOPIC, READ_GROUPS, READ_MODE, READ_PROBE_GROUPS)
+from memstream.settings import (LEDGER_FLUSH_EVERY, MAX_READ_K, NPROBES, READ_CACHE_BYTES, READ_CANDIDATES,
+                                READ_DIVERGENCE_TOPIC, READ_GROUPS, READ_MODE, READ_PROBE_GROUPS, KafkaSecurity)
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,8 @@ class Memory:
                  candidates: int = READ_CANDIDATES,
                  flush_every: int = LEDGER_FLUSH_EVERY, replica: "Memory | None" = None, sample_rate: float = 0.0,
                  kafka_bootstrap: str | None = None, kafka_security: KafkaSecurity | None = None,
-                 divergence_topic: str = READ_DIVERGENCE_TOPIC, score_tolerance: float = 1e-3, seed: int | None = None, retention=None, keys=None):
+                 divergence_topic: str = READ_DIVERGENCE_TOPIC, score_tolerance: float = 1e-3, seed: int | None = None,
+                 retention=None, keys=None):
         if not 0.0 <= sample_rate <= 1.0:
             raise ConfigError(f"sample_rate is a fraction of reads, 0..1; got {sample_rate}")
         if sample_rate > 0 and replica is None:
