@@ -227,3 +227,21 @@ def test_client_configs_map_every_setting(tmp_path):
         "ssl.ca.location": str(ca), "sasl.mechanism": "SCRAM-SHA-256", "sasl.username": "u", "sasl.password": "p"}
     assert topics.kafka_python_config(None) == {"security_protocol": "PLAINTEXT"}
     assert topics.librdkafka_config("h:1", None) == {"bootstrap.servers": "h:1", "security.protocol": "plaintext"}
+
+
+def test_the_pipelines_sink_and_lag_use_the_settings(sasl, topic_name):
+    from memstream.pipelines.metrics import lag
+
+    bootstrap, security = sasl
+    topics.create_topics(bootstrap, [topic_name], partitions=1, security=security)
+    sink = kafka_io.WriteToKafkaFn(bootstrap, topic_name, security)
+    sink = pickle.loads(pickle.dumps(sink))  # as a runner hands it to a worker
+    sink.setup()
+    try:
+        for i in range(3):
+            sink.process((b"k", b"v%d" % i))
+        sink.finish_bundle()
+    finally:
+        sink.teardown()
+    assert [m.value for m in _session_records(bootstrap, security, topic_name)] == [b"v0", b"v1", b"v2"]
+    assert lag(bootstrap, topic_name, f"{topic_name}.group", security) == {0: 3}
