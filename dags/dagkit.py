@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from airflow.sdk import Asset, Param
 
 from memstream.maintenance import signing_key, storage_options
-from memstream.settings import cache_dir
+from memstream.settings import Settings, cache_dir
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 DEFAULT_ARGS = {"owner": "memstream", "retries": 2, "retry_delay": timedelta(minutes=1)}
@@ -178,6 +178,9 @@ def longterm_store(p, *, signer=None, maintenance=None, kafka: bool = False, key
                       signer=signer, cold_uri=p.get("cold_uri"), cold_storage_options=so,
                       maintenance_keys=[maintenance] if maintenance is not None else (),
                       kafka_bootstrap=p.get("kafka_bootstrap") if kafka else None,
+                      # SASL and TLS come from the worker's settings (memstream.toml, MEMSTREAM_KAFKA_*),
+                      # never from a DAG run's params, which Airflow stores and shows
+                      kafka_security=Settings.load().kafka.security if kafka else None,
                       governance_keys=p.get("governance_keys") or (),
                       governance_threshold=p.get("governance_threshold"), keys=keys,
                       **extra)

@@ -2,6 +2,12 @@
 
 The jars come from Maven Central through ``mvn dependency:copy-dependencies`` on
 ``kafka-pom.xml`` and are cached under ``$MEMSTREAM_CACHE/kafka-<version>/lib``.
+
+Besides its PLAINTEXT listener (the stack's, and the one brokers and controllers talk over), a
+broker can have secure listeners (:class:`SecureListener`: SSL, SASL_PLAINTEXT or SASL_SSL, on
+127.0.0.1), so that memstream's SASL and TLS settings are tested against a real broker. SCRAM
+users are written into the metadata log when the storage is formatted (first start only);
+PLAIN users live in the listener's JAAS configuration.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import base64
 import subprocess
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from memstream.errors import ServiceError
@@ -42,16 +49,60 @@ def _cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
-def _properties(data: Path, port: int, controller_port: int) -> str:
+@dataclass(frozen=True)
+class SecureListener:
+    """A listener of ``protocol`` (SSL, SASL_PLAINTEXT or SASL_SSL) on 127.0.0.1:``port`` (None:
+    a free one). TLS needs ``keystore``: a PEM file holding the broker's unencrypted private key
+    and its certificate chain. SASL enables ``mechanisms`` for ``users`` (name -> password)."""
+
+    protocol: str
+    port: int | None = None
+    keystore: str | None = None
+    users: dict[str, str] = field(default_factory=dict)
+    mechanisms: tuple[str, ...] = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+    @property
+    def name(self) -> str:
+        return self.protocol  # one listener per protocol: its name is the protocol's
+
+    def properties(self) -> list[str]:
+        lines, prefix = [], f"listener.name.{self.name.lower()}"
+        if self.protocol.endswith("SSL"):
+            if not self.keystore:
+                raise ServiceError(f"a {self.protocol} listener needs keystore: a PEM file with the broker's key and "
+                                   "certificate chain")
+            lines += [f"{prefix}.ssl.keystore.type=PEM", f"{prefix}.ssl.keystore.location={self.keystore}",
+                      f"{prefix}.ssl.client.auth=none"]
+        if self.protocol.startswith("SASL_"):
+            lines.append(f"{prefix}.sasl.enabled.mechanisms={','.join(self.mechanisms)}")
+            for mech in self.mechanisms:
+                if mech == "PLAIN":
+                    users = " ".join(f'user_{u}="{pw}"' for u, pw in self.users.items())
+                    jaas = f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+                else:
+                    jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+                lines.append(f"{prefix}.{mech.lower()}.sasl.jaas.config={jaas}")
+        return lines
+
+    def scram_credentials(self) -> list[str]:
+        """``kafka-storage format --add-scram`` arguments for the SCRAM users."""
+        return [f"{mech}=[name={u},password={pw}]" for mech in self.mechanisms if mech.startswith("SCRAM-")
+                for u, pw in self.users.items()] if self.protocol.startswith("SASL_") else []
+
+
+def _properties(data: Path, port: int, controller_port: int, secure: tuple[SecureListener, ...] = ()) -> str:
+    extra = "".join(f",{s.name}://127.0.0.1:{s.port}" for s in secure)
+    protocols = "".join(f",{s.name}:{s.protocol}" for s in secure)
     return "\n".join([
         "process.roles=broker,controller",
         "node.id=1",
         f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-        f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+        f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}{extra}",
+        f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}{extra}",
         "controller.listener.names=CONTROLLER",
-        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        f"listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT{protocols}",
         "inter.broker.listener.name=PLAINTEXT",
+        *[line for s in secure for line in s.properties()],
         f"log.dirs={data / 'logs'}",
         "num.partitions=4",
         "auto.create.topics.enable=false",
@@ -71,8 +122,11 @@ def _properties(data: Path, port: int, controller_port: int) -> str:
 
 
 def start(data: Path, port: int | None = None, controller_port: int | None = None,
-          timeout: float = 90.0) -> process.ServiceProcess:
+          timeout: float = 90.0, secure: tuple[SecureListener, ...] | list[SecureListener] = ()
+          ) -> process.ServiceProcess:
     """Start a broker whose state lives in ``data``; an existing ``data`` folder is restarted as is.
+    ``secure`` listeners are added to the PLAINTEXT one; their bootstraps are the endpoints
+    named by protocol (``endpoints["SASL_SSL"]``). SCRAM users are only added at the first start.
 
     A restart must reuse the ports of the first start: they are part of the stored quorum.
     """
@@ -82,11 +136,14 @@ def start(data: Path, port: int | None = None, controller_port: int | None = Non
     props = data / "server.properties"
     if props.exists() and (port is None or controller_port is None):
         kv = dict(line.split("=", 1) for line in props.read_text().splitlines() if "=" in line)
-        port = port or int(kv["advertised.listeners"].rsplit(":", 1)[1])
+        plain = next(a for a in kv["advertised.listeners"].split(",") if a.startswith("PLAINTEXT://"))
+        port = port or int(plain.rsplit(":", 1)[1])
         controller_port = controller_port or int(kv["controller.quorum.voters"].rsplit(":", 1)[1])
     port = port or tools.free_port()
     controller_port = controller_port or tools.free_port()
-    props.write_text(_properties(data, port, controller_port))
+    secure = tuple(s if s.port else SecureListener(s.protocol, tools.free_port(), s.keystore, s.users, s.mechanisms)
+                   for s in secure)
+    props.write_text(_properties(data, port, controller_port, secure))
     log4j = data / "log4j2.yaml"
     log4j.write_text(_LOG4J)
     classpath = f"{lib}/*"
@@ -94,8 +151,9 @@ def start(data: Path, port: int | None = None, controller_port: int | None = Non
            f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
     if not (data / "logs" / "meta.properties").exists():
         # "--cluster-id=" form: an id may start with "-", which a separate argument would not survive.
+        scram = [arg for s in secure for cred in s.scram_credentials() for arg in ("--add-scram", cred)]
         fmt = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", f"--cluster-id={_cluster_id()}",
-                                    "-c", str(props), "--ignore-formatted"],
+                                    "-c", str(props), "--ignore-formatted", *scram],
                              capture_output=True, text=True)
         if fmt.returncode != 0:
             raise ServiceError(f"Kafka storage format failed:\n{fmt.stdout[-2000:]}{fmt.stderr[-2000:]}")
@@ -103,7 +161,8 @@ def start(data: Path, port: int | None = None, controller_port: int | None = Non
     proc = process.spawn("kafka", jvm + ["kafka.Kafka", str(props)], log)
     bootstrap = f"127.0.0.1:{port}"
     process.wait_ready("kafka", proc, proc.pid, log, lambda: _ready(bootstrap), timeout)
-    return process.ServiceProcess("kafka", proc.pid, str(log), {"bootstrap": bootstrap}, str(data))
+    endpoints = {"bootstrap": bootstrap, **{s.name: f"127.0.0.1:{s.port}" for s in secure}}
+    return process.ServiceProcess("kafka", proc.pid, str(log), endpoints, str(data))
 
 
 def _ready(bootstrap: str) -> bool:

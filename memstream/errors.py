@@ -9,11 +9,13 @@ says what to do about it::
     │   ├── ChunkLimitError
     │   ├── CheckpointError          a compressor checkpoint is missing or does not fit
     │   ├── KeyPermissionError       a private key file others than its owner may read
-    │   └── KeyRoleError             a key used in another role than its own, or in two
+    │   ├── KeyRoleError             a key used in another role than its own, or in two
+    │   └── KafkaSecurityError       Kafka SASL/TLS settings that do not fit together, or a missing file
     ├── ServiceError                 Kafka, S3, a Beam runner or a tool failed
     │   ├── ToolMissingError
     │   ├── ServiceNotReadyError
     │   ├── PublishError
+    │   ├── KafkaAuthenticationError  the broker refused the login, or the TLS handshake failed
     │   ├── LeaseError
     │   ├── FencedError              a newer holder took over: a pipeline instance, a lease
     │   ├── StateLostError           the runner lost keyed state: the bundle fails, not the windows
@@ -81,6 +83,21 @@ class ChunkLimitError(ConfigError):
 
 class SessionInUseError(MemstreamError):
     """A session id is already open in this publisher."""
+
+
+class KafkaSecurityError(ConfigError):
+    """Kafka security settings (``security_protocol``, ``sasl_*``, ``ssl_*``) that do not fit
+    together, or name a file that does not exist: the message says which setting to set."""
+
+
+class KafkaAuthenticationError(ServiceError):
+    """The broker refused the SASL login, or the TLS handshake with it failed (an untrusted or
+    mismatched certificate, or TLS spoken to a plaintext listener): the message names the
+    bootstrap, the protocol and what to check."""
+
+    def __init__(self, bootstrap: str, protocol: str, cause: str, check: str):
+        self.bootstrap, self.protocol = bootstrap, protocol
+        super().__init__(f"Kafka at {bootstrap} ({protocol}): {cause}; check {check}")
 
 
 class PublishError(ServiceError):
@@ -329,7 +346,7 @@ class AuthorizationError(ReadError):
 
 __all__ = [
     "MemstreamError", "ConfigError", "ServiceError", "ToolMissingError", "ServiceNotReadyError",
-    "TopicMissingError", "ChunkLimitError", "SessionInUseError", "PublishError", "TextLatentsError",
+    "TopicMissingError", "ChunkLimitError", "KafkaSecurityError", "KafkaAuthenticationError", "SessionInUseError", "PublishError", "TextLatentsError",
     "CheckpointError", "KeyPermissionError", "KeyRoleError", "InvalidInputError", "BadKeyError", "TruncatedError",
     "OversizeError", "BadMagicError",
     "UnknownVersionError", "UnsupportedDTypeError", "ShapeError", "ChecksumError", "BadEventError",

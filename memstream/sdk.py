@@ -34,7 +34,9 @@ from memstream.errors import (BadKeyError, ChunkLimitError, ClosedSessionError, 
                               ShapeError, TopicMissingError, UnsupportedDTypeError)
 from memstream.schemas.records import HEADER_SIZE, DType, SessionEvent
 from memstream.settings import CHUNK_BYTES, IN_FLIGHT_BYTES, LATENTS_TOPIC, MAX_MESSAGE_BYTES
+from memstream.settings import KafkaSecurity
 from memstream.storage.keytable import KeyTable
+from memstream.topics import kafka_python
 from memstream.wire.codec import (NUMPY_DTYPES, SEALED_EXTRA, all_finite, encode_chunk, encode_event,
                                   float32_to_bf16_bits)
 
@@ -65,7 +67,8 @@ class Publisher:
     def __init__(self, bootstrap_servers: str, *, topic: str = LATENTS_TOPIC,
                  max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_in_flight_bytes: int = IN_FLIGHT_BYTES,
                  linger_ms: int = 5, delivery_timeout_ms: int = 120_000, metadata_timeout_ms: int = 15_000,
-                 kafka_config: dict[str, Any] | None = None, keys: KeyTable | None = None):
+                 kafka_config: dict[str, Any] | None = None, keys: KeyTable | None = None,
+                 security: KafkaSecurity | None = None):
         if not HEADER_SIZE < max_chunk_bytes <= MAX_MESSAGE_BYTES - _BATCH_OVERHEAD:
             raise ChunkLimitError(f"max_chunk_bytes={max_chunk_bytes}: it must exceed the {HEADER_SIZE}-byte "
                                   f"header and stay within {MAX_MESSAGE_BYTES - _BATCH_OVERHEAD} "
@@ -73,7 +76,6 @@ class Publisher:
         if max_in_flight_bytes < max_chunk_bytes:
             raise ConfigError(f"max_in_flight_bytes={max_in_flight_bytes} must be at least "
                               f"max_chunk_bytes={max_chunk_bytes}")
-        from kafka import KafkaProducer
         from kafka.errors import KafkaConfigurationError, KafkaError, KafkaTimeoutError
 
         self.topic = topic
@@ -83,16 +85,17 @@ class Publisher:
         self.max_in_flight_bytes = max_in_flight_bytes
         self.producer_id = uuid.uuid4().bytes
         self.stats = PublishStats()
-        config = dict(bootstrap_servers=bootstrap_servers, client_id="memstream-publisher",
+        config = dict(client_id="memstream-publisher",
                       enable_idempotence=True, acks="all", max_in_flight_requests_per_connection=5,
                       linger_ms=linger_ms, batch_size=max_chunk_bytes + _BATCH_OVERHEAD,
                       max_request_size=MAX_MESSAGE_BYTES, delivery_timeout_ms=delivery_timeout_ms,
                       max_block_ms=metadata_timeout_ms, bootstrap_timeout_ms=metadata_timeout_ms,
                       allow_auto_create_topics=False)
         config.update(kafka_config or {})
-        self.kafka_config = dict(config)  # what the KafkaProducer got, for inspection and benchmarks
+        self.kafka_config = dict(config)  # what the KafkaProducer got besides the bootstrap and security
+        self.security = security
         try:
-            self._producer = KafkaProducer(**config)
+            self._producer = kafka_python("producer", bootstrap_servers, security, **config)
         except KafkaConfigurationError as e:
             raise ConfigError(f"invalid Kafka producer settings: {e}") from e
         except KafkaError as e:

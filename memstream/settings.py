@@ -11,6 +11,10 @@ Sources, later ones winning:
    one table per section, e.g. ``[kafka] bootstrap = "broker:9092"``;
 3. environment variables ``MEMSTREAM_<SECTION>_<NAME>``, e.g. ``MEMSTREAM_KAFKA_BOOTSTRAP``.
 
+A setting class nested in a section (:class:`KafkaSecurity` in ``kafka``) takes its settings
+from the section's table and variables, flat: ``[kafka] security_protocol = "SASL_SSL"``,
+``MEMSTREAM_KAFKA_SASL_USERNAME``.
+
 A value that does not parse as the setting's type raises :class:`~memstream.errors.ConfigError`
 naming the source. Only the standard library is imported here: this module is below everything.
 """
@@ -24,7 +28,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memstream.errors import ConfigError
+from memstream.errors import ConfigError, KafkaSecurityError
 
 # -- the numbers of the design ----------------------------------------------------------------
 WINDOW = 4096  # latents per episodic window
@@ -89,9 +93,92 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEMSTREAM_CACHE") or Path.home() / ".cache" / "memstream")
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How memstream's Kafka clients authenticate and encrypt: one of these reaches every client
+    (``memstream.topics.kafka_python`` and ``librdkafka_config``). Invalid combinations raise
+    :class:`~memstream.errors.KafkaSecurityError` naming the setting to fix, when made.
+
+    The password is best given as a file (``sasl_password_file``, read when a client is made, so
+    only its path travels to pipeline workers); ``sasl_password`` is held in memory and never
+    printed by ``repr``."""
+
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
+    sasl_mechanism: str | None = None  # PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; required with SASL_*
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    sasl_password_file: str | None = None  # a file holding the password (one line)
+    ssl_cafile: str | None = None  # PEM CA bundle the broker's certificate must chain to; None: the system's
+    ssl_certfile: str | None = None  # PEM client certificate, for brokers that require TLS client auth
+    ssl_keyfile: str | None = None  # its PEM private key (unencrypted)
+    ssl_check_hostname: bool = True  # the broker's certificate must name the host dialled
+
+    def __post_init__(self):
+        def fail(msg: str):
+            raise KafkaSecurityError(f"Kafka security settings: {msg}")
+
+        protocol = (self.security_protocol or "").upper()
+        if protocol not in SECURITY_PROTOCOLS:
+            fail(f"security_protocol {self.security_protocol!r} is not one of {', '.join(SECURITY_PROTOCOLS)}: "
+                 "set [kafka] security_protocol, MEMSTREAM_KAFKA_SECURITY_PROTOCOL or --kafka-security-protocol")
+        object.__setattr__(self, "security_protocol", protocol)
+        if self.sasl:
+            mechanism = (self.sasl_mechanism or "").upper()
+            if mechanism not in SASL_MECHANISMS:
+                fail(f"{protocol} needs sasl_mechanism, one of {', '.join(SASL_MECHANISMS)} (got "
+                     f"{self.sasl_mechanism!r}): set [kafka] sasl_mechanism, MEMSTREAM_KAFKA_SASL_MECHANISM or "
+                     "--kafka-sasl-mechanism")
+            object.__setattr__(self, "sasl_mechanism", mechanism)
+            if not self.sasl_username:
+                fail(f"{protocol} needs sasl_username: set [kafka] sasl_username, MEMSTREAM_KAFKA_SASL_USERNAME "
+                     "or --kafka-sasl-username")
+            if self.sasl_password is None and not self.sasl_password_file:
+                fail(f"{protocol} needs a password for {self.sasl_username!r}: set sasl_password_file "
+                     "(MEMSTREAM_KAFKA_SASL_PASSWORD_FILE, --kafka-sasl-password-file) or "
+                     "MEMSTREAM_KAFKA_SASL_PASSWORD")
+            if self.sasl_password is not None and self.sasl_password_file:
+                fail("set sasl_password or sasl_password_file, not both")
+        elif self.sasl_mechanism or self.sasl_username or self.sasl_password is not None or self.sasl_password_file:
+            fail(f"SASL settings are given but security_protocol is {protocol}: set it to SASL_SSL (or "
+                 "SASL_PLAINTEXT), or drop the sasl_* settings")
+        if not self.tls and (self.ssl_cafile or self.ssl_certfile or self.ssl_keyfile):
+            fail(f"ssl_* files are given but security_protocol is {protocol}: set it to SSL or SASL_SSL, or drop "
+                 "the ssl_* settings")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            fail("a client certificate needs both ssl_certfile and ssl_keyfile")
+        for name in ("sasl_password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                fail(f"{name} {value!r} is not a file: set [kafka] {name} (MEMSTREAM_KAFKA_{name.upper()}) to an "
+                     "existing file")
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    @property
+    def tls(self) -> bool:
+        return self.security_protocol.endswith("SSL")
+
+    def password(self) -> str | None:
+        """The SASL password, from ``sasl_password_file`` when that is set (read now)."""
+        if self.sasl_password_file:
+            try:
+                return Path(self.sasl_password_file).read_text().rstrip("\r\n")
+            except OSError as e:
+                raise KafkaSecurityError(f"Kafka security settings: sasl_password_file "
+                                         f"{self.sasl_password_file!r} is not readable: {e}") from None
+        return self.sasl_password
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     bootstrap: str | None = None  # None: $MEMSTREAM_KAFKA_BOOTSTRAP, else the local stack's broker
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # flat in [kafka]: security_protocol, sasl_*, ssl_*
     latents_topic: str = LATENTS_TOPIC
     summaries_topic: str = SUMMARIES_TOPIC
     deadletter_topic: str = DEADLETTER_TOPIC
@@ -191,16 +278,28 @@ class Settings:
         return cls(**sections)
 
 
+def _flat_names(section_cls) -> set[str]:
+    """The settings of a section as its table spells them: a nested setting class's, flat."""
+    hints = typing.get_type_hints(section_cls)
+    return {n for f in dataclasses.fields(section_cls)
+            for n in (_flat_names(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else {f.name})}
+
+
 def _section(section_cls, name: str, table: dict, environ: typing.Mapping[str, str], path: Path):
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [{name}] must be a table")
     hints = typing.get_type_hints(section_cls)
-    known = {f.name for f in dataclasses.fields(section_cls)}
+    known = _flat_names(section_cls)
     unknown = set(table) - known
     if unknown:
         raise ConfigError(f"{path}: [{name}] has unknown setting(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
     values = {}
-    for key in known:
+    for f in dataclasses.fields(section_cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            nested = hints[f.name]
+            values[f.name] = _section(nested, name, {k: v for k, v in table.items() if k in _flat_names(nested)},
+                                      environ, path)
+    for key in (f.name for f in dataclasses.fields(section_cls) if f.name not in values):
         if key in table:
             values[key] = _coerce(hints[key], table[key], f"{path} [{name}] {key}")
         var = f"MEMSTREAM_{name}_{key}".upper()

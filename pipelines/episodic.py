@@ -55,7 +55,9 @@ from memstream.pipelines.kafka_io import KafkaRecord, ReadFromKafka
 from memstream.pipelines.log import LogReader, close_readers
 from memstream.schemas.records import DeadLetterReason, DeadLetterRecord, DType, SessionEvent, SummaryRecord
 from memstream.settings import (BATCH_SIZE, DEADLETTER_TOPIC, HORIZON, IDLE_TIMEOUT_S, LATENTS_TOPIC,
-                                MAX_MESSAGE_BYTES, MAX_WINDOW_BYTES, PIPELINE_GROUP, SUMMARIES_TOPIC, WINDOW)
+                                MAX_MESSAGE_BYTES, MAX_WINDOW_BYTES, PIPELINE_GROUP, SUMMARIES_TOPIC, WINDOW,
+                                KafkaSecurity)
+from memstream.topics import kafka_python
 from memstream.wire.codec import ChunkMeta, LatentChunk, decode, seal_tokens, to_float32, write_float32
 from memstream.wire.deadletter import fit_dead_letter
 from memstream.wire.validation import Verdict
@@ -73,6 +75,7 @@ class EpisodicConfig:
 
     bootstrap: str
     store_uri: str
+    security: KafkaSecurity | None = None  # SASL and TLS of the cluster (a password travels as its file's path)
     storage_options: dict[str, str] | None = None
     key_file: str | None = None
     key_env: str | None = None
@@ -265,7 +268,7 @@ class Decode(beam.DoFn):
     def setup(self):
         from memstream.operators.checkpoint import load_compressor
 
-        self._log = LogReader(self.config.bootstrap)
+        self._log = LogReader(self.config.bootstrap, self.config.security)
         self._limits = operator_limits(load_compressor(self.config.checkpoint))
         self._keys = self.config.data_keys()
     def process(self, rec: KafkaRecord):
@@ -328,7 +331,7 @@ class CutWindows(beam.DoFn):
 
     def setup(self):
         self._store = self.config.store()
-        self._log = LogReader(self.config.bootstrap)
+        self._log = LogReader(self.config.bootstrap, self.config.security)
         self._idle_us = int(self.config.idle_timeout_s * 1e6)
         self._windows = Metrics.counter(NS, "windows_cut")
         self._resumed = Metrics.counter(NS, "sessions_resumed")
@@ -472,7 +475,7 @@ class Summarise(beam.DoFn):
         self.config = config
 
     def setup(self):
-        self._log = LogReader(self.config.bootstrap)
+        self._log = LogReader(self.config.bootstrap, self.config.security)
         self._compress = WindowCompressor(self.config)
         self._keys = self.config.data_keys()
         self._operator_ms = Metrics.distribution(NS, "operator_ms")
@@ -537,20 +540,19 @@ _PRODUCERS: dict[str, object] = {}  # transactional id -> KafkaProducer, one per
 _PRODUCERS_LOCK = threading.Lock()
 
 
-def _transactional_producer(bootstrap: str, transactional_id: str, fresh: bool = False):
-    from kafka import KafkaProducer
-
+def _transactional_producer(bootstrap: str, security: KafkaSecurity | None, transactional_id: str,
+                            fresh: bool = False):
     with _PRODUCERS_LOCK:
         producer = _PRODUCERS.get(transactional_id)
         if producer is not None and not fresh:
             return producer
         if producer is not None:
             producer.close(timeout=5)
-        producer = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=transactional_id,
-                                 enable_idempotence=True, acks="all", max_request_size=MAX_MESSAGE_BYTES,
-                                 linger_ms=5, transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
-                                 # a summary is about 260 KB: batch several into one request
-                                 batch_size=PRODUCER_BATCH_BYTES)
+        producer = kafka_python("producer", bootstrap, security, transactional_id=transactional_id,
+                                enable_idempotence=True, acks="all", max_request_size=MAX_MESSAGE_BYTES,
+                                linger_ms=5, transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
+                                # a summary is about 260 KB: batch several into one request
+                                batch_size=PRODUCER_BATCH_BYTES)
         producer.init_transactions()  # fences any older producer of this partition
         _PRODUCERS[transactional_id] = producer
         return producer
@@ -589,7 +591,7 @@ class Commit(beam.DoFn):
         self._store = self.config.store()
         self._key = self.config.signing_key()
         self._keys = self.config.data_keys()
-        self._log = LogReader(self.config.bootstrap)
+        self._log = LogReader(self.config.bootstrap, self.config.security)
         self._sink_ms = Metrics.distribution(NS, "sink_ms")
         self._sealed = Metrics.counter(NS, "summaries_stored")
         # Counted here, where they become final, not where they are read: a replayed record
@@ -769,7 +771,7 @@ class Commit(beam.DoFn):
         txn_id = self.config.transactional_id(partition)
         fresh = False
         for attempt in range(6):
-            producer = _transactional_producer(self.config.bootstrap, txn_id, fresh)
+            producer = _transactional_producer(self.config.bootstrap, self.config.security, txn_id, fresh)
             try:
                 producer.begin_transaction()
                 sent = [producer.send(self.config.summaries_topic, key=r.session_id.encode(), value=r.to_json())
@@ -810,7 +812,7 @@ def build(p: beam.Pipeline, config: EpisodicConfig):
     """Wire the pipeline onto ``p``."""
     records = p | "ReadLatents" >> ReadFromKafka(config.bootstrap, [config.latents_topic], start=config.start,
                                                  until_idle=config.until_idle, group_id=config.group,
-                                                 discover_s=config.discover_s)
+                                                 discover_s=config.discover_s, security=config.security)
     decoded = records | "Decode" >> beam.ParDo(Decode(config)).with_outputs(Decode.DEAD, main="entries")
     cut = (decoded.entries
            | "CutWindows" >> beam.ParDo(CutWindows(config)).with_input_types(typing.Tuple[str, typing.Any])
@@ -837,9 +839,9 @@ def committed_metadata(config: EpisodicConfig, partitions: list[int] | None = No
     begin); empty when none is committed. One consumer reads them all."""
     import json
 
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
-    c = KafkaConsumer(bootstrap_servers=config.bootstrap, group_id=config.group, enable_auto_commit=False)
+    c = kafka_python("consumer", config.bootstrap, config.security, group_id=config.group, enable_auto_commit=False)
     try:
         if partitions is None:
             partitions = sorted(c.partitions_for_topic(config.latents_topic) or ())
@@ -868,13 +870,14 @@ def first_offsets(metadata) -> dict[str, int]:
 def on_topic(config: EpisodicConfig, records: list[SummaryRecord], since: dict[int, int] | None) -> set[bytes]:
     """Hashes of ``records`` already on the summaries topic (committed), looked for from
     ``since`` (summaries partition -> offset) to the end; nothing is looked for without it."""
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
     if not records or not since:
         return set()
     wanted = {r.hash for r in records}
-    c = KafkaConsumer(bootstrap_servers=config.bootstrap, enable_auto_commit=False, isolation_level="read_committed",
-                      max_partition_fetch_bytes=MAX_MESSAGE_BYTES, auto_offset_reset="earliest")
+    c = kafka_python("consumer", config.bootstrap, config.security, enable_auto_commit=False,
+                     isolation_level="read_committed", max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+                     auto_offset_reset="earliest")
     found: set[bytes] = set()
     try:
         parts = [TopicPartition(config.summaries_topic, p) for p in sorted(since)]
@@ -901,8 +904,6 @@ def republish_unacknowledged(config: EpisodicConfig, store: EpisodicStore) -> in
     """Stored summaries that Kafka never acknowledged go out again, byte for byte, before the
     pipeline starts, unless the transaction that sent them committed just before a crash
     (they are then on the topic, after where the committed offsets' metadata says)."""
-    from kafka import KafkaProducer
-
     records = store.unpublished_all()
     if not records:
         return 0
@@ -911,7 +912,7 @@ def republish_unacknowledged(config: EpisodicConfig, store: EpisodicStore) -> in
         # Taking each partition's transactional id aborts what a killed instance left open, so
         # the topic's last stable offset moves past it; then the lowest start of any partition's
         # last transaction bounds where a sent-but-unmarked summary can be.
-        _transactional_producer(config.bootstrap, config.transactional_id(partition))
+        _transactional_producer(config.bootstrap, config.security, config.transactional_id(partition))
         for sp, offset in meta.get("summaries", {}).items():
             since[sp] = min(offset, since.get(sp, offset))
     sent = on_topic(config, records, since)
@@ -920,8 +921,8 @@ def republish_unacknowledged(config: EpisodicConfig, store: EpisodicStore) -> in
         records = [r for r in records if r.hash not in sent]
     if not records:
         return 0
-    producer = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all", enable_idempotence=True,
-                             max_request_size=MAX_MESSAGE_BYTES)
+    producer = kafka_python("producer", config.bootstrap, config.security, acks="all", enable_idempotence=True,
+                            max_request_size=MAX_MESSAGE_BYTES)
     try:
         futures = [producer.send(config.summaries_topic, key=r.session_id.encode(), value=r.to_json())
                    for r in records]

@@ -40,7 +40,8 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from memstream.errors import ServiceError, TopicMissingError
-from memstream.settings import MAX_MESSAGE_BYTES
+from memstream.settings import MAX_MESSAGE_BYTES, KafkaSecurity
+from memstream.topics import check_login, kafka_python, librdkafka_config
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +78,22 @@ class PartitionSpec:
     stop: int
 
 
-def consumer(bootstrap: str, **extra):
+def consumer(bootstrap: str, security: KafkaSecurity | None = None, **extra):
     """A kafka-python consumer that commits nothing by itself and fetches large messages."""
-    from kafka import KafkaConsumer
-
-    return KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                         max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES, fetch_max_bytes=4 * MAX_MESSAGE_BYTES,
-                         consumer_timeout_ms=1000, **extra)
+    return kafka_python("consumer", bootstrap, security, enable_auto_commit=False,
+                        max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES, fetch_max_bytes=4 * MAX_MESSAGE_BYTES,
+                        consumer_timeout_ms=1000, **extra)
 
 
-def reader(bootstrap: str):
+def reader(bootstrap: str, security: KafkaSecurity | None = None):
     """A librdkafka consumer for reading partitions by position: assigned, never a group
     member, committing nothing. The pipeline's bulk reads go through it (the latents' bytes
     cost a fraction of kafka-python's CPU); metadata, group offsets and transactions stay with
     kafka-python."""
     from confluent_kafka import Consumer
 
-    return Consumer({"bootstrap.servers": bootstrap,
+    check_login(bootstrap, security)
+    return Consumer({**librdkafka_config(bootstrap, security),
                      "group.id": "memstream-reader",  # required by the client; never joined
                      "enable.auto.commit": False, "enable.auto.offset.store": False,
                      "enable.partition.eof": True,  # the end of a bounded read is seen, not waited for
@@ -116,13 +116,13 @@ def read_error(message, where: str) -> bool:
 
 
 def list_partitions(bootstrap: str, topics: Iterable[str], start: str = "committed", until_idle: bool = False,
-                    group_id: str | None = None) -> list[PartitionSpec]:
+                    group_id: str | None = None, security: KafkaSecurity | None = None) -> list[PartitionSpec]:
     """Partitions of ``topics`` with their start (and, when bounded, stop) offsets."""
     from kafka import TopicPartition
 
     if start not in STARTS:
         raise ServiceError(f"start must be one of {', '.join(STARTS)}, not {start!r}")
-    c = consumer(bootstrap, group_id=group_id)
+    c = consumer(bootstrap, security, group_id=group_id)
     try:
         tps = []
         for topic in topics:
@@ -173,8 +173,8 @@ class ReadPartitionFn(beam.DoFn):
     """Reads one partition from its restriction's start offset, claiming each offset it emits."""
 
     def __init__(self, bootstrap: str, poll_ms: int = 200, max_records: int = 64,
-                 bundle_bytes: int = BUNDLE_BYTES, bundle_s: float = BUNDLE_S):
-        self.bootstrap, self.poll_ms, self.max_records = bootstrap, poll_ms, max_records
+                 bundle_bytes: int = BUNDLE_BYTES, bundle_s: float = BUNDLE_S, security: KafkaSecurity | None = None):
+        self.bootstrap, self.security, self.poll_ms, self.max_records = bootstrap, security, poll_ms, max_records
         self.bundle_bytes, self.bundle_s = bundle_bytes, bundle_s
         self._consumers: dict = {}
         self._next: dict = {}  # (topic, partition) -> the offset its consumer delivers next
@@ -189,7 +189,7 @@ class ReadPartitionFn(beam.DoFn):
 
         key = (spec.topic, spec.partition)
         if key not in self._consumers:
-            self._consumers[key] = reader(self.bootstrap)
+            self._consumers[key] = reader(self.bootstrap, self.security)
         if self._next.get(key) != offset:  # a new assignment drops the prefetched records: only when needed
             self._consumers[key].assign([TopicPartition(spec.topic, spec.partition, offset)])
             self._next[key] = offset
@@ -259,15 +259,15 @@ class WatchPartitions(beam.DoFn):
 
     SEEN = ReadModifyWriteStateSpec("seen", BytesCoder())
 
-    def __init__(self, bootstrap: str, start: str, group_id: str | None):
-        self.bootstrap, self.start, self.group_id = bootstrap, start, group_id
+    def __init__(self, bootstrap: str, start: str, group_id: str | None, security: KafkaSecurity | None = None):
+        self.bootstrap, self.start, self.group_id, self.security = bootstrap, start, group_id, security
 
     def process(self, kv, seen=beam.DoFn.StateParam(SEEN)):
         topic, _ = kv
         known = set(int(p) for p in (seen.read() or b"").split(b",") if p)
         first_listing = not known
         specs = list_partitions(self.bootstrap, [topic], self.start if first_listing else "committed",
-                                group_id=self.group_id)
+                                group_id=self.group_id, security=self.security)
         new = [s for s in specs if s.partition not in known]
         if new:
             if not first_listing:
@@ -282,39 +282,38 @@ class ReadFromKafka(beam.PTransform):
     streams, and picks up partitions added while it runs."""
 
     def __init__(self, bootstrap: str, topics: list[str], start: str = "committed", until_idle: bool = False,
-                 group_id: str | None = None, discover_s: float = 30.0):
+                 group_id: str | None = None, discover_s: float = 30.0, security: KafkaSecurity | None = None):
         super().__init__()
-        self.bootstrap, self.topics, self.start = bootstrap, list(topics), start
+        self.bootstrap, self.topics, self.start, self.security = bootstrap, list(topics), start, security
         self.until_idle, self.group_id, self.discover_s = until_idle, group_id, discover_s
 
     def expand(self, pbegin):
         if self.until_idle:
-            specs = list_partitions(self.bootstrap, self.topics, self.start, True, self.group_id)
+            specs = list_partitions(self.bootstrap, self.topics, self.start, True, self.group_id, self.security)
             partitions = pbegin | "Partitions" >> beam.Create(specs)
         else:
-            list_partitions(self.bootstrap, self.topics, self.start, False, self.group_id)  # fail now if missing
+            # fail now if a topic is missing or the login is refused
+            list_partitions(self.bootstrap, self.topics, self.start, False, self.group_id, self.security)
             topics = self.topics
             partitions = (pbegin
                           | "Every" >> PeriodicImpulse(fire_interval=self.discover_s)
                           | "Topics" >> beam.FlatMap(lambda _: [(t, None) for t in topics])
                           | "WatchPartitions" >> beam.ParDo(WatchPartitions(self.bootstrap, self.start,
-                                                                            self.group_id)))
-        return partitions | "Read" >> beam.ParDo(ReadPartitionFn(self.bootstrap))
+                                                                            self.group_id, self.security)))
+        return partitions | "Read" >> beam.ParDo(ReadPartitionFn(self.bootstrap, security=self.security))
 
 
 class WriteToKafkaFn(beam.DoFn):
     """Sends (key, value) byte pairs to ``topic`` and flushes at the end of each bundle, so a
     bundle's output is durable before the runner checkpoints past it."""
 
-    def __init__(self, bootstrap: str, topic: str):
-        self.bootstrap, self.topic = bootstrap, topic
+    def __init__(self, bootstrap: str, topic: str, security: KafkaSecurity | None = None):
+        self.bootstrap, self.topic, self.security = bootstrap, topic, security
         self._producer = None
 
     def setup(self):
-        from kafka import KafkaProducer
-
-        self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5,
-                                       max_request_size=MAX_MESSAGE_BYTES, retries=10)
+        self._producer = kafka_python("producer", self.bootstrap, self.security, acks="all", linger_ms=5,
+                                      max_request_size=MAX_MESSAGE_BYTES, retries=10)
 
     def process(self, kv):
         key, value = kv
@@ -328,5 +327,5 @@ class WriteToKafkaFn(beam.DoFn):
             self._producer.close()
 
 
-def write_to_kafka(bootstrap: str, topic: str) -> beam.PTransform:
-    return beam.ParDo(WriteToKafkaFn(bootstrap, topic))
+def write_to_kafka(bootstrap: str, topic: str, security: KafkaSecurity | None = None) -> beam.PTransform:
+    return beam.ParDo(WriteToKafkaFn(bootstrap, topic, security))

@@ -20,7 +20,7 @@ import weakref
 
 from memstream.errors import ServiceError
 from memstream.pipelines.kafka_io import CONSUME_S, read_error, reader
-from memstream.settings import LOG_CACHE_BYTES
+from memstream.settings import LOG_CACHE_BYTES, KafkaSecurity
 
 
 class _Cache:
@@ -71,8 +71,8 @@ _READERS: "weakref.WeakSet[LogReader]" = weakref.WeakSet()
 class LogReader:
     """Values of records of one Kafka cluster by position: from :data:`CACHE`, else from Kafka."""
 
-    def __init__(self, bootstrap: str):
-        self.bootstrap = bootstrap
+    def __init__(self, bootstrap: str, security: KafkaSecurity | None = None):
+        self.bootstrap, self.security = bootstrap, security
         self._consumer = None
         self._lock = threading.Lock()
         _READERS.add(self)
@@ -98,7 +98,7 @@ class LogReader:
 
     def _reader(self):
         if self._consumer is None:
-            self._consumer = reader(self.bootstrap)
+            self._consumer = reader(self.bootstrap, self.security)
         return self._consumer
 
     def _scan(self, topic: str, partition: int, offset: int):

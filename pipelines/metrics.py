@@ -14,7 +14,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from memstream.settings import HOST
+from memstream.settings import HOST, KafkaSecurity
+from memstream.topics import kafka_python
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,11 @@ def _query(result) -> dict:
     return out
 
 
-def lag(bootstrap: str, topic: str, group: str) -> dict[int, int]:
+def lag(bootstrap: str, topic: str, group: str, security: KafkaSecurity | None = None) -> dict[int, int]:
     """Partition -> records between the group's committed offset and the end of the topic."""
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    c = kafka_python("consumer", bootstrap, security, group_id=group, enable_auto_commit=False)
     try:
         tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])]
         ends = c.end_offsets(tps)
@@ -101,7 +102,7 @@ class MetricsServer:
             lines.extend(f"memstream_{name}{labels} {value}" for labels, value in samples if value is not None)
 
         try:
-            lags = lag(self.config.bootstrap, self.config.latents_topic, self.config.group)
+            lags = lag(self.config.bootstrap, self.config.latents_topic, self.config.group, self.config.security)
             metric("consumer_lag", "gauge", "records of the latents topic past the committed offset",
                    [(f'{{partition="{p}"}}', n) for p, n in lags.items()])
         except Exception as e:  # the broker may be away for a moment: the other metrics still come

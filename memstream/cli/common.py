@@ -1,6 +1,6 @@
 """What every command shares: one spelling of each flag, and how a flag becomes a value.
 
-Flags: ``--bootstrap`` (Kafka), ``--episodic`` and ``--longterm`` (store locations, a folder
+Flags: ``--bootstrap`` (Kafka) and ``--kafka-*`` (its SASL and TLS settings), ``--episodic`` and ``--longterm`` (store locations, a folder
 or ``s3://bucket/prefix``), ``--s3-from-stack`` (the local stack's S3 endpoint and credentials),
 ``--storage-option KEY=VALUE``, ``--key-file``/``--key-env`` (a private key), ``--public-key``
 (a public key file or its hex; repeated for rotated keys). Defaults come from
@@ -14,7 +14,7 @@ from pathlib import Path
 from memstream.crypto.keys import KeyRing, SigningKey, VerifyKey
 from memstream.errors import ConfigError
 from memstream.infra.stack import Stack
-from memstream.settings import Settings, cache_dir
+from memstream.settings import KafkaSecurity, Settings, cache_dir
 
 
 def settings() -> Settings:
@@ -26,8 +26,36 @@ def add_bootstrap(parser) -> None:
                                             "else the broker of `memstream infra up`)")
 
 
+    g = parser.add_argument_group("Kafka security (default: the [kafka] settings, MEMSTREAM_KAFKA_*)")
+    g.add_argument("--kafka-security-protocol", choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"])
+    g.add_argument("--kafka-sasl-mechanism", choices=["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+    g.add_argument("--kafka-sasl-username")
+    # no password flag: a command line is visible to every user of the machine
+    g.add_argument("--kafka-sasl-password-file", help="a file holding the SASL password "
+                                                      "(or $MEMSTREAM_KAFKA_SASL_PASSWORD)")
+    g.add_argument("--kafka-ssl-cafile", help="PEM CA bundle that signed the brokers' certificates")
+    g.add_argument("--kafka-ssl-certfile", help="PEM client certificate (TLS client authentication)")
+    g.add_argument("--kafka-ssl-keyfile", help="its PEM private key")
+    g.add_argument("--kafka-ssl-no-check-hostname", action="store_true", default=None,
+                   help="accept a broker certificate that does not name the host dialled")
+
+
 def bootstrap(args) -> str:
     return getattr(args, "bootstrap", None) or settings().kafka.bootstrap or Stack().kafka_bootstrap()
+
+
+def kafka_security(args) -> KafkaSecurity:
+    """The settings' Kafka security, each ``--kafka-*`` flag given replacing its setting."""
+    import dataclasses
+
+    security = settings().kafka.security
+    flags = {f.name: getattr(args, f"kafka_{f.name}", None) for f in dataclasses.fields(KafkaSecurity)}
+    if getattr(args, "kafka_ssl_no_check_hostname", None):
+        flags["ssl_check_hostname"] = False
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given.get("sasl_password_file"):
+        given["sasl_password"] = None  # the flag's file replaces a password from the settings
+    return dataclasses.replace(security, **given) if given else security
 
 
 def add_episodic(parser) -> None:

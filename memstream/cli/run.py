@@ -66,7 +66,8 @@ def _run(args) -> int:
     s = common.settings()
     uri, options = common.episodic(args)
     config = EpisodicConfig(
-        bootstrap=common.bootstrap(args), store_uri=uri, storage_options=options, key_file=args.key_file,
+        bootstrap=common.bootstrap(args), security=common.kafka_security(args), store_uri=uri,
+        storage_options=options, key_file=args.key_file,
         key_env=args.key_env, checkpoint=args.checkpoint or s.pipeline.checkpoint,
         device=args.device or s.pipeline.device, batch_size=args.batch_size or s.pipeline.batch_size,
         horizon=args.horizon or s.episodic.horizon, until_idle=args.until_idle, start=args.start,

@@ -65,7 +65,8 @@ def _serve(args) -> int:
         raise ConfigError(f"--port must be 0..65535, got {args.port}")
     memory = Memory(uri, args.longterm, storage_options=options, longterm_storage_options=options, keyring=keyring,
                     include_cold=args.include_cold, replica=replica, sample_rate=args.sample_rate,
-                    kafka_bootstrap=bootstrap, flush_every=args.flush_every, keys=keys, **reading)
+                    kafka_bootstrap=bootstrap, kafka_security=common.kafka_security(args) if bootstrap else None,
+                    flush_every=args.flush_every, keys=keys, **reading)
     guard = None
     if args.insecure_no_auth:
         log.warning("--insecure-no-auth: the read API on %s:%d answers anyone, for every session", args.host,

@@ -48,7 +48,7 @@ def _topics_create(args) -> int:
     bootstrap = common.bootstrap(args)
     retention_ms = -1 if args.retention_hours < 0 else int(args.retention_hours * 3_600_000)
     for r in topics.create_topics(bootstrap, args.names, partitions=args.partitions, retention_ms=retention_ms,
-                                  max_message_bytes=args.max_message_bytes):
+                                  max_message_bytes=args.max_message_bytes, security=common.kafka_security(args)):
         print(f"{r.name}: {'created' if r.created else 'exists'}")
     return 0
 
@@ -69,7 +69,7 @@ def _publish(args) -> int:
 
         keys = KeyTable.open(*common.episodic(args), args.master_key_file)
     with Publisher(bootstrap, topic=args.topic, max_chunk_bytes=args.max_chunk_bytes or CHUNK_BYTES,
-                   keys=keys) as pub:
+                   keys=keys, security=common.kafka_security(args)) as pub:
         with pub.session(args.session, dtype=args.dtype) as session, \
                 tqdm(total=total, unit=" latents", disable=args.no_progress, dynamic_ncols=True) as bar:
             for piece in pieces:

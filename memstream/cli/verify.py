@@ -89,7 +89,7 @@ def _verify_chain(args) -> int:
     if not len(ring):
         raise ConfigError("no public key to verify with: pass --public-key FILE (or --key-file)")
     if args.source == "kafka":
-        records = read_summaries(common.bootstrap(args), args.session,
+        records = read_summaries(common.bootstrap(args), args.session, security=common.kafka_security(args),
                                  **({"topic": args.topic} if args.topic else {}))
     else:
         from memstream.episodic.store import EpisodicStore

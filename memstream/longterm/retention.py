@@ -244,9 +244,10 @@ class RetentionProcess:
     and ``close``. The child opens its own store from ``uri`` and the keys."""
 
     def __init__(self, uri: str, *, keyring, signer, storage_options: dict[str, str] | None = None,
-                 dim: int | None = None, kafka_bootstrap: str | None = None, tree_head_topic: str | None = None,
-                 policy_path: str | None = None, nice: int = 10, start_timeout_s: float = 300.0,
-                 key_table: tuple[str, dict[str, str] | None, str] | None = None, **retention_kw):
+                 dim: int | None = None, kafka_bootstrap: str | None = None, kafka_security=None,
+                 tree_head_topic: str | None = None, policy_path: str | None = None, nice: int = 10,
+                 start_timeout_s: float = 300.0, key_table: tuple[str, dict[str, str] | None, str] | None = None,
+                 **retention_kw):
         import multiprocessing as mp
 
         # The key table as (episodic uri, its storage options, master key file): the child opens
@@ -254,6 +255,7 @@ class RetentionProcess:
         spec = {"uri": uri, "storage_options": storage_options, "raw_keys": [k.raw for k in keyring],
                 "key_table": key_table,
                 "signer_pem": signer.private_pem(), "dim": dim, "kafka_bootstrap": kafka_bootstrap,
+                "kafka_security": kafka_security,
                 "tree_head_topic": tree_head_topic, "policy_path": policy_path, "nice": nice,
                 "retention": retention_kw}
         ctx = mp.get_context("spawn")
@@ -335,7 +337,8 @@ def _serve(spec: dict, inq, outq) -> None:
             extra["keys"] = KeyTable.open(*spec["key_table"])
         store = LongTermStore(spec["uri"], keyring=KeyRing([VerifyKey(k) for k in spec["raw_keys"]]),
                               signer=SigningKey.parse(spec["signer_pem"]), storage_options=spec["storage_options"],
-                              kafka_bootstrap=spec["kafka_bootstrap"], **extra)
+                              kafka_bootstrap=spec["kafka_bootstrap"], kafka_security=spec["kafka_security"],
+                              **extra)
         retention = Retention(store, WritePolicy.load(spec["policy_path"]) if spec["policy_path"] else None,
                               **spec["retention"])
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it

@@ -60,8 +60,9 @@ from memstream.schemas.generate import arrow_schema, to_arrow
 from memstream.schemas.records import (AccessRecord, AccessStats, ForgetRequestRow, LongTermEntry, MerkleLeaf,
                                        PurgeApprovalRecord, PurgeAttestation, PurgeRecord, RemovalRecord, TreeHeadRow)
 from memstream.settings import (ATTESTATIONS_TOPIC, HNSW_ROWS, LATENT_DIM, LEASE_TTL_S, LONGTERM_EF, LONGTERM_INDEX,
-                                LONGTERM_METRIC, LONGTERM_REFINE, NPROBES)
+                                LONGTERM_METRIC, LONGTERM_REFINE, NPROBES, KafkaSecurity)
 from memstream.storage.lance import connect
+from memstream.topics import kafka_python
 from memstream.storage.lease import Leases
 from memstream.storage.objects import object_store
 
@@ -205,9 +206,10 @@ class LongTermStore:
     and tree heads are a validator's to sign, never a maintenance or governance key's.
     ``governance`` enables :meth:`remove`. ``maintenance_keys`` are the public keys of the
     maintenance key that signs purge attestations. One key never serves two roles. With
-    ``kafka_bootstrap`` every new signed tree head is also published to ``tree_head_topic``;
-    with ``keys`` (a :class:`memstream.storage.keytable.KeyTable`) the payloads of entries bound to
-    a forget subject are sealed under the subject's data key when written and opened when read;
+    ``kafka_bootstrap`` (and ``kafka_security``) every new signed tree head is also published to
+    ``tree_head_topic``; with ``keys`` (a :class:`memstream.storage.keytable.KeyTable`) the
+    payloads of entries bound to a forget subject are sealed under the subject's data key when
+    written and opened when read;
     with ``witness`` (a :class:`memstream.witness.Witness`, with its own storage and key) it is
     also cosigned.
 
@@ -218,7 +220,8 @@ class LongTermStore:
                  storage_options: dict[str, str] | None = None, cold_uri: str | None = None,
                  cold_storage_options: dict[str, str] | None = None, governance: GovernancePolicy | None = None,
                  dim: int = LATENT_DIM, metric: str = LONGTERM_METRIC, kafka_bootstrap: str | None = None,
-                 tree_head_topic: str = ATTESTATIONS_TOPIC, lease_ttl_s: float = LEASE_TTL_S,
+                 kafka_security: KafkaSecurity | None = None, tree_head_topic: str = ATTESTATIONS_TOPIC,
+                 lease_ttl_s: float = LEASE_TTL_S,
                  access_flush_every: int = 256, maintenance_keys: Iterable[VerifyKey | SigningKey] = (),
                  witness=None, keys=None):
         self.uri = uri.rstrip("/")
@@ -230,7 +233,7 @@ class LongTermStore:
         self.cold_uri = (cold_uri or f"{self.uri}/cold").rstrip("/")
         self.cold_storage_options = dict(cold_storage_options if cold_storage_options is not None
                                          else self.storage_options)
-        self.kafka_bootstrap = kafka_bootstrap
+        self.kafka_bootstrap, self.kafka_security = kafka_bootstrap, kafka_security
         self.tree_head_topic = tree_head_topic
         self.access_flush_every = access_flush_every
         self.witness = witness
@@ -634,12 +637,11 @@ class LongTermStore:
             self.witness_tree_head(sth=sth)
         if not self.kafka_bootstrap:
             return
-        from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
         try:
             if self._producer is None:
-                self._producer = KafkaProducer(bootstrap_servers=self.kafka_bootstrap, acks="all")
+                self._producer = kafka_python("producer", self.kafka_bootstrap, self.kafka_security, acks="all")
             self._producer.send(self.tree_head_topic, key=self.store_id.encode(), value=sth.to_json()).get(timeout=30)
         except KafkaError as e:
             raise ServiceError(f"publishing tree head {sth.tree_size} to {self.tree_head_topic} at "

@@ -44,9 +44,10 @@ from memstream.longterm.store import LongTermStore
 from memstream.read.routing import RoutePolicy
 from memstream.read.window import SessionWindow
 from memstream.schemas.records import ReadDivergence
+from memstream.topics import kafka_python
 from memstream.wire.codec import summary_tokens
 from memstream.settings import (LEDGER_FLUSH_EVERY, MAX_READ_K, NPROBES, READ_CACHE_BYTES, READ_CANDIDATES,
-                                READ_DIVERGENCE_TOPIC, READ_GROUPS, READ_MODE, READ_PROBE_GROUPS)
+                                READ_DIVERGENCE_TOPIC, READ_GROUPS, READ_MODE, READ_PROBE_GROUPS, KafkaSecurity)
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class Memory:
     ``keyring``: validator keys; summaries are verified (hash and signature) when first
     loaded, and the long-term store is opened with it. ``replica`` and ``sample_rate``: that
     fraction of reads also runs on ``replica`` (another Memory, e.g. over replica stores),
-    and a divergence is published to ``divergence_topic`` on ``kafka_bootstrap``.
+    and a divergence is published to ``divergence_topic`` on ``kafka_bootstrap`` (with ``kafka_security``).
     ``mode``: "two_stage" (``groups``, ``probe_groups`` and ``candidates`` set it; see
     :mod:`memstream.read.window`) or "exact". ``cache_bytes`` bounds the sessions held in
     memory (least recently read first out; the session being read always stays).
@@ -190,8 +191,9 @@ class Memory:
                  mode: str = READ_MODE, groups: int = READ_GROUPS, probe_groups: int = READ_PROBE_GROUPS,
                  candidates: int = READ_CANDIDATES,
                  flush_every: int = LEDGER_FLUSH_EVERY, replica: "Memory | None" = None, sample_rate: float = 0.0,
-                 kafka_bootstrap: str | None = None, divergence_topic: str = READ_DIVERGENCE_TOPIC,
-                 score_tolerance: float = 1e-3, seed: int | None = None, retention=None, keys=None):
+                 kafka_bootstrap: str | None = None, kafka_security: KafkaSecurity | None = None,
+                 divergence_topic: str = READ_DIVERGENCE_TOPIC, score_tolerance: float = 1e-3, seed: int | None = None,
+                 retention=None, keys=None):
         if not 0.0 <= sample_rate <= 1.0:
             raise ConfigError(f"sample_rate is a fraction of reads, 0..1; got {sample_rate}")
         if sample_rate > 0 and replica is None:
@@ -228,6 +230,7 @@ class Memory:
         self.mode, self._window_args = mode, {"groups": groups, "probe": probe_groups, "candidates": candidates}
         self.replica, self.sample_rate = replica, sample_rate
         self.kafka_bootstrap, self.divergence_topic = kafka_bootstrap, divergence_topic
+        self.kafka_security = kafka_security
         self.score_tolerance = score_tolerance
         self.stats = ReadStats()
         self._rng = random.Random(seed)
@@ -479,7 +482,6 @@ class Memory:
 
     def _publish_divergence(self, result: ReadResult, replica_keys: list[str], delta: float,
                             reasons: list[str]) -> None:
-        from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
         record = ReadDivergence(ReadDivergence.SCHEMA_VERSION, result.read_id, result.session_id, result.route.route,
@@ -488,7 +490,7 @@ class Memory:
         try:
             with self._stats_lock:
                 if self._producer is None:
-                    self._producer = KafkaProducer(bootstrap_servers=self.kafka_bootstrap, acks="all")
+                    self._producer = kafka_python("producer", self.kafka_bootstrap, self.kafka_security, acks="all")
                 producer = self._producer
             producer.send(self.divergence_topic, key=result.session_id.encode(),
                           value=record.to_json()).get(timeout=30)
