@@ -8,10 +8,12 @@ real stores of held-out text: served quality and cost, measured in the same run.
   ``pydoc:threading``, ``pydoc:json``), signed entries, vector index built.
 - Queries: noisy cues (0.5-1.5 x rms) of latents of the session's documents, of the long-term
   documents, and of documents in neither (``pydoc:tarfile``, ``license:Apache-2.0``), a third each.
-- Arms, per query in rotating order: ``Memory.read`` routed (the policy), ``route="both"`` and
+- Arms, per query in rotating order: ``Memory.read`` routed (the policy's two stages: skip the
+  long-term search, else probe and decide on the episodic read), ``route="both"`` and
   ``route="episodic"``. Served: the cosine to the cued latent of the episodic reconstruction, of
-  the top long-term entry, or the better of both when both were read. Cost: wall time of the read,
-  and the episodic reads and long-term searches it issued.
+  the top long-term entry, or the better of both when both were read. Cost: wall time of the read
+  (mean and p50), the episodic reads and long-term searches it issued, and the share of reads
+  that skipped the search.
 
     python bench/bench_routing.py
 """
@@ -128,11 +130,17 @@ def main(argv=None) -> int:
                     o["episodic_reads"] += r.route.route in ("episodic", "both")
                     o["searches"] += r.route.route in ("longterm", "both")
         policy = RoutePolicy.load()
-        res["policy"] = {"threshold": policy.threshold, "heldout_scenarios": policy.info.get("heldout")}
+        res["policy"] = {"threshold": policy.threshold, "skip_threshold": policy.skip_threshold,
+                         "command": policy.info.get("command"), "heldout_scenarios": policy.info.get("heldout")}
         res["arms"] = {a: {"reads": len(o["ms"]), "served_cosine": float(np.mean(o["served"])),
                            "served_by_source": [float(np.mean(b)) for b in o["by_source"]],
                            "p50_ms": float(np.percentile(o["ms"], 50)), "mean_ms": float(np.mean(o["ms"])),
-                           "episodic_reads": o["episodic_reads"], "searches": o["searches"]} for a, o in out.items()}
+                           "episodic_reads": o["episodic_reads"], "searches": o["searches"],
+                           "skipped_search_share": 1.0 - o["searches"] / len(o["ms"])} for a, o in out.items()}
+        routed, both = res["arms"]["routed"], res["arms"]["always-both"]
+        res["routed_vs_always_both"] = {"served_delta": routed["served_cosine"] - both["served_cosine"],
+                                        "mean_ms_ratio": routed["mean_ms"] / both["mean_ms"],
+                                        "p50_ms_ratio": routed["p50_ms"] / both["p50_ms"]}
         res["summaries"], res["longterm_entries"] = args.summaries, int(len(stored))
     finally:
         if args.root is None:
@@ -143,11 +151,18 @@ def main(argv=None) -> int:
              f"{args.queries} queries (a third each about the session, the long-term store, neither), every arm "
              "per query in rotating order. Served: cosine to the cued latent of what the read returned (the better "
              "store's when it read both).", "",
-             "| arm | served cosine | session / long-term / neither | p50 ms | mean ms | episodic reads | searches |",
-             "|---|---|---|---|---|---|---|"]
+             "| arm | served cosine | session / long-term / neither | p50 ms | mean ms | episodic reads | searches "
+             "| skipped search |",
+             "|---|---|---|---|---|---|---|---|"]
     for a, r in res["arms"].items():
         lines.append(f"| {a} | {r['served_cosine']:.4f} | {' / '.join(f'{x:.3f}' for x in r['served_by_source'])} | "
-                     f"{r['p50_ms']:.1f} | {r['mean_ms']:.1f} | {r['episodic_reads']} | {r['searches']} |")
+                     f"{r['p50_ms']:.1f} | {r['mean_ms']:.1f} | {r['episodic_reads']} | {r['searches']} | "
+                     f"{r['skipped_search_share']:.0%} |")
+    v = res["routed_vs_always_both"]
+    lines += ["", f"Routed against always-both, same run: served {v['served_delta']:+.4f} cosine, mean time "
+              f"x{v['mean_ms_ratio']:.3f}, p50 x{v['p50_ms_ratio']:.3f}. Policy: skip threshold "
+              f"{res['policy']['skip_threshold']:.4f}, episodic threshold {res['policy']['threshold']:.4f} "
+              f"(`{res['policy']['command']}`)."]
     common.save(res, "routing", lines, Path(args.out))
     return 0
 

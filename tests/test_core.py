@@ -1,5 +1,5 @@
 """The pure core without services: chain linking and verification, decay arithmetic, routing
-features, settings. Every input here is made in memory."""
+features and policy, settings. Every input here is made in memory."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from memstream.crypto.keys import KeyRing, SigningKey
 from memstream.episodic.chain import check_summary, head_at, seal, summary_hash, verify_chain
 from memstream.episodic.decay import decay_bias, staleness
 from memstream.errors import ConfigError, IntegrityError
-from memstream.read.routing import features
+from memstream.read.routing import SKIP_FEATURES, RoutePolicy, features, skip_features
+from memstream.read.train_routing import choose_skip_threshold, served
 from memstream.schemas.records import SummaryRecord
 from memstream.settings import DECAY_K, DECAY_SLOPE, Settings
 
@@ -115,6 +116,62 @@ def test_routing_features_follow_the_centroids_and_the_probe():
     assert near[0, 6] == pytest.approx(0.9) and near[0, 7] == pytest.approx(0.7)  # nearest, and its margin
     missing = features(query, centroids[:1], centroids, [[np.nan, np.nan]])  # an empty long-term store
     assert missing[0, 6] == -1.0
+
+
+def test_stage_one_sees_only_what_is_known_before_the_search():
+    rng = np.random.default_rng(1)
+    centroids, query = rng.standard_normal((7, 8)).astype(np.float32), rng.standard_normal((3, 16)).astype(np.float32)
+    projected = rng.standard_normal((3, 8)).astype(np.float32)
+    first = skip_features(query, projected, centroids)
+    assert first.shape == (3, SKIP_FEATURES)
+    for sims in ([[0.9, 0.2]] * 3, [[np.nan, np.nan]] * 3):  # whatever the probe would find
+        assert np.array_equal(features(query, projected, centroids, sims)[:, :SKIP_FEATURES], first)
+
+
+def _policy(skip_threshold: float, threshold: float = 0.5) -> RoutePolicy:
+    """Stage 1 rises with the max cosine to a centroid (feature 1), stage 2 falls with the
+    probe's nearest cosine (feature 6): a policy written by hand, not trained."""
+    def mlp(n, col, sign, prefix=""):  # logit = 40 * sign * (x[col] - 0.5) for x in 0..1
+        w1 = np.zeros((n, 1), np.float32)
+        w1[col, 0] = sign
+        return {prefix + "w1": w1, prefix + "b1": np.ones(1), prefix + "w2": np.full((1, 1), 40.0),
+                prefix + "b2": np.full(1, -40.0), prefix + "mu": np.eye(n)[col] * 0.5, prefix + "sigma": np.ones(n)}
+    return RoutePolicy({**mlp(8, 6, -1.0), **mlp(SKIP_FEATURES, 1, 1.0, "skip_")}, threshold, {}, skip_threshold)
+
+
+def test_route_policy_keeps_both_stages_through_save_and_load(tmp_path):
+    policy = _policy(0.8, 0.3)
+    x = np.random.default_rng(2).uniform(0, 1, (50, 8)).astype(np.float32)
+    policy.save(tmp_path / "p.npz")
+    back = RoutePolicy.load(tmp_path / "p.npz")
+    assert (back.threshold, back.skip_threshold) == pytest.approx((0.3, 0.8))
+    assert np.allclose(back.skip_scores(x[:, :SKIP_FEATURES]), policy.skip_scores(x[:, :SKIP_FEATURES]))
+    assert np.allclose(back.scores(x), policy.scores(x))
+    s = back.skip_scores(x[:, :SKIP_FEATURES])
+    assert ((s > 0.5) == (x[:, 1] > 0.5)).all()  # stage 1 follows the centroid feature, not the probe's
+    with pytest.raises(ConfigError, match="train_routing"):
+        RoutePolicy.load(tmp_path / "missing.npz")
+
+
+def test_the_skip_threshold_skips_searches_only_where_quality_holds():
+    """Queries whose max centroid cosine is high are served by the episodic read alone (a little
+    better than by the entry); below 0.5 only the long-term entry serves. The chosen threshold
+    skips the first kind only."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, (400, 8)).astype(np.float32)
+    x[:, 6] = 0.9  # the probe finds something: stage 2 does not run the episodic read
+    close = x[:, 1] > 0.5
+    ep = np.where(close, 0.95, 0.0).astype(np.float32)
+    lt = np.where(close, 0.949, 0.9).astype(np.float32)
+    policy = _policy(1.5)
+    t = choose_skip_threshold(policy, x, ep, lt, tolerance=0.002)
+    policy.skip_threshold = t
+    skipped = policy.skip_scores(x[:, :SKIP_FEATURES]) >= t
+    episodic = policy.scores(x) >= policy.threshold
+    assert skipped[close].mean() > 0.9 and not skipped[~close].any()
+    assert served(episodic, ep, lt, skipped).mean() >= np.maximum(ep, lt).mean() - 0.002
+    harmful = np.where(close, 0.5, 0.9).astype(np.float32)  # now the episodic read never serves
+    assert choose_skip_threshold(_policy(1.5), x, harmful, lt, tolerance=0.002) == 1.5  # never skip
 
 
 # -- settings ---------------------------------------------------------------------------------

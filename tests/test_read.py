@@ -301,17 +301,20 @@ def test_accounting_is_exact_under_concurrent_threads_and_processes(tmp_path, mo
     assert {i: s.count for i, s in stats.items()} == dict(lt_hits) and sum(lt_hits.values()) == 2 * total
 
 
-def test_routed_reads_serve_as_well_as_reading_both_and_skip_episodic_reads(tmp_path, model, key):
+def test_routed_reads_serve_as_well_as_reading_both_and_skip_searches_and_episodic_reads(tmp_path, model, key):
     """Queries about long-term content and about the session, on real stores. Each is read
     through both stores (to measure what each would serve: the cosine of the episodic
     reconstruction, and of the top long-term entry, to the latent the query is a cue of)
     and then routed by the policy; the routed reads must serve within tolerance of reading
-    both every time, with fewer episodic reads, and the long-term queries must find their entry."""
+    both every time, skip the long-term search for some session queries (no probe in the read's
+    trace, no long-term fragment), skip the episodic read for some long-term queries, and the
+    long-term queries must find their entry."""
     from memstream.operators.data import split_latents
 
     policy = RoutePolicy.load()
     info = policy.info["heldout"]
-    assert info["routed_score"] >= info["always_both_score"] - 0.005 and info["episodic_share"] < 0.9
+    assert info["routed_score"] >= info["always_both_score"] - 0.005 and info["episodic_share"] < 0.95
+    assert info["skipped_search_share"] > 0.05
     docs = list(split_latents("heldout").values())
     session, stored = np.concatenate(docs[:2]), np.concatenate(docs[2:4])
     uri, lt_uri = str(tmp_path / "m"), str(tmp_path / "ltm")
@@ -338,12 +341,19 @@ def test_routed_reads_serve_as_well_as_reading_both_and_skip_episodic_reads(tmp_
             ep.append(cos(both.reconstruction, target))
             lts.append(cos(stored[row[top.provenance.entry_id]], target))
             routed = mem.read(q, "s", k=3)
-            probs = routed.route.probabilities
-            assert routed.route.chosen_by == "policy"
-            assert routed.route.route == ("both" if probs["both"] >= policy.threshold else "longterm")
+            probs, trace = routed.route.probabilities, routed.timings_ms
+            assert routed.route.chosen_by == "policy" and "skip_ms" in trace
             assert sum(probs.values()) == pytest.approx(1, abs=1e-5)
+            sources = {f.source for f in routed.fragments}
+            if probs["episodic"] >= policy.skip_threshold:  # stage 1: no long-term search at all
+                assert routed.route.route == "episodic" and "probe_ms" not in trace and sources == {"episodic"}
+            else:  # stage 2: the probe ran, then the episodic read where it serves better
+                both_p = probs["both"] / (1.0 - probs["episodic"])
+                assert routed.route.route == ("both" if both_p >= policy.threshold else "longterm")
+                assert "probe_ms" in trace and "longterm" in sources
+            assert ("episodic" in sources) == (routed.reconstruction is not None)
             choice.append(routed.route.route)
-            if n < 30:
+            if n < 30 and routed.route.route != "episodic":
                 hit = next(f for f in routed.fragments if f.source == "longterm")
                 if hit.provenance.entry_id == ids[int(np.flatnonzero((stored == target).all(1))[0])]:
                     found += 1
@@ -354,7 +364,8 @@ def test_routed_reads_serve_as_well_as_reading_both_and_skip_episodic_reads(tmp_
     both = np.maximum(ep, lts).mean()
     assert served.mean() >= both - 0.01, (served.mean(), both, choice)
     assert choice.count("longterm") >= 10, choice  # the episodic read skipped where the probe answers
-    assert "both" in choice[30:], choice  # and made where the session holds the answer
+    assert "episodic" in choice[30:], choice  # the search skipped where the session answers
+    assert "episodic" not in choice[:30] or served[:30].mean() >= np.maximum(ep, lts)[:30].mean() - 0.01, choice
     assert found >= 25, (found, choice[:30])
     assert ReadLedger(uri).query_count("s") == len(targets)  # routed reads only: account=False is not a query
 

@@ -77,6 +77,10 @@ def test_read_by_list_and_base64_with_provenance(served, client):
     routed = client.post("/v1/read", json={"query": q.tolist(), "session_id": "s"}).json()
     assert routed["route"]["chosen_by"] == "policy" and set(routed["route"]["probabilities"]) == {
         "episodic", "longterm", "both"}
+    sources = {f["source"] for f in routed["fragments"]}
+    # Stage 1 skips the long-term search (episodic only) or stage 2 ran it (long-term hits returned).
+    assert sources == {"episodic"} if routed["route"]["route"] == "episodic" else "longterm" in sources
+    assert sum(routed["route"]["probabilities"].values()) == pytest.approx(1, abs=1e-5)
     assert client.get("/v1/stats").json()["reads"] >= 3
 
 

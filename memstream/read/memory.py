@@ -1,10 +1,11 @@
 """The unified read interface: one ``read(query_latent, session_id, k)`` over both timescales.
 
-    query latent ──▶ long-term: nearest signed entries (hot, optionally cold) ──▶ routing
-                     policy (learned, small): is the episodic read needed? ──▶ episodic: the
-                     decoder cross-attends over the session's summary window, each summary's
-                     decay bias added to its tokens' logits; fragments = the summaries that
-                     drew the most attention
+    query latent ──▶ routing policy, stage 1 (learned, small; the session's summary
+                     centroids): does the episodic read alone serve? if not: long-term:
+                     nearest signed entries (hot, optionally cold) ──▶ stage 2: is the
+                     episodic read needed too? ──▶ episodic: the decoder cross-attends over
+                     the session's summary window, each summary's decay bias added to its
+                     tokens' logits; fragments = the summaries that drew the most attention
 
 Every read is accounted: the session's query and the summaries it returned go to the
 :class:`~memstream.episodic.ledger.ReadLedger` (staleness and decay, DAG ``episodic_decay``), long-term
@@ -41,7 +42,7 @@ from memstream.episodic.ledger import ReadLedger
 from memstream.episodic.store import EpisodicStore
 from memstream.errors import ConfigError, IntegrityError, InvalidQueryError, ServiceError, SessionNotFoundError
 from memstream.longterm.store import LongTermStore
-from memstream.read.routing import RoutePolicy
+from memstream.read.routing import RoutePolicy, project
 from memstream.read.window import SessionWindow
 from memstream.schemas.records import ReadDivergence
 from memstream.topics import kafka_python
@@ -286,17 +287,7 @@ class Memory:
         if route is None and self.longterm is None:
             decision = RouteDecision("episodic", {}, "policy")  # nothing else to read
         elif route is None:
-            # The policy reads the similarity of the nearest long-term entries: a probe search,
-            # accounted only if its hits are returned.
-            t0 = time.perf_counter()
-            probe = self.longterm.search(q.numpy(), int(k), include_cold=self.include_cold,
-                                         nprobes=self.nprobes, record_access=False, subjects=subjects)
-            sims = [1.0 - h.distance for h in probe[:2]] + [float("nan")] * (2 - len(probe[:2]))
-            # Then the episodic read, the expensive one, only where it would serve better.
-            p = self.router.episodic_probability(q, window.centroids, self.model, sims)
-            decision = RouteDecision("both" if p >= self.router.threshold else "longterm",
-                                     {"episodic": 0.0, "longterm": 1.0 - p, "both": p}, "policy")
-            timings["route_ms"] = (time.perf_counter() - t0) * 1e3
+            decision, probe = self._route(q, window, int(k), subjects, timings)
         else:
             decision = RouteDecision(route, {}, "caller")
         if decision.route in ("longterm", "both") and self.longterm is None:
@@ -335,6 +326,29 @@ class Memory:
                  decision.chosen_by, "".join(f" {r}={p:.2f}" for r, p in decision.probabilities.items()),
                  [f.key for f in fragments])
         return result
+
+    def _route(self, q: torch.Tensor, window: SessionMemory, k: int, subjects, timings: dict):
+        """The policy's two stages: (decision, the probe's hits or None when the search was skipped).
+        ``timings`` gets ``skip_ms`` (stage 1) and, only when the search ran, ``probe_ms``."""
+        t0 = time.perf_counter()
+        query = q.numpy()
+        projected = project(self.model, query.reshape(1, -1))
+        centroids = window.centroids
+        skip = self.router.skip_probability(query, projected, centroids)
+        timings["skip_ms"] = (time.perf_counter() - t0) * 1e3
+        if skip >= self.router.skip_threshold:  # confident the episodic read serves: no long-term search
+            return RouteDecision("episodic", {"episodic": skip, "longterm": 0.0, "both": 1.0 - skip}, "policy"), None
+        t0 = time.perf_counter()
+        # Accounted only if its hits are returned.
+        probe = self.longterm.search(query, k, include_cold=self.include_cold, nprobes=self.nprobes,
+                                     record_access=False, subjects=subjects)
+        sims = [1.0 - h.distance for h in probe[:2]] + [float("nan")] * (2 - len(probe[:2]))
+        # Then the episodic read, the expensive one, only where it would serve better.
+        p = self.router.episodic_probability(query, projected, centroids, sims)
+        timings["probe_ms"] = (time.perf_counter() - t0) * 1e3
+        rest = 1.0 - skip
+        return RouteDecision("both" if p >= self.router.threshold else "longterm",
+                             {"episodic": skip, "longterm": rest * (1.0 - p), "both": rest * p}, "policy"), probe
 
     def _check_query(self, query) -> torch.Tensor:
         try:
