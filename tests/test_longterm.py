@@ -15,8 +15,8 @@ import pytest
 
 from memstream import cli
 from memstream.crypto import KeyRing, SignedTreeHead, SigningKey, verify_consistency
-from memstream.errors import (AppendOnlyViolation, GovernanceError, IntegrityError, LeaseError, ReplayError,
-                              SignatureError)
+from memstream.errors import (AppendOnlyViolation, GovernanceError, IntegrityError, KeyDestroyedError, LeaseError,
+                              ReplayError, SignatureError)
 from memstream.longterm import Entry, ForgetRequest, GovernancePolicy, LongTermStore, RemovalRequest
 
 DIM = 16
@@ -320,6 +320,17 @@ def test_subject_bound_payloads_are_sealed_under_the_subjects_key(backend, keys,
     assert [reader.search(x, k=1)[0].payload for x in v] == [None, other, free]
     with pytest.raises(Exception, match="forgotten"):
         reader.new_entry(v[0], b"new", query="q3", forget_subject="user-1")
+
+    # A subject forgotten by a forget request: the approved purge destroys its key too.
+    from memstream.maintenance import purge
+
+    lt = LongTermStore(uri, keyring=KeyRing([keys["validator"]]), signer=keys["validator"], storage_options=opts,
+                       dim=DIM, governance=GovernancePolicy(KeyRing(keys["gov"]), 2), keys=reader.keys)
+    lt.request_forget("user-2", ForgetRequest.create(keys["validator"], lt.store_id, "user-2"))
+    purge.run(lt, SigningKey.generate(), approvers=keys["gov"][:2])
+    with pytest.raises(KeyDestroyedError):
+        reader.keys.data_key(subject_key_id(subject_hash("user-2")))
+    assert lt.count("hot") == 2 and lt.search(v[2], k=1)[0].payload == free
 
 
 def _writer_proc(uri, opts, pem, worker, batches, per_batch, go):

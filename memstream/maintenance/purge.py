@@ -31,6 +31,7 @@ import uuid
 
 import numpy as np
 
+from memstream.crypto.datakeys import subject_key_id
 from memstream.crypto.keys import KeyRing
 from memstream.crypto.signed import sign_record
 from memstream.errors import ConfigError, GovernanceError, IntegrityError, VerificationError
@@ -180,6 +181,10 @@ def erase(store, purge_id: str, lease_timeout_s: float = 300.0, rebuild_indexes:
     started = time.monotonic()
     removed = (store.erase(row["entry_ids"], lease_timeout_s=lease_timeout_s, rebuild_indexes=rebuild_indexes)
                if row["entry_ids"] else {})
+    if store.keys is not None:  # a whole subject forgotten: its key goes, and every sealed copy with it
+        for _, subject, tag in _requests(store, row):
+            if tag is None:
+                store.keys.destroy(subject_key_id(subject))
     out = {"purge_id": purge_id, "entries": len(row["entry_ids"]), "removed_now": removed,
            "seconds": round(time.monotonic() - started, 3)}
     log.info("forget purge erased: %s", out)
