@@ -257,4 +257,8 @@ def episodic_pool(windows: int, exclude=(), cache: Path | None = None, from_cach
         if not seen:
             break
     if left > 0:
-        raise ConfigError(f"this machine's texts fill {windows - left} windows of the {windows} asked for")
+        raise ConfigError(f"this machine's {'cached ' if from_cache else ''}texts fill {windows - left} windows of the "
+                          f"{windows} asked for: "
+                          + ("the pool takes cached texts in order and stops at the first one not cached; run once "
+                             "without --pool-from-cache to embed them (hours on a CPU, minutes on a GPU), or lower "
+                             "--horizon" if from_cache else "lower --horizon"))
