@@ -12,7 +12,7 @@ from memstream.infra import process
 from memstream.infra.airflow import LocalAirflow
 
 DAG_IDS = ["episodic_decay", "forget_purge", "longterm_anchoring", "longterm_cold_demotion", "longterm_compaction",
-           "session_consolidation", "session_gc"]
+           "session_consolidation", "session_forget", "session_gc"]
 
 
 def listening_addresses(pids: list[int]) -> set[str]:
