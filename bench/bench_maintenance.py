@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     source, index_build_s = indexed_copy(cache, args.index, log)
     tmp = Path(tempfile.mkdtemp(prefix="bench-maint-", dir=args.work))
     root = tmp / "store"
-    res = {"n": args.n, "dim": args.dim, "index": args.index, "index_build_s": index_build_s, "data": info,
+    res = {"n": args.n, "dim": args.dim, "vectors": args.vectors, "index": args.index, "index_build_s": index_build_s,
+           "data": info,
            "machine": common.machine_info("lancedb", "pylance", "numpy")}
     try:
         _, res["store_copy_s"] = timed(lambda: shutil.copytree(source, root))
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
                                "erase_ratio_to_copy": round(steps["erase_s"] / res["baseline_copy"]["seconds"], 2)}
         log(json.dumps({"forget_purge": res["forget_purge"]}))
         res["hot_after"], res["cold_after"] = store.count("hot"), store.count("cold")
-        index = store.table("entries").list_indices()
+        index = [i for i in store.table("entries").list_indices() if "vector" in getattr(i, "columns", ())]
         res["index_after"] = {"type": index[0].index_type, "indexed_rows": index[0].num_indexed_rows} if index else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -143,8 +144,10 @@ def write_results(res: dict, out: Path) -> None:
     lines = [f"# Maintenance benchmark, {res['n']:,} x {res['dim']}", "",
              common.machine_line(res["machine"]) + f"; at end {', '.join(f'{x:.1f}' for x in res['load_average_at_end'])}.",
              "",
-             f"- store: bench_longterm.py's ({res['data'].get('real_entries', 0):,} real latents, the rest drawn from "
-             f"a mixture fitted to them; signed ingest {res['data']['ingest_s']:.0f} s, {res['index']} index "
+             f"- store: bench_longterm.py's ("
+             + (f"{res['data'].get('real_entries', 0):,} real latents, the rest drawn from a mixture fitted to them"
+                if res.get("vectors", "fitted") == "fitted" else "synthetic: unit vectors around Gaussian cluster centres")
+             + f"; signed ingest {res['data']['ingest_s']:.0f} s, {res['index']} index "
              f"{res['index_build_s']:.0f} s, both cached), copied for this run in {res['store_copy_s']:.0f} s; hot "
              f"table {res['hot_table_bytes'] / gib:.2f} GiB in {res['fragments']} fragments",
              f"- baseline, plain copy of the hot table: {b['seconds']} s, {b['bytes_written'] / gib:.2f} GiB written",
@@ -157,7 +160,7 @@ def write_results(res: dict, out: Path) -> None:
              f"{p['fragments']} fragments (both tiers) with {p['index_rebuilds']} index rebuilds, wrote "
              f"{p['bytes_written'] / gib:.2f} GiB and removed {p['bytes_removed'] / gib:.2f} GiB; scan found none of "
              f"{p['markers']:,} fingerprints",
-             f"- after: {res['hot_after']:,} hot, {res['cold_after']:,} cold; index {res['index_after']}"]
+             f"- after: {res['hot_after']:,} hot, {res['cold_after']:,} cold; vector index {res['index_after']}"]
     common.save(res, f"maintenance-{res['n']}", lines, out)
 
 
