@@ -686,6 +686,8 @@ def test_flink_parallelism_2_with_a_worker_killed(kafka_bootstrap, topic_name, t
         while time.monotonic() < deadline and env.store().count() < 4:
             assert proc.poll() is None, process.tail(log, 40)
             time.sleep(2)
+        # Before any kill: a job that never got going is a different failure from a lost restore.
+        assert env.store().count() >= 4, f"no summary stored before the kill: {_progress(env, sessions)}"
         workers = [p for p in process.descendants(_pool_pid(worker_pool)) if "SdkHarness" in _cmdline(p)]
         assert len(workers) >= 2, workers  # at least two SDK workers serve the job
         os.kill(workers[0], signal.SIGKILL)  # a worker dies mid-run; Flink restores from its checkpoint
