@@ -25,10 +25,15 @@ def stack(tmp_path_factory):
         yield st
     finally:
         st.down()
-        strays = process.processes_mentioning(str(root))
-        for pid, _ in strays:
-            process.stop_pid(pid, timeout=5)
-        assert not strays, f"processes outlived the test session: {strays}"
+        stop_strays(root, "the test session")
+
+
+def stop_strays(root, what: str) -> None:
+    """Stop every process still naming ``root`` (services a fixture started there), then fail if any was left."""
+    strays = process.processes_mentioning(str(root))
+    for pid, _ in strays:
+        process.stop_pid(pid, timeout=5)
+    assert not strays, f"processes outlived {what}: {strays}"
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from memstream.cli import build_parser, common
 from memstream.crypto.keys import KeyRing
 from memstream.episodic.chain import verify_chain
 from memstream.errors import KafkaAuthenticationError, KafkaSecurityError
-from memstream.infra import kafka, process
+from memstream.infra import kafka
 from memstream.infra.kafka import SecureListener
 from memstream.pipelines import kafka_io
 from memstream.pipelines.episodic import EpisodicConfig
@@ -24,6 +24,7 @@ from memstream.pipelines.log import LogReader
 from memstream.sdk import Publisher
 from memstream.settings import WINDOW, KafkaSecurity, Settings
 from tests import test_episodic as episodic_tests
+from tests.conftest import stop_strays
 from tests.tls_certs import write_broker_tls, write_untrusted_ca
 
 checkpoint, key_file = episodic_tests.checkpoint, episodic_tests.key_file  # the pipeline test's fixtures
@@ -44,10 +45,7 @@ def secure_broker(tmp_path_factory):
         yield svc, tls, root
     finally:
         svc.stop()
-        strays = process.processes_mentioning(str(root))
-        for pid, _ in strays:
-            process.stop_pid(pid, timeout=5)
-        assert not strays, f"processes outlived the secure broker: {strays}"
+        stop_strays(root, "the secure broker")
 
 
 @pytest.fixture(scope="module")

@@ -151,8 +151,9 @@ def session_markers(uri: str, storage_options: dict[str, str] | None, session_id
         key_markers.add_with_base64(keys.data_key(subject_key))
     except (KeyDestroyedError, KeyUnavailableError):
         pass
-    if keys.wrapped(subject_key):
-        key_markers.add_with_base64(keys.wrapped(subject_key))
+    wrapped = keys.wrapped(subject_key)
+    if wrapped:
+        key_markers.add_with_base64(wrapped)
     for r in EpisodicStore(uri, storage_options).records(session_id):
         if r.tokens:
             row_markers.add_with_base64(r.tokens)
