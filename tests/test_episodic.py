@@ -666,24 +666,10 @@ def private_flink(tmp_path):
         process.stop_pid(svc.pid, timeout=30)
 
 
-@pytest.fixture
-def private_kafka(tmp_path):
-    """A broker of the test's own. On the suite's shared broker, after the earlier tests, this job
-    twice read nothing for 300 s (checkpoints flat from the first) while it passed alone: until
-    that is understood, the test runs apart from what the others left behind."""
-    from memstream.infra import kafka
-
-    svc = kafka.start(tmp_path / "kafka")
-    try:
-        yield svc.endpoints["bootstrap"]
-    finally:
-        svc.stop()
-
-
 @pytest.mark.flink
-def test_flink_parallelism_2_with_a_worker_killed(private_kafka, topic_name, tmp_path, checkpoint, key_file,
+def test_flink_parallelism_2_with_a_worker_killed(kafka_bootstrap, topic_name, tmp_path, checkpoint, key_file,
                                                   private_flink, worker_pool):
-    flink_job_endpoint, kafka_bootstrap = private_flink, private_kafka
+    flink_job_endpoint = private_flink
     env = make_config(kafka_bootstrap, topic_name, tmp_path / "episodic", checkpoint, key_file, partitions=8)
     sessions = {f"k{i}": WINDOW + 211 * i for i in range(16)}
     log = tmp_path / "pipeline.log"
